@@ -1,0 +1,1 @@
+"""Builders of tiny random (and converted) models for tests and the offline preset."""
