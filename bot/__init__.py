@@ -1,0 +1,1 @@
+"""Masque Discord bot: slash commands, story state, prompt building, webhooks."""

@@ -1,0 +1,324 @@
+"""The card parser: Tavern cards V1/V2/V3 from JSON, PNG and CHARX; writers for each.
+
+The single place that turns bytes into a `Card` (and back). Every failure is a
+`CardError` that names the file, the field and the reason, so the CLI and the
+`/persona import` command can show it as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+
+from bot.cards import png
+from bot.cards.model import (
+    LOREBOOK_SPEC,
+    MAX_CARD_BYTES,
+    MAX_LOREBOOK_ENTRIES,
+    V1_FIELDS,
+    V2_SPEC,
+    V3_SPEC,
+    Card,
+    Lorebook,
+)
+
+CardFormat = Literal["json", "png", "charx"]
+ZIP_SIGNATURE = b"PK\x03\x04"
+MAX_CHARX_UNPACKED = 4 * MAX_CARD_BYTES
+_AVATAR_SIDE = 512
+
+
+class CardError(ValueError):
+    """A card or lorebook that cannot be read; says which file, which field, and why."""
+
+    def __init__(self, source: str, field: str | None, reason: str):
+        self.source, self.field, self.reason = source, field, reason
+        where = f"{source}: {field}" if field else source
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class ParsedCard:
+    card: Card
+    avatar: bytes | None  # PNG bytes without card chunks, when the source had an image
+    format: CardFormat
+    source_spec: Literal["v1", "v2", "v3"]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_file(path: str | Path, limit: int = MAX_CARD_BYTES) -> bytes:
+    """Read a file, refusing it before reading when it is over `limit` bytes."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise CardError(path.name, None, f"file is {_mib(size)}, over the {_mib(limit)} limit")
+        return path.read_bytes()
+    except OSError as exc:
+        raise CardError(str(path), None, f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def load_card(path: str | Path) -> ParsedCard:
+    """Parse the card in a file (JSON, PNG or CHARX, told apart by content)."""
+    return parse_card(read_file(path), Path(path).name)
+
+
+def parse_card(blob: bytes, source: str) -> ParsedCard:
+    """Parse card bytes; `source` names the file in errors."""
+    _check_size(blob, source)
+    if blob.startswith(png.PNG_SIGNATURE):
+        return _parse_png(blob, source)
+    if blob.startswith(ZIP_SIGNATURE):
+        return _parse_charx(blob, source)
+    card, spec = card_from_json(_json(blob, source, None), source)
+    return ParsedCard(card, None, "json", spec)
+
+
+def card_from_json(obj: Any, source: str) -> tuple[Card, Literal["v1", "v2", "v3"]]:
+    """Validate a decoded JSON object as a V1, V2 or V3 card."""
+    if not isinstance(obj, dict):
+        raise CardError(source, None, f"expected a JSON object, got {type(obj).__name__}")
+    spec = obj.get("spec")
+    if spec == LOREBOOK_SPEC or (spec is None and "entries" in obj and "name" not in obj):
+        raise CardError(source, "spec", "this is a lorebook, not a character card")
+    if spec in (V2_SPEC, V3_SPEC):
+        if not isinstance(obj.get("data"), dict):
+            raise CardError(source, "data", f"a {spec} card needs a `data` object")
+        return _validate(Card, obj, source), ("v3" if spec == V3_SPEC else "v2")
+    if spec is not None:
+        raise CardError(source, "spec", f"unknown card spec {spec!r}")
+    if "name" not in obj:
+        raise CardError(source, "name", "missing (no `spec`, so this would be a V1 card)")
+    # V1: the fields sit at the top level. They stay there as a mirror (that is
+    # how SillyTavern writes cards too) and move into `data`.
+    v1 = {**obj, "data": {k: obj[k] for k in V1_FIELDS if k in obj}}
+    return _validate(Card, v1, source), "v1"
+
+
+def _parse_png(blob: bytes, source: str) -> ParsedCard:
+    try:
+        chunks = png.read_chunks(blob)
+    except png.PngError as exc:
+        raise CardError(source, None, str(exc)) from exc
+    texts = png.text_chunks(chunks)
+    keyword = next((k for k in ("ccv3", "chara") if k in texts), None)
+    if keyword is None:
+        raise CardError(source, None, "PNG has no character card inside (no `ccv3` or `chara` text chunk)")
+    try:
+        raw = base64.b64decode(texts[keyword].strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CardError(source, f"{keyword} chunk", f"invalid base64 ({exc})") from exc
+    card, spec = card_from_json(_json(raw, source, f"{keyword} chunk"), source)
+    avatar = png.encode(png.without_card_chunks(chunks))
+    _check_image(avatar, source)
+    return ParsedCard(card, avatar, "png", spec)
+
+
+def _parse_charx(blob: bytes, source: str) -> ParsedCard:
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+            if unpacked > MAX_CHARX_UNPACKED:
+                raise CardError(source, None, f"CHARX unpacks to {_mib(unpacked)}, over the "
+                                              f"{_mib(MAX_CHARX_UNPACKED)} limit")
+            if "card.json" not in archive.namelist():
+                raise CardError(source, "card.json", "missing from the CHARX archive")
+            card, spec = card_from_json(_json(archive.read("card.json"), source, "card.json"), source)
+            avatar = _charx_icon(card, archive)
+    except zipfile.BadZipFile as exc:
+        raise CardError(source, None, f"not a valid CHARX (zip) file: {exc}") from exc
+    if avatar is not None:
+        avatar = to_png(avatar, source)
+    return ParsedCard(card, avatar, "charx", spec)
+
+
+def _charx_icon(card: Card, archive: zipfile.ZipFile) -> bytes | None:
+    """The main icon asset embedded in the archive, if the card names one."""
+    icons = [a for a in card.data.assets or [] if a.type == "icon"]
+    icons.sort(key=lambda a: a.name != "main")
+    for asset in icons:
+        if asset.uri.startswith("embeded://"):
+            path = asset.uri.removeprefix("embeded://")
+            if path in archive.namelist():
+                return archive.read(path)
+    return None
+
+
+# ---------------------------------------------------------------- lorebooks
+
+
+def load_lorebook(path: str | Path) -> Lorebook:
+    return parse_lorebook(read_file(path), Path(path).name)
+
+
+def parse_lorebook(blob: bytes, source: str) -> Lorebook:
+    """A standalone lorebook: V3 `lorebook_v3`, a bare character_book, or SillyTavern world info."""
+    _check_size(blob, source)
+    obj = _json(blob, source, None)
+    if not isinstance(obj, dict):
+        raise CardError(source, None, f"expected a JSON object, got {type(obj).__name__}")
+    if obj.get("spec") == LOREBOOK_SPEC:
+        if not isinstance(obj.get("data"), dict):
+            raise CardError(source, "data", "a lorebook_v3 file needs a `data` object")
+        return _validate(Lorebook, obj["data"], source, prefix="data")
+    entries = obj.get("entries")
+    if isinstance(entries, dict):
+        return _validate(Lorebook, _from_world_info(obj, source), source)
+    if isinstance(entries, list):
+        return _validate(Lorebook, obj, source)
+    raise CardError(source, "entries", "not a lorebook: expected `spec: lorebook_v3` or an `entries` list/object")
+
+
+# SillyTavern world-info entry key -> V3 lorebook entry key.
+_WORLD_INFO_KEYS = {
+    "uid": "id", "key": "keys", "keysecondary": "secondary_keys", "content": "content",
+    "comment": "comment", "constant": "constant", "selective": "selective",
+    "order": "insertion_order", "caseSensitive": "case_sensitive",
+}
+_WORLD_INFO_POSITIONS = {0: "before_char", 1: "after_char"}
+
+
+def _from_world_info(obj: dict[str, Any], source: str) -> dict[str, Any]:
+    """SillyTavern world info -> lorebook dict; its other fields go to entry extensions,
+    as SillyTavern itself does when it embeds world info in a card."""
+    raw_entries = obj["entries"]
+    if len(raw_entries) > MAX_LOREBOOK_ENTRIES:
+        raise CardError(source, "entries", f"{len(raw_entries)} entries, over the limit of {MAX_LOREBOOK_ENTRIES}")
+    entries = []
+    for uid, raw in raw_entries.items():
+        if not isinstance(raw, dict):
+            raise CardError(source, f"entries.{uid}", "expected an object")
+        entry: dict[str, Any] = {"extensions": {}}
+        for key, value in raw.items():
+            if key in _WORLD_INFO_KEYS and value is not None:
+                entry[_WORLD_INFO_KEYS[key]] = value
+            elif key == "disable":
+                entry["enabled"] = not value
+            else:
+                entry["extensions"][key] = value
+        if raw.get("position") in _WORLD_INFO_POSITIONS:
+            entry["position"] = _WORLD_INFO_POSITIONS[raw["position"]]
+        entries.append(entry)
+    rest = {k: v for k, v in obj.items() if k != "entries"}
+    return {**rest, "entries": entries}
+
+
+# ---------------------------------------------------------------- writing
+
+
+def to_json(card: Card, spec: Literal["v2", "v3"] = "v3") -> bytes:
+    body = card.to_v3() if spec == "v3" else card.to_v2()
+    return json.dumps(body, ensure_ascii=False, indent=2).encode("utf-8")
+
+
+def to_png_card(card: Card, avatar: bytes | None = None) -> bytes:
+    """A PNG card: the avatar (or a plain placeholder) with `chara` (V2) and `ccv3` (V3) chunks."""
+    image = to_png(avatar, card.name) if avatar else placeholder_avatar(card.name)
+    texts = {
+        "chara": base64.b64encode(to_json(card, "v2")).decode("ascii"),
+        "ccv3": base64.b64encode(to_json(card, "v3")).decode("ascii"),
+    }
+    return png.with_text(png.read_chunks(image), texts)
+
+
+def to_charx(card: Card, avatar: bytes | None = None) -> bytes:
+    """A CHARX archive: card.json plus the avatar as the main icon asset."""
+    body = card.to_v3()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        if avatar:
+            path = "assets/icon/images/main.png"
+            archive.writestr(path, to_png(avatar, card.name))
+            assets = [a for a in body["data"].get("assets", []) if a.get("type") != "icon"]
+            assets.append({"type": "icon", "uri": f"embeded://{path}", "name": "main", "ext": "png"})
+            body["data"]["assets"] = assets
+        archive.writestr("card.json", json.dumps(body, ensure_ascii=False, indent=2))
+    return buffer.getvalue()
+
+
+def write_card(card: Card, path: str | Path, avatar: bytes | None = None) -> None:
+    """Write by extension: .png, .charx, or JSON (.v2.json gives V2, else V3)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        blob = to_png_card(card, avatar)
+    elif suffix == ".charx":
+        blob = to_charx(card, avatar)
+    else:
+        blob = to_json(card, "v2" if path.name.lower().endswith(".v2.json") else "v3")
+    path.write_bytes(blob)
+
+
+def to_png(image: bytes, source: str) -> bytes:
+    """Any image Pillow reads, as PNG bytes (PNGs pass through untouched)."""
+    if image.startswith(png.PNG_SIGNATURE):
+        return image
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            out = io.BytesIO()
+            img.convert("RGBA").save(out, "PNG")
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CardError(source, "avatar", f"not a readable image ({exc})") from exc
+
+
+def placeholder_avatar(name: str) -> bytes:
+    """A plain square in a colour derived from the name, for cards without an image."""
+    seed = sum(name.encode("utf-8")) * 2654435761 & 0xFFFFFF
+    colour = (seed >> 16 & 0xFF, seed >> 8 & 0xFF, seed & 0xFF)
+    out = io.BytesIO()
+    Image.new("RGB", (_AVATAR_SIDE, _AVATAR_SIDE), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_size(blob: bytes, source: str) -> None:
+    if len(blob) > MAX_CARD_BYTES:
+        raise CardError(source, None, f"file is {_mib(len(blob))}, over the {_mib(MAX_CARD_BYTES)} limit")
+    if not blob.strip():
+        raise CardError(source, None, "file is empty")
+
+
+def _check_image(image: bytes, source: str) -> None:
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise CardError(source, "image", f"the PNG image data is broken ({exc})") from exc
+
+
+def _json(raw: bytes, source: str, field: str | None) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise CardError(source, field, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise CardError(source, field, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+
+
+def _validate(model: type[Card] | type[Lorebook], obj: dict[str, Any], source: str, prefix: str = ""):
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+        more = exc.error_count() - 1
+        reason = first["msg"] + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+        raise CardError(source, field or None, reason) from exc
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"

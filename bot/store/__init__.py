@@ -1,0 +1,33 @@
+"""The only place with SQL: personas, story state, settings (SQLAlchemy 2, async).
+
+Open one `Store` per process, call `await store.upgrade()` at start (alembic
+migrations, never create_all), and use its methods; each runs in its own
+transaction and returns detached rows (`expire_on_commit=False`).
+"""
+
+from bot.store.db import Database, default_database_url
+from bot.store.guilds import GuildRepo
+from bot.store.models import (
+    GLOBAL_GUILD,
+    AuthorKind,
+    Persona,
+    PersonaScope,
+    SceneArt,
+    Story,
+    StoryStatus,
+    Summary,
+    Swipe,
+    Turn,
+)
+from bot.store.personas import PersonaExists, PersonaRepo
+from bot.store.stories import NewTurn, StoryRepo
+
+
+class Store(PersonaRepo, StoryRepo, GuildRepo, Database):
+    """Everything the bot keeps, behind one object."""
+
+
+__all__ = [
+    "GLOBAL_GUILD", "AuthorKind", "Database", "NewTurn", "Persona", "PersonaExists", "PersonaScope",
+    "SceneArt", "Store", "Story", "StoryStatus", "Summary", "Swipe", "Turn", "default_database_url",
+]

@@ -1,0 +1,32 @@
+"""Per-guild settings (validated by the bot's settings model, stored as JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.store.db import Database
+from bot.store.models import GuildSettings
+
+
+class GuildRepo(Database):
+    async def guild_settings(self, guild_id: int) -> dict[str, Any]:
+        async with self.session() as session:
+            row = await session.get(GuildSettings, guild_id)
+            return dict(row.settings) if row else {}
+
+    async def update_guild_settings(self, guild_id: int, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into the guild's settings; returns the result."""
+        async with self.session() as session:
+            row = await session.get(GuildSettings, guild_id, with_for_update=True)
+            if row is None:
+                row = GuildSettings(guild_id=guild_id, settings={})
+                session.add(row)
+            row.settings = {**row.settings, **changes}
+            return dict(row.settings)
+
+    async def forget_guild(self, guild_id: int) -> None:
+        """Delete a guild's settings (the bot left it, or an admin asked to forget it)."""
+        async with self.session() as session:
+            row = await session.get(GuildSettings, guild_id)
+            if row is not None:
+                await session.delete(row)

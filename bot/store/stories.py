@@ -1,0 +1,264 @@
+"""Story state: channels, stories, turns, swipes, summaries, scene art."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from bot.store.db import Database
+from bot.store.models import (
+    AuthorKind,
+    ChannelPersona,
+    ChannelState,
+    SceneArt,
+    Story,
+    StoryStatus,
+    Summary,
+    Swipe,
+    Turn,
+    TurnMessage,
+    utcnow,
+)
+
+
+@dataclass
+class NewTurn:
+    """What a caller knows about a turn before it is stored."""
+
+    author_kind: AuthorKind
+    text: str
+    author_id: int | None = None
+    author_name: str = ""
+    persona_id: int | None = None
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    token_count: int = 0
+    message_ids: Sequence[int] = ()
+    swipes: Sequence[str] = ()  # persona turns: the alternatives; `text` is swipes[0] when given
+
+
+def _with_children(query):
+    return query.options(selectinload(Turn.swipes), selectinload(Turn.messages))
+
+
+class StoryRepo(Database):
+    # ------------------------------------------------------------ channels
+
+    async def bind_personas(self, channel_id: int, guild_id: int, persona_ids: Sequence[int]) -> None:
+        """Set the channel's personas (in order), creating the channel row if needed."""
+        async with self.session() as session:
+            channel = await self._channel(session, channel_id, guild_id)
+            await session.execute(delete(ChannelPersona).where(ChannelPersona.channel_id == channel_id))
+            for position, persona_id in enumerate(persona_ids):
+                session.add(ChannelPersona(channel_id=channel.channel_id, persona_id=persona_id, position=position))
+
+    async def channel_persona_ids(self, channel_id: int) -> list[int]:
+        async with self.session() as session:
+            rows = await session.scalars(
+                select(ChannelPersona.persona_id)
+                .where(ChannelPersona.channel_id == channel_id)
+                .order_by(ChannelPersona.position)
+            )
+            return list(rows)
+
+    async def channel_settings(self, channel_id: int) -> dict[str, Any]:
+        async with self.session() as session:
+            channel = await session.get(ChannelState, channel_id)
+            return dict(channel.settings) if channel else {}
+
+    async def update_channel_settings(self, channel_id: int, guild_id: int, **changes: Any) -> dict[str, Any]:
+        async with self.session() as session:
+            channel = await self._channel(session, channel_id, guild_id)
+            channel.settings = {**channel.settings, **changes}
+            return dict(channel.settings)
+
+    @staticmethod
+    async def _channel(session: AsyncSession, channel_id: int, guild_id: int) -> ChannelState:
+        channel = await session.get(ChannelState, channel_id)
+        if channel is None:
+            channel = ChannelState(channel_id=channel_id, guild_id=guild_id, settings={})
+            session.add(channel)
+            await session.flush()
+        return channel
+
+    # ------------------------------------------------------------ stories
+
+    async def start_story(self, channel_id: int, guild_id: int, persona_id: int | None, title: str = "") -> Story:
+        """Archive the channel's active story (if any) and start a new one."""
+        async with self.session() as session:
+            await self._channel(session, channel_id, guild_id)
+            await self._archive(session, channel_id)
+            story = Story(channel_id=channel_id, guild_id=guild_id, persona_id=persona_id,
+                          title=title, status=StoryStatus.ACTIVE, turn_seq=0)
+            session.add(story)
+        return story
+
+    async def active_story(self, channel_id: int) -> Story | None:
+        async with self.session() as session:
+            return await session.scalar(
+                select(Story).where(Story.channel_id == channel_id, Story.status == StoryStatus.ACTIVE)
+            )
+
+    async def end_story(self, channel_id: int) -> Story | None:
+        """Archive the active story; returns it, or None when there was none."""
+        async with self.session() as session:
+            return await self._archive(session, channel_id)
+
+    @staticmethod
+    async def _archive(session: AsyncSession, channel_id: int) -> Story | None:
+        story = await session.scalar(
+            select(Story).where(Story.channel_id == channel_id, Story.status == StoryStatus.ACTIVE)
+        )
+        if story is not None:
+            story.status, story.ended_at = StoryStatus.ARCHIVED, utcnow()
+            await session.flush()  # before a new active story is inserted (unique index)
+        return story
+
+    async def stories(self, channel_id: int) -> list[Story]:
+        async with self.session() as session:
+            return list(await session.scalars(
+                select(Story).where(Story.channel_id == channel_id).order_by(Story.id)
+            ))
+
+    # ------------------------------------------------------------ turns
+
+    async def add_turn(self, story_id: int, new: NewTurn) -> Turn:
+        """Append a turn. Positions come from an atomic counter, so concurrent
+        appends in one story each get their own position, in commit order."""
+        async with self.session() as session:
+            position = await session.scalar(
+                update(Story).where(Story.id == story_id)
+                .values(turn_seq=Story.turn_seq + 1, updated_at=utcnow())
+                .returning(Story.turn_seq)
+            )
+            if position is None:
+                raise LookupError(f"story {story_id} does not exist")
+            texts = list(new.swipes) or ([new.text] if new.author_kind == AuthorKind.PERSONA else [])
+            turn = Turn(
+                story_id=story_id, position=position, author_kind=new.author_kind,
+                author_id=new.author_id, author_name=new.author_name, persona_id=new.persona_id,
+                text=texts[0] if texts else new.text, attachments=list(new.attachments),
+                token_count=new.token_count, selected_swipe=0,
+                swipes=[Swipe(index=i, text=t, token_count=new.token_count) for i, t in enumerate(texts)],
+                messages=[TurnMessage(message_id=m, part=i) for i, m in enumerate(new.message_ids)],
+            )
+            session.add(turn)
+        return turn
+
+    async def get_turn(self, turn_id: int) -> Turn | None:
+        async with self.session() as session:
+            return await session.scalar(_with_children(select(Turn).where(Turn.id == turn_id)))
+
+    async def turn_by_message(self, message_id: int) -> Turn | None:
+        """The turn a Discord message shows (for edits, deletes and buttons)."""
+        async with self.session() as session:
+            return await session.scalar(
+                _with_children(select(Turn).join(TurnMessage).where(TurnMessage.message_id == message_id))
+            )
+
+    async def recent_turns(self, story_id: int, limit: int | None = None) -> list[Turn]:
+        """The story's last `limit` turns (all when None), oldest first."""
+        query = _with_children(select(Turn).where(Turn.story_id == story_id).order_by(Turn.position.desc()))
+        if limit is not None:
+            query = query.limit(limit)
+        async with self.session() as session:
+            return list(reversed(list(await session.scalars(query))))
+
+    async def count_turns(self, story_id: int) -> int:
+        async with self.session() as session:
+            return await session.scalar(select(func.count()).where(Turn.story_id == story_id)) or 0
+
+    async def set_turn_messages(self, turn_id: int, message_ids: Sequence[int]) -> None:
+        """Record which Discord messages now show the turn (replacing earlier ones)."""
+        async with self.session() as session:
+            await session.execute(delete(TurnMessage).where(TurnMessage.turn_id == turn_id))
+            session.add_all(TurnMessage(message_id=m, turn_id=turn_id, part=i) for i, m in enumerate(message_ids))
+
+    async def edit_turn(self, turn_id: int, text: str, token_count: int | None = None,
+                        attachments: list[dict[str, Any]] | None = None) -> Turn:
+        """Change a turn's text (a user edited their message; a continue appended text)."""
+        async with self.session() as session:
+            turn = await session.scalar(_with_children(select(Turn).where(Turn.id == turn_id)))
+            if turn is None:
+                raise LookupError(f"turn {turn_id} does not exist")
+            turn.text = text
+            if token_count is not None:
+                turn.token_count = token_count
+            if attachments is not None:
+                turn.attachments = attachments
+            if turn.swipes:
+                turn.swipes[turn.selected_swipe].text = text
+        return turn
+
+    async def add_swipe(self, turn_id: int, text: str, token_count: int = 0, select_it: bool = True) -> Turn:
+        """Add an alternative reply (regenerate) and, by default, make it the one the story keeps."""
+        async with self.session() as session:
+            turn = await session.scalar(
+                _with_children(select(Turn).where(Turn.id == turn_id).with_for_update())
+            )
+            if turn is None:
+                raise LookupError(f"turn {turn_id} does not exist")
+            index = len(turn.swipes)
+            turn.swipes.append(Swipe(index=index, text=text, token_count=token_count))
+            if select_it:
+                turn.selected_swipe, turn.text, turn.token_count = index, text, token_count
+        return turn
+
+    async def select_swipe(self, turn_id: int, index: int) -> Turn:
+        """Keep swipe `index` (clamped to the range) as the turn's text."""
+        async with self.session() as session:
+            turn = await session.scalar(_with_children(select(Turn).where(Turn.id == turn_id)))
+            if turn is None or not turn.swipes:
+                raise LookupError(f"turn {turn_id} has no swipes")
+            index = max(0, min(index, len(turn.swipes) - 1))
+            swipe = turn.swipes[index]
+            turn.selected_swipe, turn.text, turn.token_count = index, swipe.text, swipe.token_count
+        return turn
+
+    async def delete_turn(self, turn_id: int) -> bool:
+        async with self.session() as session:
+            result = await session.execute(delete(Turn).where(Turn.id == turn_id))
+            return result.rowcount > 0
+
+    async def rewind(self, story_id: int, turns: int) -> list[Turn]:
+        """Delete the story's last `turns` turns; returns them (their messages may be cleaned up)."""
+        async with self.session() as session:
+            doomed = list(await session.scalars(
+                _with_children(select(Turn).where(Turn.story_id == story_id)
+                               .order_by(Turn.position.desc()).limit(max(turns, 0)))
+            ))
+            if doomed:
+                await session.execute(delete(Turn).where(Turn.id.in_([t.id for t in doomed])))
+            return doomed
+
+    # ------------------------------------------------------------ memory and art
+
+    async def add_summary(self, story_id: int, through_position: int, text: str, token_count: int = 0) -> Summary:
+        summary = Summary(story_id=story_id, through_position=through_position, text=text, token_count=token_count)
+        async with self.session() as session:
+            session.add(summary)
+        return summary
+
+    async def latest_summary(self, story_id: int) -> Summary | None:
+        async with self.session() as session:
+            return await session.scalar(
+                select(Summary).where(Summary.story_id == story_id)
+                .order_by(Summary.through_position.desc(), Summary.id.desc()).limit(1)
+            )
+
+    async def add_scene_art(self, art: SceneArt) -> SceneArt:
+        async with self.session() as session:
+            session.add(art)
+        return art
+
+    async def scene_art(self, story_id: int, limit: int = 200) -> list[SceneArt]:
+        """The story's scene art, newest first (the bank searched for reuse)."""
+        async with self.session() as session:
+            return list(await session.scalars(
+                select(SceneArt).where(SceneArt.story_id == story_id)
+                .order_by(SceneArt.id.desc()).limit(limit)
+            ))

@@ -1,0 +1,1 @@
+"""Masque model engine: an OpenAI-compatible multimodal model server."""
