@@ -66,19 +66,45 @@ class CaptionSettings(RoleSettings):
 
 
 class SttSettings(RoleSettings):
-    """Speech to text (helper B extends this)."""
+    """Speech to text: faster-whisper (CTranslate2) or openai-whisper."""
+
+    backend: Literal["faster-whisper", "openai-whisper"] = "faster-whisper"
+    # Ids clients may pass as `model`; the first is the one listed. "whisper-1" keeps
+    # OpenAI clients working unchanged.
+    served_names: list[str] = ["masque-whisper", "whisper-1"]
+    compute_type: str = "auto"  # faster-whisper: auto = int8 on CPU, float16 on CUDA
+    beam_size: int = Field(1, ge=1)  # 1 = greedy: several times faster on CPU
+    vad: bool = True  # drop non-speech first, so silence gives "" instead of "you"
 
 
 class TtsSettings(RoleSettings):
-    """Text to speech (helper B extends this)."""
+    """Text to speech with piper; `model` is the default voice (.onnx next to its .onnx.json)."""
+
+    served_names: list[str] = ["masque-tts", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"]
+    voices_dir: str = ""  # optional folder of more piper voices (*.onnx + *.onnx.json)
+    max_input_chars: int = Field(4096, ge=1)  # OpenAI's limit
 
 
 class ImageSettings(RoleSettings):
-    """Text to image (helper B extends this)."""
+    """Text to image with diffusers."""
+
+    served_names: list[str] = ["masque-art", "dall-e-2", "dall-e-3", "gpt-image-1"]
+    default_size: str = "512x512"
+    default_steps: int = Field(25, ge=1)
+    max_steps: int = Field(100, ge=1)
+    guidance_scale: float | None = None  # None = the pipeline's default (SDXL-Turbo wants 0)
+    max_n: int = Field(4, ge=1)
+    max_side: int = Field(2048, ge=8)
+    safety_default: bool = True  # when a request does not say; see engine.backends.images
 
 
 class EmbeddingSettings(RoleSettings):
-    """Text embeddings (helper B extends this)."""
+    """Text embeddings with sentence-transformers."""
+
+    served_names: list[str] = ["masque-embed", "text-embedding-3-small", "text-embedding-ada-002"]
+    max_inputs: int = Field(256, ge=1)  # strings in one request
+    batch_size: int = Field(32, ge=1)
+    truncate: bool = False  # False: an input longer than the model's window is a 400
 
 
 class LimitSettings(BaseModel):
