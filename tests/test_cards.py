@@ -1,0 +1,275 @@
+"""Character cards: every format in, every format out, nothing lost, bad input named."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from bot.cards import (
+    MAX_CARD_BYTES,
+    MAX_LOREBOOK_ENTRIES,
+    CardError,
+    expand,
+    load_card,
+    load_lorebook,
+    parse_card,
+    parse_lorebook,
+    to_charx,
+    to_json,
+    to_png_card,
+)
+from bot.cards import png as pngmod
+from bot.cards.parser import placeholder_avatar
+
+
+def v2_card(**data) -> dict:
+    base = {"name": "Ada", "description": "An engineer.", "first_mes": "Hello, {{user}}."}
+    return {"spec": "chara_card_v2", "spec_version": "2.0", "data": {**base, **data}}
+
+
+def png_with(texts: dict[str, str]) -> bytes:
+    chunks = pngmod.read_chunks(placeholder_avatar("x"))
+    return pngmod.with_text(chunks, texts)
+
+
+def b64json(obj: dict) -> str:
+    return base64.b64encode(json.dumps(obj).encode()).decode()
+
+
+# ------------------------------------------------------------------ real cards
+
+
+def test_seraphina_png_reads_with_her_lorebook(shared_cards: Path):
+    parsed = load_card(shared_cards / "Seraphina.png")
+    assert parsed.card.name == "Seraphina"
+    assert parsed.source_spec == "v2" and parsed.format == "png"
+    book = parsed.card.data.character_book
+    assert book is not None and book.name == "Eldoria"
+    assert len(book.entries) == 4
+    assert book.entries[1].keys[:2] == ["shadowfang", "beast"]
+    # SillyTavern's own top-level extras survive normalisation.
+    v3 = parsed.card.to_v3()
+    assert v3["spec"] == "chara_card_v3" and v3["create_date"].startswith("2023-5-12")
+    assert v3["data"]["extensions"]["world"] == "Eldoria"
+    assert v3["data"]["character_book"]["entries"][1]["extensions"] == {
+        "position": 0, "probability": None, "useProbability": False,
+    }
+    Image.open(io.BytesIO(parsed.avatar)).verify()
+
+
+def test_seraphina_round_trips_through_png_json_and_charx(shared_cards: Path, tmp_path: Path):
+    parsed = load_card(shared_cards / "Seraphina.png")
+    original = parsed.card.to_v3()
+    again = parse_card(to_png_card(parsed.card, parsed.avatar), "again.png")
+    assert again.card.to_v3() == original
+    assert parse_card(to_json(parsed.card), "again.json").card.to_v3() == original
+    charx = parse_card(to_charx(parsed.card, parsed.avatar), "again.charx")
+    assert charx.avatar is not None
+    charx_v3 = charx.card.to_v3()
+    charx_v3["data"].pop("assets")
+    assert charx_v3 == original
+
+
+def test_png_export_writes_both_chunks_v3_read_first(shared_cards: Path):
+    parsed = load_card(shared_cards / "Seraphina.png")
+    texts = pngmod.text_chunks(pngmod.read_chunks(to_png_card(parsed.card, parsed.avatar)))
+    v2 = json.loads(base64.b64decode(texts["chara"]))
+    v3 = json.loads(base64.b64decode(texts["ccv3"]))
+    assert v2["spec"] == "chara_card_v2" and v3["spec"] == "chara_card_v3"
+    assert "group_only_greetings" not in v2["data"] and "group_only_greetings" in v3["data"]
+    # When both exist, ccv3 wins.
+    both = png_with({"chara": b64json(v2_card(name="Old")), "ccv3": b64json({**v2_card(name="New"),
+                                                                           "spec": "chara_card_v3"})})
+    assert parse_card(both, "both.png").card.name == "New"
+
+
+def test_eldoria_world_info_becomes_a_lorebook(shared_cards: Path):
+    book = load_lorebook(shared_cards / "Eldoria.lorebook.json")
+    assert len(book.entries) == 4
+    first = book.entries[0]
+    assert first.keys == ["eldoria", "wood", "forest", "magical forest"]
+    assert first.id == 0 and first.insertion_order == 100 and first.enabled is True
+    assert first.position == "before_char"
+    assert first.extensions["position"] == 0  # SillyTavern's raw fields kept in extensions
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_v1_card_moves_into_data_and_keeps_extras():
+    v1 = {"name": "Bob", "description": "d", "personality": "p", "first_mes": "hi", "chat": "Bob - 1", "fav": True}
+    parsed = parse_card(json.dumps(v1).encode(), "bob.json")
+    assert parsed.source_spec == "v1"
+    v3 = parsed.card.to_v3()
+    assert v3["data"]["name"] == "Bob" and v3["data"]["personality"] == "p"
+    assert v3["chat"] == "Bob - 1" and v3["fav"] is True
+
+
+def test_unknown_keys_survive_at_every_level():
+    card = v2_card(
+        custom_field={"nested": [1, 2]},
+        extensions={"depth_prompt": {"depth": 4}},
+        character_book={"entries": [{"keys": ["a"], "content": "b", "vendor_flag": 7}], "book_extra": "x"},
+    )
+    card["top_extra"] = {"k": "v"}
+    out = json.loads(to_json(parse_card(json.dumps(card).encode(), "c.json").card))
+    assert out["top_extra"] == {"k": "v"}
+    assert out["data"]["custom_field"] == {"nested": [1, 2]}
+    assert out["data"]["extensions"] == {"depth_prompt": {"depth": 4}}
+    assert out["data"]["character_book"]["book_extra"] == "x"
+    assert out["data"]["character_book"]["entries"][0]["vendor_flag"] == 7
+
+
+def test_v3_standalone_lorebook():
+    doc = {"spec": "lorebook_v3", "data": {"name": "World", "entries": [
+        {"keys": ["moon"], "content": "The moon is hollow.", "use_regex": False, "case_sensitive": True}]}}
+    book = parse_lorebook(json.dumps(doc).encode(), "world.json")
+    assert book.name == "World" and book.entries[0].case_sensitive is True
+
+
+def test_charx_reads_card_json_and_embedded_icon():
+    avatar = placeholder_avatar("Zed")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        card = {**v2_card(name="Zed"), "spec": "chara_card_v3"}
+        card["data"]["assets"] = [{"type": "icon", "uri": "embeded://assets/icon/images/main.png",
+                                   "name": "main", "ext": "png"}]
+        archive.writestr("card.json", json.dumps(card))
+        archive.writestr("assets/icon/images/main.png", avatar)
+    parsed = parse_card(buffer.getvalue(), "zed.charx")
+    assert parsed.card.name == "Zed" and parsed.format == "charx" and parsed.avatar == avatar
+
+
+def test_greetings_and_display_name():
+    card = parse_card(json.dumps({**v2_card(alternate_greetings=["Hey", " "], nickname="Adi"),
+                                  "spec": "chara_card_v3"}).encode(), "c.json").card
+    assert card.greetings() == ["Hello, {{user}}.", "Hey"]
+    assert card.display_name == "Adi"
+
+
+# ------------------------------------------------------------------ macros
+
+
+def test_macros_expand():
+    text = "{{char}} greets {{User}}. <BOT> and <USER>. {{unknown}}"
+    assert expand(text, char="Ada", user="Sam") == "Ada greets Sam. Ada and Sam. {{unknown}}"
+    assert expand("{{pick:a,b,c}}", char="", user="", seed=3) == expand("{{pick:a,b,c}}", char="", user="", seed=3)
+    rolls = {int(expand("{{roll:d6}}", char="", user="")) for _ in range(200)}
+    assert rolls <= set(range(1, 7)) and len(rolls) > 3
+    assert expand("{{random:x,y}}", char="", user="") in {"x", "y"}
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _bad(blob: bytes, source: str) -> CardError:
+    with pytest.raises(CardError) as info:
+        parse_card(blob, source)
+    return info.value
+
+
+def test_truncated_png_names_the_chunk(shared_cards: Path):
+    blob = (shared_cards / "Seraphina.png").read_bytes()[:5000]
+    err = _bad(blob, "Seraphina.png")
+    assert "Seraphina.png" in str(err) and "truncated" in err.reason and "IDAT" in err.reason
+
+
+def test_png_without_card():
+    err = _bad(placeholder_avatar("x"), "plain.png")
+    assert str(err).startswith("plain.png: ") and "no character card" in err.reason
+
+
+def test_bad_base64_in_chunk():
+    err = _bad(png_with({"chara": "not base64 !!!"}), "b64.png")
+    assert err.field == "chara chunk" and "base64" in err.reason
+
+
+def test_invalid_json():
+    err = _bad(b'{"spec": "chara_card_v2", "data": {', "broken.json")
+    assert "invalid JSON" in err.reason and "line 1" in err.reason
+    err = _bad(png_with({"ccv3": base64.b64encode(b"{nope").decode()}), "j.png")
+    assert err.field == "ccv3 chunk" and "invalid JSON" in err.reason
+
+
+def test_wrong_field_types_name_the_field():
+    err = _bad(json.dumps(v2_card(alternate_greetings="not a list")).encode(), "types.json")
+    assert err.field == "data.alternate_greetings" and "list" in err.reason.lower()
+    err = _bad(json.dumps(v2_card(name=123)).encode(), "types.json")
+    assert err.field == "data.name"
+    err = _bad(json.dumps(v2_card(character_book={"entries": [{"keys": "x"}]})).encode(), "types.json")
+    assert err.field == "data.character_book.entries.0.keys"
+
+
+def test_file_over_the_size_limit(tmp_path: Path):
+    big = tmp_path / "huge.png"
+    with big.open("wb") as handle:
+        handle.truncate(50 * 1024 * 1024)
+    with pytest.raises(CardError) as info:
+        load_card(big)
+    assert "huge.png" in str(info.value) and "limit" in info.value.reason
+    assert len(b"x" * (MAX_CARD_BYTES + 1)) > MAX_CARD_BYTES
+    assert "limit" in _bad(b"{" + b" " * MAX_CARD_BYTES + b"}", "big.json").reason
+
+
+def test_lorebook_with_100k_entries():
+    entries = [{"keys": ["k"], "content": "c"}] * 100_000
+    err = _bad(json.dumps(v2_card(character_book={"entries": entries})).encode(), "many.json")
+    assert err.field == "data.character_book.entries" and str(MAX_LOREBOOK_ENTRIES) in err.reason
+    world = {"entries": {str(i): {"uid": i, "key": ["k"], "content": "c"} for i in range(100_000)}}
+    with pytest.raises(CardError) as info:
+        parse_lorebook(json.dumps(world).encode(), "world.json")
+    assert info.value.field == "entries" and "100000" in info.value.reason
+
+
+def test_name_of_500_characters():
+    err = _bad(json.dumps(v2_card(name="N" * 500)).encode(), "long.json")
+    assert err.field == "data.name" and "100" in err.reason
+
+
+def test_not_a_card_at_all():
+    assert "lorebook" in _bad(json.dumps({"spec": "lorebook_v3", "data": {}}).encode(), "l.json").reason
+    assert _bad(b"[1, 2]", "list.json").reason.startswith("expected a JSON object")
+    assert _bad(b"", "empty.json").reason == "file is empty"
+    assert _bad(b"PK\x03\x04garbage", "bad.charx").reason.startswith("not a valid CHARX")
+    assert _bad(json.dumps({"spec": "chara_card_v9", "data": {}}).encode(), "v9.json").field == "spec"
+
+
+# ------------------------------------------------------------------ property: round trip
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+_key = st.text(st.characters(whitelist_categories=("Ll",)), min_size=1, max_size=8).filter(
+    lambda k: k not in {"spec", "spec_version", "data"})
+_json_value = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | _text,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_key, inner, max_size=3),
+                           max_leaves=8)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=_text.filter(lambda s: s.strip() and len(s) <= 100),
+    greetings=st.lists(_text, max_size=3),
+    extensions=st.dictionaries(_key, _json_value, max_size=3),
+    extras=st.dictionaries(_key.map(lambda k: "x_" + k), _json_value, max_size=3),
+    keys=st.lists(_text, max_size=3),
+)
+def test_round_trip_keeps_everything(name, greetings, extensions, extras, keys):
+    card = {"spec": "chara_card_v3", "spec_version": "3.0", **extras, "data": {
+        "name": name, "alternate_greetings": greetings, "extensions": extensions, **extras,
+        "character_book": {"entries": [{"keys": keys, "content": name, **extras}]},
+    }}
+    parsed = parse_card(json.dumps(card).encode(), "prop.json")
+    v3 = parsed.card.to_v3()
+    for out in (parse_card(to_json(parsed.card), "a.json"), parse_card(to_png_card(parsed.card), "a.png")):
+        assert out.card.to_v3() == v3
+    assert v3["data"]["extensions"] == extensions
+    for key, value in extras.items():
+        assert v3[key] == value and v3["data"][key] == value
+        assert v3["data"]["character_book"]["entries"][0][key] == value
