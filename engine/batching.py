@@ -1,0 +1,393 @@
+"""Dynamic batching of chat generations on one decoder-only model.
+
+One worker thread owns the model. Each step it decodes one token for every running sequence
+at once; requests that arrive meanwhile are prefilled as a group and merged into the running
+batch between steps (iteration-level batching, as vLLM and TGI do), so a new request never
+waits for the others to finish. Sequences have left-padded rows in one shared KV cache; the
+2-D attention mask hides the padding and per-row position ids keep RoPE right. A finished or
+cancelled sequence leaves the batch at the next step.
+
+Each sequence samples with its own settings (temperature, top_p, seed), stops on EOS, its own
+stop strings or its token budget, and streams text deltas back to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual torch alias
+from transformers import DynamicCache
+
+from engine.queueing import Admission
+
+log = logging.getLogger(__name__)
+
+# How long the idle worker waits for work before checking whether it should stop.
+IDLE_POLL_SECONDS = 0.5
+
+StepObserver = Callable[[int, float, int], None]  # (new tokens, seconds, batch size)
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is sampled and when it stops."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """One next token per row of ``logits`` [batch, vocab], each row with its own settings."""
+    tokens = logits.argmax(dim=-1)
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if p.temperature <= 0:
+            continue
+        scaled = logits[row] / p.temperature
+        if p.top_p < 1.0:
+            ordered, order = scaled.sort(descending=True)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            # keep the smallest set whose mass reaches top_p (always at least the best token)
+            drop = cumulative - ordered.softmax(-1) >= p.top_p
+            scaled[order[drop]] = float("-inf")
+        probs = scaled.softmax(-1)
+        tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+    return tokens
+
+
+class TextStream:
+    """Turns a growing list of token ids into safe text deltas, honouring stop strings.
+
+    Text that could still become a stop string, or ends in half a UTF-8 character, is held
+    back until the next token settles it.
+    """
+
+    def __init__(self, tokenizer: object, stop: tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        self._stop = tuple(s for s in stop if s)
+        self._text = ""
+        self._sent = 0
+
+    def add(self, ids: list[int]) -> tuple[str, bool]:
+        """The new text to send after ``ids`` (all generated ids so far), and whether it stopped."""
+        self._text = self._tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        for stop in self._stop:
+            at = self._text.find(stop, max(0, self._sent - len(stop)))
+            if at >= 0:
+                piece = self._text[self._sent:at]
+                self._sent = len(self._text)
+                return piece, True
+        safe = len(self._text)
+        if self._text.endswith("\ufffd"):
+            safe -= 1
+        for stop in self._stop:
+            for size in range(min(len(stop) - 1, safe - self._sent), 0, -1):
+                if self._text[safe - size:safe] == stop[:size]:
+                    safe -= size
+                    break
+        piece = self._text[self._sent:safe] if safe > self._sent else ""
+        self._sent = max(self._sent, safe)
+        return piece, False
+
+    def flush(self) -> str:
+        """Whatever was held back (the sequence has ended without a stop string)."""
+        piece = self._text[self._sent:]
+        self._sent = len(self._text)
+        return piece
+
+
+@dataclass
+class Delta:
+    """A piece of one sequence's output."""
+
+    text: str
+    tokens: int  # completion tokens so far
+    finish_reason: str | None = None  # "stop", "length", "error"
+    error: str | None = None
+
+
+class SequenceHandle:
+    """The async side of one sequence: iterate for deltas, ``cancel()`` to stop it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._finished = False
+        self.cancelled = threading.Event()
+
+    def push(self, delta: Delta) -> None:
+        """Hand a delta to the event loop (called from the worker thread)."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        """Stop generating for this sequence (client gone, stop string found...)."""
+        self.cancelled.set()
+
+    def __aiter__(self) -> SequenceHandle:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._finished:
+            raise StopAsyncIteration
+        delta = await self._queue.get()
+        if delta.finish_reason is not None:
+            self._finished = True
+        return delta
+
+
+@dataclass
+class _Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    handle: SequenceHandle
+    text: TextStream
+    generator: torch.Generator | None
+    started: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    released: bool = False  # its admission slot has been given back
+
+
+@dataclass
+class _Batch:
+    """The running sequences and their shared, left-padded KV cache."""
+
+    seqs: list[_Sequence]
+    cache: DynamicCache
+    mask: torch.Tensor  # [batch, cached length], 1 = real token
+    last: torch.Tensor  # [batch] the token to feed next
+
+
+class Batcher:
+    """Runs many sequences through ``model`` together on one worker thread."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: object,
+        *,
+        max_batch: int,
+        max_queue: int,
+        eos_ids: set[int],
+        on_step: StepObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.eos_ids = eos_ids
+        self.admission = Admission("chat", max_queue, workers=1)
+        self.on_step = on_step
+        self._inbox: queue.Queue[_Sequence] = queue.Queue()
+        self._stop = threading.Event()
+        self._device = next(model.parameters()).device
+        self._thread = threading.Thread(target=self._run, name="chat-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
+        """Queue one sequence; raises the 503 APIError when the queue is full."""
+        self.admission.enter()
+        handle = SequenceHandle(asyncio.get_running_loop())
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self._device).manual_seed(params.seed)
+        text = TextStream(self.tokenizer, params.stop)
+        self._inbox.put(_Sequence(prompt, params, handle, text, generator))
+        return handle
+
+    def depth(self) -> int:
+        """Sequences waiting or running."""
+        return self.admission.depth
+
+    def close(self) -> None:
+        """Stop the worker thread after its current step."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch: _Batch | None = None
+        while not self._stop.is_set():
+            try:
+                with torch.inference_mode():
+                    batch = self._step(batch)
+            except Exception as exc:  # a failed step ends its sequences, not the server
+                log.exception("Chat generation step failed")
+                for seq in batch.seqs if batch else []:
+                    self._finish(seq, Delta("", len(seq.generated), "error", str(exc)))
+                batch = None
+        if batch is not None:
+            for seq in batch.seqs:
+                self._finish(seq, Delta("", len(seq.generated), "error", "server shutting down"))
+
+    def _step(self, batch: _Batch | None) -> _Batch | None:
+        """Admit new sequences or decode one token for every running one."""
+        room = self.max_batch - (len(batch.seqs) if batch else 0)
+        incoming = self._take(room, block=batch is None)
+        if incoming:
+            fresh = self._prefill(incoming)
+            batch = fresh if batch is None else _merge(batch, fresh)
+        elif batch is not None:
+            self._decode(batch)
+        if batch is None:
+            return None
+        return self._drop_finished(batch)
+
+    def _take(self, room: int, block: bool) -> list[_Sequence]:
+        taken: list[_Sequence] = []
+        if block:
+            try:
+                taken.append(self._inbox.get(timeout=IDLE_POLL_SECONDS))
+            except queue.Empty:
+                return taken
+        while len(taken) < room:
+            try:
+                taken.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        live = []
+        for seq in taken:
+            if seq.handle.cancelled.is_set():
+                self._release(seq)
+            else:
+                live.append(seq)
+        return live
+
+    def _prefill(self, seqs: list[_Sequence]) -> _Batch:
+        """Run the prompts of ``seqs`` (left-padded) and sample their first tokens."""
+        width = max(len(seq.prompt) for seq in seqs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - len(seq.prompt):] = torch.tensor(seq.prompt)
+            mask[row, width - len(seq.prompt):] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        cache = DynamicCache(config=self.model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        started = time.perf_counter()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            cache=cache, use_cache=True, logits_to_keep=1,
+        )
+        batch = _Batch(seqs, cache, mask, torch.empty(0, dtype=torch.long))
+        self._advance(batch, out.logits[:, -1, :], started)
+        return batch
+
+    def _decode(self, batch: _Batch) -> None:
+        """Feed every running sequence its last token and sample the next."""
+        started = time.perf_counter()
+        ones = torch.ones((len(batch.seqs), 1), dtype=batch.mask.dtype, device=batch.mask.device)
+        positions = batch.mask.sum(-1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, ones], dim=1)
+        out = self.model(
+            input_ids=batch.last.unsqueeze(-1), attention_mask=batch.mask, position_ids=positions,
+            cache=batch.cache, use_cache=True,
+        )
+        self._advance(batch, out.logits[:, -1, :], started)
+
+    def _advance(self, batch: _Batch, logits: torch.Tensor, started: float) -> None:
+        """Sample one token per row, stream the text, and note who is done."""
+        params = [seq.params for seq in batch.seqs]
+        generators = [seq.generator for seq in batch.seqs]
+        tokens = sample_rows(logits.float(), params, generators)
+        batch.last = tokens
+        for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
+            self._emit(seq, token)
+        if self.on_step is not None:
+            self.on_step(len(batch.seqs), time.perf_counter() - started, len(batch.seqs))
+
+    def _emit(self, seq: _Sequence, token: int) -> None:
+        if seq.handle.cancelled.is_set():
+            return
+        if token in self.eos_ids:
+            self._finish(seq, Delta(seq.text.flush(), len(seq.generated), "stop"))
+            return
+        seq.generated.append(token)
+        piece, stopped = seq.text.add(seq.generated)
+        if stopped:
+            self._finish(seq, Delta(piece, len(seq.generated), "stop"))
+        elif len(seq.generated) >= seq.params.max_tokens:
+            self._finish(seq, Delta(piece + seq.text.flush(), len(seq.generated), "length"))
+        elif piece:
+            seq.handle.push(Delta(piece, len(seq.generated)))
+
+    def _finish(self, seq: _Sequence, delta: Delta) -> None:
+        if not seq.handle.cancelled.is_set():
+            seq.handle.push(delta)
+        seq.handle.cancelled.set()  # marks it done for the batch
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        if not seq.released:
+            seq.released = True
+            self.admission.leave(time.perf_counter() - seq.started)
+
+    def _drop_finished(self, batch: _Batch) -> _Batch | None:
+        keep = [i for i, seq in enumerate(batch.seqs) if not seq.handle.cancelled.is_set()]
+        for seq in batch.seqs:
+            if seq.handle.cancelled.is_set():  # done, or cancelled from outside
+                self._release(seq)
+        if not keep:
+            return None
+        if len(keep) < len(batch.seqs):
+            index = torch.tensor(keep, device=batch.mask.device)
+            batch.cache.batch_select_indices(index)
+            batch.mask, batch.last = batch.mask[index], batch.last[index]
+            batch.seqs = [batch.seqs[i] for i in keep]
+            _trim_padding(batch)
+        return batch
+
+
+def _left_pad(cache: DynamicCache, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Grow ``cache`` and ``mask`` on the left to ``width`` positions of padding."""
+    extra = width - mask.shape[1]
+    if extra <= 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys = F.pad(layer.keys, (0, 0, extra, 0))
+        layer.values = F.pad(layer.values, (0, 0, extra, 0))
+    return F.pad(mask, (extra, 0))
+
+
+def _merge(running: _Batch, fresh: _Batch) -> _Batch:
+    """One batch holding the rows of both, aligned on the right."""
+    width = max(running.mask.shape[1], fresh.mask.shape[1])
+    running.mask = _left_pad(running.cache, running.mask, width)
+    fresh.mask = _left_pad(fresh.cache, fresh.mask, width)
+    for mine, theirs in zip(running.cache.layers, fresh.cache.layers, strict=True):
+        mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+        mine.values = torch.cat([mine.values, theirs.values], dim=0)
+    return _Batch(
+        running.seqs + fresh.seqs,
+        running.cache,
+        torch.cat([running.mask, fresh.mask], dim=0),
+        torch.cat([running.last, fresh.last], dim=0),
+    )
+
+
+def _trim_padding(batch: _Batch) -> None:
+    """Drop leading columns that are padding in every remaining row."""
+    used = batch.mask.any(dim=0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    if start == 0:
+        return
+    for layer in batch.cache.layers:
+        layer.keys = layer.keys[:, :, start:]
+        layer.values = layer.values[:, :, start:]
+    batch.mask = batch.mask[:, start:]

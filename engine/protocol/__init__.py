@@ -1,0 +1,1 @@
+"""Pydantic schemas of the OpenAI dialect the engine speaks (one module per API family)."""

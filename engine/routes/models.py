@@ -1,0 +1,73 @@
+"""GET /v1/models, /health and /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from engine.errors import not_found
+from engine.metrics import CONTENT_TYPE
+from engine.routes import METRICS, REGISTRY, SETTINGS
+from engine.settings import ROLES, EngineSettings
+
+routes = web.RouteTableDef()
+OWNER = "masque"
+# Started once per process; OpenAI's `created` is a Unix time.
+CREATED = int(time.time())
+
+
+def served_models(settings: EngineSettings, loaded: set[str]) -> list[dict[str, Any]]:
+    """The model objects of every loaded role (chat by its served name, others by theirs)."""
+    models = []
+    for role in ROLES:
+        if role not in loaded:
+            continue
+        role_settings = settings.role(role)
+        names = getattr(role_settings, "served_names", None) or [
+            getattr(role_settings, "served_name", role)
+        ]
+        for name in names:
+            models.append(
+                {"id": name, "object": "model", "created": CREATED, "owned_by": OWNER,
+                 "masque": {"role": role}}
+            )
+    return models
+
+
+def _loaded(request: web.Request) -> set[str]:
+    registry = request.app[REGISTRY]
+    return {role for role in ROLES if registry.has(role)}
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    """The models this server answers to (OpenAI list shape)."""
+    data = served_models(request.app[SETTINGS], _loaded(request))
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/models/{model}")
+async def get_model(request: web.Request) -> web.Response:
+    """One model object, or 404."""
+    name = request.match_info["model"]
+    for model in served_models(request.app[SETTINGS], _loaded(request)):
+        if model["id"] == name:
+            return web.json_response(model)
+    raise not_found(f"The model {name!r} does not exist.", "model", "model_not_found")
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """200 once every configured model has loaded, else 503; says which roles are ready."""
+    status = request.app[REGISTRY].status()
+    body = {"status": "ok" if status["ready"] else "loading", **status}
+    return web.json_response(body, status=200 if status["ready"] else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    payload = request.app[METRICS].render(request.app[REGISTRY])
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE})
