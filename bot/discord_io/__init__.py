@@ -1,0 +1,1 @@
+"""The Discord side of replies: splitting, webhooks as personas, streaming edits, buttons."""
