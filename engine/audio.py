@@ -35,6 +35,11 @@ CONTENT_TYPES = {
 _AV_OUTPUTS = {"opus": ("ogg", "libopus"), "flac": ("flac", "flac"), "mp3": ("mp3", "libmp3lame")}
 
 
+def _reason(exc: av.error.FFmpegError) -> str:
+    """FFmpeg's short reason ("Invalid data found when processing input")."""
+    return str(exc.strerror or exc)
+
+
 def _not_audio(param: str, detail: str) -> APIError:
     return invalid_request(
         f"The uploaded {param} is not a decodable audio file ({detail}).",
@@ -56,11 +61,13 @@ def _open(data: bytes, fmt: str | None, param: str) -> av.container.InputContain
         return av.open(io.BytesIO(data), mode="r")
     except av.error.FFmpegError as probe_error:
         if not fmt:
-            raise _not_audio(param, str(probe_error.strerror or probe_error)) from None
+            raise _not_audio(param, _reason(probe_error)) from None
     try:
         return av.open(io.BytesIO(data), mode="r", format=fmt)
-    except (av.error.FFmpegError, ValueError) as exc:
-        raise _not_audio(param, str(exc)) from None
+    except av.error.FFmpegError as exc:
+        raise _not_audio(param, _reason(exc)) from None
+    except ValueError as exc:  # PyAV's answer to a format name FFmpeg does not know
+        raise _not_audio(param, f"unknown format {fmt!r}: {exc}") from None
 
 
 def _decoded_chunks(
@@ -88,7 +95,7 @@ def _decoded_chunks(
                 raise _too_long(param, max_seconds)
             yield out.to_ndarray().reshape(-1)
     except av.error.FFmpegError as exc:
-        raise _not_audio(param, str(exc.strerror or exc)) from None
+        raise _not_audio(param, _reason(exc)) from None
 
 
 def decode_audio(

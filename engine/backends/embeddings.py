@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.backends.stt import resolve_device
+from engine.backends import pick_device
 
 
 class InputTooLong(ValueError):
@@ -75,7 +75,7 @@ def load(role_settings: Any, settings: Any) -> SentenceEmbeddings:
     """Load the embedding model (blocking; the registry runs it in a thread)."""
     return SentenceEmbeddings(
         role_settings.model,
-        device=resolve_device(role_settings.device),
+        device=pick_device(role_settings.device).type,
         batch_size=role_settings.batch_size,
         truncate=role_settings.truncate,
         cache_folder=str(settings.cache_dir / "hub"),

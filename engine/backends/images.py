@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from engine.backends.stt import resolve_device
+from engine.backends import pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ def blocked_terms(text: str) -> list[str]:
     return [term for term in BLOCKED_TERMS if term in words]
 
 
-def _torch_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 def _load_pipeline(model: str, device: str, dtype: str, cache_dir: str) -> Any:
     """AutoPipelineForText2Image first (it picks the text-to-image class of any family), then
     DiffusionPipeline for repos AutoPipeline has no mapping for."""
@@ -71,7 +63,7 @@ def _load_pipeline(model: str, device: str, dtype: str, cache_dir: str) -> Any:
 
     # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only it.
     dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    kwargs = {dtype_key: _torch_dtype(dtype, device), "cache_dir": cache_dir}
+    kwargs = {dtype_key: pick_dtype(dtype, pick_device(device)), "cache_dir": cache_dir}
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(model, **kwargs)
     except ValueError as exc:  # "AutoPipeline can't find a pipeline linked to ..."
@@ -146,7 +138,7 @@ class DiffusersImages:
 
 def load(role_settings: Any, settings: Any) -> DiffusersImages:
     """Load the configured pipeline (blocking; the registry runs it in a thread)."""
-    device = resolve_device(role_settings.device)
+    device = pick_device(role_settings.device).type
     pipe = _load_pipeline(role_settings.model, device, role_settings.dtype,
                           str(settings.cache_dir / "hub"))
     return DiffusersImages(pipe, device, role_settings.default_steps, role_settings.guidance_scale)

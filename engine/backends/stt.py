@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.audio import SAMPLE_RATE
+from engine.backends import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,6 @@ class SpeechToText(Protocol):
         temperature: float = 0.0,
         prompt: str | None = None,
     ) -> Transcript: ...
-
-
-def resolve_device(device: str) -> str:
-    """'auto' becomes cuda when torch sees a GPU, else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def has_speech(audio: np.ndarray) -> bool:
@@ -207,7 +199,7 @@ def openai_whisper_checkpoint(model: str, cache_dir: Path) -> str:
 
 def load(role_settings: Any, settings: Any) -> SpeechToText:
     """Build the configured STT backend (blocking; the registry runs it in a thread)."""
-    device = resolve_device(role_settings.device)
+    device = pick_device(role_settings.device).type
     download_root = str(settings.cache_dir / "hub")
     if role_settings.backend == "openai-whisper":
         checkpoint = openai_whisper_checkpoint(role_settings.model, settings.cache_dir)
