@@ -213,13 +213,14 @@ async def compose(parsed: ParsedChat, registry: Registry) -> tuple[list[dict], d
 
 async def _caption(registry: Registry, image: Image.Image) -> str:
     captioner = registry.get("caption")
-    return await registry.queue("caption").run(captioner.caption, image)
+    caption = await registry.queue("caption").run(captioner.caption, image)
+    return " ".join(caption.split())  # one line, so the marker stays one line
 
 
 async def _transcribe(registry: Registry, clip: np.ndarray) -> str:
     stt = registry.get("stt")
     transcript = await registry.queue("stt").run(stt.transcribe, clip)
-    return transcript.text.strip()
+    return " ".join(transcript.text.split())
 
 
 def native_report() -> dict[str, Any]:

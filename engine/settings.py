@@ -51,6 +51,8 @@ class ChatSettings(RoleSettings):
     backend: Literal["llm", "omni"] = "llm"  # llm = composed fusion, omni = native fusion
     served_name: str = "masque-chat"  # the id clients pass as `model`; the model path also works
     gguf_file: str = ""  # when `model` is a folder holding several GGUF files
+    # omni: the transformers class to load; "" = Qwen2_5OmniThinkerForConditionalGeneration
+    model_class: str = ""
     max_batch: int = Field(8, ge=1)  # concurrent sequences decoded together
     max_context_tokens: int = Field(2048, ge=16)  # prompt + completion
     max_new_tokens: int = Field(1024, ge=1)  # ceiling on a request's max_tokens
