@@ -20,3 +20,23 @@ class BotSettings(BaseSettings):
     discord_api_base: str | None = Field(default=None, validation_alias="DISCORD_API_BASE")
     discord_gateway_url: str | None = Field(default=None, validation_alias="DISCORD_GATEWAY_URL")
     log_level: str = Field(default="INFO", validation_alias="MASQUE_LOG_LEVEL")
+
+    # Engine client (bot/engine_client.py).
+    engine_chat_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_CHAT_MODEL")
+    engine_image_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_IMAGE_MODEL")
+    engine_embedding_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_EMBEDDING_MODEL")
+    engine_transcription_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_TRANSCRIPTION_MODEL")
+    engine_timeout_s: float = Field(default=180.0, gt=0, validation_alias="MASQUE_ENGINE_TIMEOUT_S")
+    engine_connect_timeout_s: float = Field(default=5.0, gt=0, validation_alias="MASQUE_ENGINE_CONNECT_TIMEOUT_S")
+    engine_retries: int = Field(default=1, ge=0, validation_alias="MASQUE_ENGINE_RETRIES")
+    engine_unhealthy_s: float = Field(default=30.0, ge=0, validation_alias="MASQUE_ENGINE_UNHEALTHY_S")
+    # Local child engine (bot/engine_process.py), used when MASQUE_ENGINE_URL is unset.
+    engine_start_timeout_s: float = Field(default=900.0, gt=0, validation_alias="MASQUE_ENGINE_START_TIMEOUT_S")
+    engine_preset: str = Field(default="offline", validation_alias="MASQUE_ENGINE_PRESET")
+    # Story pipeline (bot/pipeline.py, bot/story/).
+    prompt_token_budget: int = Field(default=3072, ge=256, validation_alias="MASQUE_PROMPT_TOKEN_BUDGET")
+    reply_max_tokens: int = Field(default=300, ge=1, validation_alias="MASQUE_REPLY_MAX_TOKENS")
+    temperature: float = Field(default=0.8, ge=0, le=2, validation_alias="MASQUE_TEMPERATURE")
+    # Scene art (bot/scene_art.py): cosine similarity at or above which an earlier image is reused.
+    scene_reuse_threshold: float = Field(default=0.9, ge=-1, le=1, validation_alias="MASQUE_SCENE_REUSE_THRESHOLD")
+    scene_image_size: str = Field(default="512x512", validation_alias="MASQUE_SCENE_IMAGE_SIZE")

@@ -1,0 +1,312 @@
+"""The only place the bot calls a model: any OpenAI-compatible engine over HTTP.
+
+Uses the official `openai` AsyncOpenAI client, one per base URL. Several URLs
+are used in turn (round robin); one that fails to connect, times out or
+answers 5xx/429 is skipped for `engine_unhealthy_s` seconds and the call moves
+on to the next. Failures surface as three exception types the callers show to
+users: EngineUnavailable, EngineTimeout, EngineBadResponse.
+
+Our own engine adds a top-level `masque` object to chat responses
+(fusion path, transcripts of audio parts, captions of image parts); in a
+stream it may ride on any chunk. The client remembers per URL whether it has
+seen one, so callers know whether to send audio natively or transcribe first.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiohttp
+import openai
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HEALTH_TIMEOUT_S = 5.0
+DEFAULT_MODEL = "default"
+
+
+class EngineError(Exception):
+    """Base of every engine failure. `turn_id` names the user turn that was kept, when there is one."""
+
+    user_message = "The story engine failed."
+    turn_id: int | None = None
+
+
+class EngineUnavailable(EngineError):
+    """No engine URL answered (down, refused, overloaded)."""
+
+    user_message = "The story engine is not reachable right now. Try again in a minute."
+
+
+class EngineTimeout(EngineError):
+    """The engine took longer than the timeout."""
+
+    user_message = "The story engine took too long to answer. Try again, or ask an admin to check it."
+
+
+class EngineBadResponse(EngineError):
+    """The engine answered, but not with something usable (garbage, an empty reply, a 4xx)."""
+
+    user_message = "The story engine sent back something unusable. Try regenerating."
+
+
+@dataclass
+class StreamEvent:
+    """One piece of a streamed reply: a text delta and/or the engine's `masque` extras."""
+
+    text: str = ""
+    extras: dict[str, Any] | None = None
+
+
+@dataclass
+class ChatResult:
+    """A whole (non-streamed) reply."""
+
+    text: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineModels:
+    """The model name sent for each kind of call (vLLM/OpenAI need real ids; our engine accepts any)."""
+
+    chat: str = DEFAULT_MODEL
+    image: str = DEFAULT_MODEL
+    embedding: str = DEFAULT_MODEL
+    transcription: str = DEFAULT_MODEL
+
+
+@dataclass
+class _Endpoint:
+    base_url: str
+    client: openai.AsyncOpenAI
+    unhealthy_until: float = 0.0
+    speaks_masque: bool | None = None  # None until a chat response tells us
+
+
+def parse_urls(value: str) -> list[str]:
+    """Split a comma-separated MASQUE_ENGINE_URL into clean base URLs."""
+    return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+
+
+def health_url(base_url: str) -> str:
+    """`http://h:p/v1` -> `http://h:p/health` (the engine serves /health beside /v1)."""
+    root = base_url.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[: -len("/v1")]
+    return f"{root}/health"
+
+
+class EngineClient:
+    """Calls an OpenAI-compatible engine: chat (streamed or not), transcription, images, embeddings."""
+
+    def __init__(self, urls: list[str], api_key: str | None = None, *, timeout_s: float = 120.0,
+                 connect_timeout_s: float = 5.0, retries: int = 1, unhealthy_s: float = 30.0,
+                 models: EngineModels | None = None):
+        if not urls:
+            raise ValueError("EngineClient needs at least one engine URL")
+        timeout = openai.Timeout(timeout_s, connect=connect_timeout_s)
+        self._endpoints = [
+            _Endpoint(url, openai.AsyncOpenAI(base_url=url, api_key=api_key or "not-needed",
+                                              timeout=timeout, max_retries=retries))
+            for url in urls
+        ]
+        self._next = 0
+        self._unhealthy_s = unhealthy_s
+        self._api_key = api_key
+        self.models = models or EngineModels()
+
+    @classmethod
+    def from_settings(cls, settings: Any, url: str | None = None) -> EngineClient:
+        """Build from BotSettings; `url` overrides MASQUE_ENGINE_URL (a child engine's URL)."""
+        key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
+        models = EngineModels(settings.engine_chat_model, settings.engine_image_model,
+                              settings.engine_embedding_model, settings.engine_transcription_model)
+        return cls(parse_urls(url or settings.engine_url), key, timeout_s=settings.engine_timeout_s,
+                   connect_timeout_s=settings.engine_connect_timeout_s, retries=settings.engine_retries,
+                   unhealthy_s=settings.engine_unhealthy_s, models=models)
+
+    @property
+    def urls(self) -> list[str]:
+        return [e.base_url for e in self._endpoints]
+
+    def speaks_masque(self) -> bool:
+        """True when a healthy engine has shown our `masque` extras (it transcribes audio parts itself)."""
+        return any(e.speaks_masque for e in self._endpoints if e.unhealthy_until <= time.monotonic())
+
+    async def close(self) -> None:
+        for endpoint in self._endpoints:
+            await endpoint.client.close()
+
+    # ------------------------------------------------------------ failover
+
+    def _rotation(self) -> list[_Endpoint]:
+        """Healthy endpoints starting at the next in turn; all of them when none is healthy."""
+        start = self._next % len(self._endpoints)
+        self._next += 1
+        ordered = self._endpoints[start:] + self._endpoints[:start]
+        now = time.monotonic()
+        healthy = [e for e in ordered if e.unhealthy_until <= now]
+        return healthy or ordered
+
+    async def _call(self, what: str, fn: Callable[[_Endpoint], Awaitable[T]]) -> T:
+        """Run `fn` on endpoints in turn until one answers; map failures to EngineError types."""
+        last: EngineError | None = None
+        for endpoint in self._rotation():
+            try:
+                return await fn(endpoint)
+            except (EngineUnavailable, EngineTimeout) as exc:
+                self._mark_down(endpoint, exc)
+                last = exc
+            except openai.OpenAIError as exc:
+                mapped = _map_error(what, exc)
+                if isinstance(mapped, EngineBadResponse):
+                    raise mapped from exc
+                self._mark_down(endpoint, mapped)
+                last = mapped
+        assert last is not None
+        raise last
+
+    def _mark_down(self, endpoint: _Endpoint, exc: Exception) -> None:
+        log.warning("engine %s failed (%s); skipping it for %.0f s", endpoint.base_url, exc, self._unhealthy_s)
+        endpoint.unhealthy_until = time.monotonic() + self._unhealthy_s
+
+    # ------------------------------------------------------------ chat
+
+    async def chat_stream(self, messages: list[dict[str, Any]], **params: Any) -> AsyncIterator[StreamEvent]:
+        """Stream a reply as StreamEvents. Fails over to another URL only before the first event."""
+        opened = await self._call("chat", lambda e: self._open_stream(e, messages, params))
+        endpoint, stream = opened
+        try:
+            async for chunk in stream:
+                event = _chunk_event(chunk)
+                if event.extras is not None:
+                    endpoint.speaks_masque = True
+                if event.text or event.extras is not None:
+                    yield event
+        except openai.OpenAIError as exc:
+            raise _map_error("chat", exc) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EngineBadResponse(f"the engine streamed something that is not JSON: {exc}") from exc
+        finally:
+            await stream.close()
+
+    async def _open_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
+        stream = await endpoint.client.chat.completions.create(
+            model=self.models.chat, messages=messages, stream=True, **params)
+        return endpoint, stream
+
+    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:
+        """One whole reply (used for scene-art prompts and other short calls)."""
+        async def call(endpoint: _Endpoint) -> ChatResult:
+            completion = await endpoint.client.chat.completions.create(
+                model=self.models.chat, messages=messages, **params)
+            extras = (completion.model_extra or {}).get("masque")
+            if isinstance(extras, dict):
+                endpoint.speaks_masque = True
+            if not completion.choices:
+                raise EngineBadResponse("the engine's reply has no choices")
+            text = completion.choices[0].message.content or ""
+            return ChatResult(text, extras if isinstance(extras, dict) else {})
+        return await self._call("chat", call)
+
+    # ------------------------------------------------------------ media
+
+    async def transcribe(self, data: bytes, filename: str, content_type: str = "") -> str:
+        """Speech to text through /v1/audio/transcriptions."""
+        async def call(endpoint: _Endpoint) -> str:
+            result = await endpoint.client.audio.transcriptions.create(
+                model=self.models.transcription, file=(filename, data, content_type or None))
+            text = getattr(result, "text", None)
+            if not isinstance(text, str):
+                raise EngineBadResponse("the transcription has no text")
+            return text.strip()
+        return await self._call("transcription", call)
+
+    async def generate_image(self, prompt: str, *, negative_prompt: str = "", seed: int | None = None,
+                             size: str = "512x512", safe: bool = True, steps: int | None = None) -> bytes:
+        """One image (PNG bytes) through /v1/images/generations; `safe` is the engine's safety switch."""
+        extra: dict[str, Any] = {"safe": safe}
+        if negative_prompt:
+            extra["negative_prompt"] = negative_prompt
+        if seed is not None:
+            extra["seed"] = seed
+        if steps is not None:
+            extra["steps"] = steps
+
+        async def call(endpoint: _Endpoint) -> bytes:
+            result = await endpoint.client.images.generate(
+                model=self.models.image, prompt=prompt, n=1, size=size,  # type: ignore[arg-type]
+                response_format="b64_json", extra_body=extra)
+            if not result.data or not result.data[0].b64_json:
+                raise EngineBadResponse("the image response has no b64_json data")
+            try:
+                return base64.b64decode(result.data[0].b64_json, validate=True)
+            except ValueError as exc:
+                raise EngineBadResponse("the image is not valid base64") from exc
+        return await self._call("images", call)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Embeddings through /v1/embeddings, in the order of `texts`."""
+        async def call(endpoint: _Endpoint) -> list[list[float]]:
+            result = await endpoint.client.embeddings.create(
+                model=self.models.embedding, input=texts, encoding_format="float")
+            vectors = [d.embedding for d in sorted(result.data, key=lambda d: d.index)]
+            if len(vectors) != len(texts) or not all(isinstance(v, list) and v for v in vectors):
+                raise EngineBadResponse("the embeddings response does not match the input")
+            return vectors
+        return await self._call("embeddings", call)
+
+    # ------------------------------------------------------------ health
+
+    async def health(self) -> dict[str, bool]:
+        """Ask each URL's /health; True where it answered 200."""
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+        out: dict[str, bool] = {}
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+            for endpoint in self._endpoints:
+                out[endpoint.base_url] = await _probe(session, health_url(endpoint.base_url))
+                if out[endpoint.base_url]:
+                    endpoint.unhealthy_until = 0.0
+        return out
+
+
+async def _probe(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def _chunk_event(chunk: Any) -> StreamEvent:
+    extras = (getattr(chunk, "model_extra", None) or {}).get("masque")
+    text = ""
+    if chunk.choices:
+        text = chunk.choices[0].delta.content or ""
+    return StreamEvent(text, extras if isinstance(extras, dict) else None)
+
+
+def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
+    """Translate an openai error into ours (the message never includes the API key)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return EngineTimeout(f"{what}: the engine timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return EngineUnavailable(f"{what}: cannot connect to the engine ({exc.__class__.__name__})")
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code >= 500 or exc.status_code == 429:
+            return EngineUnavailable(f"{what}: the engine answered {exc.status_code}: {_short(exc)}")
+        return EngineBadResponse(f"{what}: the engine refused the request ({exc.status_code}): {_short(exc)}")
+    return EngineBadResponse(f"{what}: unusable engine response ({exc.__class__.__name__}: {exc})")
+
+
+def _short(exc: openai.APIStatusError, limit: int = 300) -> str:
+    return str(exc.message)[:limit]

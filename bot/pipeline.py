@@ -1,0 +1,419 @@
+"""The story pipeline: one turn from user input to a stored, shown persona reply.
+
+Used by both the Discord cogs and the console, with the same store and engine
+client. Numbered steps in `reply`: 1 store the user turn (never lost),
+2 turn media into content parts, 3 build the prompt, 4 stream the reply into
+the sink, 5 store the persona turn, 6 record the transcripts and captions the
+engine returned. A per-story lock answers two messages at once in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from bot.cards import Card, expand
+from bot.engine_client import EngineBadResponse, EngineClient, EngineError, StreamEvent
+from bot.media import media_parts, transcribe_audio
+from bot.scene_art import SceneArtService, SceneImage
+from bot.settings import BotSettings
+from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Turn
+from bot.story import PromptParts, build_messages, continue_instruction, estimate_tokens, render_turn
+from bot.story.prompt import clean_reply, stop_sequences
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER_NAME = "User"
+HISTORY_TURNS = 200  # turns read from SQL per prompt; the token budget then trims them
+TRANSCRIPT_SEPARATOR = "\n\n"
+
+
+class StoryError(Exception):
+    """A story command that cannot be done; the message is safe to show the user."""
+
+
+class NoStory(StoryError):
+    def __init__(self) -> None:
+        super().__init__("There is no story in this channel. Start one with /story start.")
+
+
+class UnknownPersona(StoryError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"There is no persona named {name!r}. See /persona list.")
+
+
+class UnknownTurn(StoryError):
+    def __init__(self) -> None:
+        super().__init__("That message is no longer part of the story.")
+
+
+@dataclass
+class InputAttachment:
+    """What a user sent with a turn."""
+
+    kind: Literal["image", "audio", "other"]
+    filename: str
+    content_type: str
+    data: bytes
+    url: str = ""
+
+
+@dataclass
+class UserInput:
+    text: str
+    author_id: int
+    author_name: str  # display name, used for {{user}}
+    message_id: int | None = None
+    attachments: list[InputAttachment] = field(default_factory=list)
+
+
+class ReplySink(Protocol):
+    """How a reply is shown: Discord webhook streamer, console printer, test collector."""
+
+    async def update(self, text_so_far: str) -> None: ...  # called as tokens arrive (the sink rate-limits)
+
+    async def finish(self, text: str) -> list[int]: ...  # the final text; returns the message ids showing it
+
+
+@dataclass
+class ReplyResult:
+    user_turn: Turn | None
+    persona_turn: Turn
+    heard: list[str]  # transcripts of the user's audio (shown as a quote line)
+    seen: list[str]  # captions of the user's images
+
+
+@dataclass
+class StoryStatusInfo:
+    story: Story
+    persona_name: str
+    turns: int
+    last_activity: datetime | None
+    scene_images: int
+
+
+class StoryPipeline:
+    """Story operations shared by every front end."""
+
+    def __init__(self, store: Store, engine: EngineClient, settings: BotSettings):
+        self.store, self.engine, self.settings = store, engine, settings
+        self.art = SceneArtService(store, engine, settings)
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, story_id: int) -> asyncio.Lock:
+        lock = self._locks.get(story_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[story_id] = lock
+        return lock
+
+    # ------------------------------------------------------------ starting and ending
+
+    async def start_story(self, channel_id: int, guild_id: int, persona_name: str,
+                          user_name: str = "") -> tuple[Story, Persona, list[str]]:
+        """Bind the persona to the channel and start a story; returns its greetings (macros expanded).
+
+        The first greeting is stored as the first persona turn, the alternates as its swipes.
+        """
+        persona = await self.store.get_persona(guild_id, persona_name)
+        if persona is None:
+            raise UnknownPersona(persona_name)
+        await self.store.bind_personas(channel_id, guild_id, [persona.id])
+        story = await self.store.start_story(channel_id, guild_id, persona.id, title=persona.name)
+        greetings = await self._store_greetings(story, persona, user_name)
+        return story, persona, greetings
+
+    async def _store_greetings(self, story: Story, persona: Persona, user_name: str) -> list[str]:
+        card = persona_card(persona)
+        user = user_name or DEFAULT_USER_NAME
+        greetings = [expand(g, char=card.display_name, user=user, seed=story.id) for g in card.greetings()]
+        if greetings:
+            await self.store.add_turn(story.id, NewTurn(
+                AuthorKind.PERSONA, greetings[0], author_name=card.display_name, persona_id=persona.id,
+                swipes=greetings, token_count=estimate_tokens(greetings[0])))
+        return greetings
+
+    async def show_greeting(self, story: Story, sink: ReplySink) -> Turn | None:
+        """Show the story's greeting turn through `sink` and record the messages that show it."""
+        turns = await self.store.recent_turns(story.id, 1)
+        if not turns or turns[0].author_kind != AuthorKind.PERSONA:
+            return None
+        ids = await sink.finish(turns[0].text)
+        if ids:
+            await self.store.set_turn_messages(turns[0].id, ids)
+        return turns[0]
+
+    async def end(self, channel_id: int) -> Story | None:
+        """Archive the channel's story (it stays in the database for export)."""
+        return await self.store.end_story(channel_id)
+
+    async def reset(self, channel_id: int) -> tuple[Story, list[str]]:
+        """Start the channel's story over with the same persona; returns the new story and greetings."""
+        story = await self._story(channel_id)
+        persona = await self._persona(story)
+        new = await self.store.start_story(channel_id, story.guild_id, persona.id, title=persona.name)
+        user_name = await self._last_user_name(story.id)
+        return new, await self._store_greetings(new, persona, user_name)
+
+    # ------------------------------------------------------------ replying
+
+    async def reply(self, channel_id: int, guild_id: int, user: UserInput, sink: ReplySink) -> ReplyResult:
+        """Answer a user's turn as the channel's persona (see the module docstring for the steps)."""
+        story = await self._story(channel_id)
+        persona = await self._persona(story)
+        async with self._lock(story.id):
+            user_turn, parts, heard = await self._store_user_turn(story, user)
+            try:
+                text, extras = await self._generate(story.id, persona, user.author_name, parts, sink)
+            except EngineError as exc:
+                exc.turn_id = user_turn.id
+                raise
+            persona_turn = await self._store_reply(story.id, persona, text, sink)
+            heard, seen = await self._record_media(user_turn, extras, heard)
+        return ReplyResult(user_turn, persona_turn, heard, seen)
+
+    async def _store_user_turn(self, story: Story, user: UserInput) -> tuple[Turn, list[dict], list[str]]:
+        # Transcribe first when the engine cannot take audio parts itself (vLLM, OpenAI).
+        native_audio = self.engine.speaks_masque()
+        heard = [] if native_audio else await transcribe_audio(self.engine, user.attachments)
+        meta = attachment_meta(user.attachments, heard)
+        turn = await self.store.add_turn(story.id, NewTurn(
+            AuthorKind.USER, user.text, author_id=user.author_id, author_name=user.author_name,
+            attachments=meta, token_count=estimate_tokens(user.text),
+            message_ids=[user.message_id] if user.message_id else []))
+        return turn, media_parts(user.attachments, with_audio=native_audio), heard
+
+    async def _generate(self, story_id: int, persona: Persona, user_name: str, media: list[dict],
+                        sink: ReplySink, before: int | None = None, instruction: str = "",
+                        prefix: str = "") -> tuple[str, dict]:
+        """Build the prompt from the stored turns (those before position `before`) and stream a reply."""
+        turns = await self.store.recent_turns(story_id, HISTORY_TURNS)
+        if before is not None:
+            turns = [t for t in turns if t.position < before]
+        summary = await self.store.latest_summary(story_id)
+        card = persona_card(persona)
+        messages = build_messages(PromptParts(
+            card=card, user_name=user_name or DEFAULT_USER_NAME, turns=turns, media=media,
+            summary=summary.text if summary else "", seed=story_id,
+            budget=self.settings.prompt_token_budget, instruction=instruction))
+        return await self._stream(messages, card, turns, user_name, sink, prefix)
+
+    async def _stream(self, messages: list[dict], card: Card, turns: Sequence[Turn], user_name: str,
+                      sink: ReplySink, prefix: str) -> tuple[str, dict]:
+        text, extras = "", {}
+        stream = self.engine.chat_stream(
+            messages, max_tokens=self.settings.reply_max_tokens, temperature=self.settings.temperature,
+            stop=stop_sequences(turns, user_name))
+        async for event in stream:
+            extras = _merge_extras(extras, event)
+            if event.text:
+                text += event.text
+                await sink.update(_joined(prefix, clean_reply(text, card.display_name)))
+        reply = clean_reply(text, card.display_name)
+        if not reply:
+            raise EngineBadResponse("the engine returned an empty reply")
+        return _joined(prefix, reply), extras
+
+    async def _store_reply(self, story_id: int, persona: Persona, text: str, sink: ReplySink) -> Turn:
+        # Stored before it is shown: a failed post must not lose the story's reply.
+        turn = await self.store.add_turn(story_id, NewTurn(
+            AuthorKind.PERSONA, text, author_name=persona_card(persona).display_name,
+            persona_id=persona.id, token_count=estimate_tokens(text)))
+        ids = await sink.finish(text)
+        if ids:
+            await self.store.set_turn_messages(turn.id, ids)
+        return await self.store.get_turn(turn.id) or turn
+
+    async def _record_media(self, turn: Turn, extras: dict, heard: list[str]) -> tuple[list[str], list[str]]:
+        """Keep what the engine heard and saw on the user turn (shown to users, used in later prompts)."""
+        heard = heard or [str(t.get("text", "")) for t in extras.get("transcripts", []) if isinstance(t, dict)]
+        seen = [str(c.get("text", c) if isinstance(c, dict) else c) for c in extras.get("captions", [])]
+        if (heard or seen) and turn.attachments:
+            meta = annotate(turn.attachments, heard, seen)
+            await self.store.edit_turn(turn.id, turn.text, attachments=meta)
+        return heard, seen
+
+    # ------------------------------------------------------------ swipes and continue
+
+    async def regenerate(self, turn_id: int, sink: ReplySink) -> Turn:
+        """A new swipe for a persona turn, selected. On a user turn whose reply failed, answer it anew."""
+        turn = await self._turn(turn_id)
+        persona = await self._persona_of(turn)
+        async with self._lock(turn.story_id):
+            user_name = await self._last_user_name(turn.story_id)
+            if turn.author_kind == AuthorKind.USER:
+                text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1)
+                return await self._store_reply(turn.story_id, persona, text, sink)
+            text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position)
+            await self.store.add_swipe(turn.id, text, estimate_tokens(text))
+            return await self._show(turn.id, text, sink)
+
+    async def continue_turn(self, turn_id: int, sink: ReplySink) -> Turn:
+        """Extend a persona turn where it stopped (the continuation is appended to the selected swipe)."""
+        turn = await self._turn(turn_id)
+        persona = await self._persona_of(turn)
+        async with self._lock(turn.story_id):
+            user_name = await self._last_user_name(turn.story_id)
+            text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1,
+                                           instruction=continue_instruction(), prefix=turn.text)
+            await self.store.edit_turn(turn.id, text, token_count=estimate_tokens(text))
+            return await self._show(turn.id, text, sink)
+
+    async def swipe(self, turn_id: int, delta: int) -> Turn:
+        """Show the previous (-1) or next (+1) swipe; the one shown is the one the story keeps."""
+        turn = await self._turn(turn_id)
+        return await self.store.select_swipe(turn.id, turn.selected_swipe + delta)
+
+    async def _show(self, turn_id: int, text: str, sink: ReplySink) -> Turn:
+        ids = await sink.finish(text)
+        if ids:
+            await self.store.set_turn_messages(turn_id, ids)
+        turn = await self.store.get_turn(turn_id)
+        assert turn is not None
+        return turn
+
+    # ------------------------------------------------------------ art
+
+    async def illustrate(self, channel_id: int, force: bool = False, safe: bool = True,
+                         fresh: bool = False) -> SceneImage | None:
+        """Scene art for the current scene: None when nothing changed since the last image (unless `force`).
+
+        `fresh` skips reusing an earlier image (regenerate redoes text and image together).
+        """
+        story = await self._story(channel_id)
+        persona = await self._persona(story)
+        turns = await self.store.recent_turns(story.id, HISTORY_TURNS)
+        return await self.art.illustrate(story, persona_card(persona), turns, force=force, safe=safe, fresh=fresh)
+
+    async def imagine(self, channel_id: int, guild_id: int, prompt: str, safe: bool = True) -> SceneImage:
+        """One-off art from `prompt`, in the style of the channel's persona when there is one."""
+        ids = await self.store.channel_persona_ids(channel_id)
+        persona = await self.store.get_persona_by_id(ids[0]) if ids else None
+        return await self.art.imagine(prompt, persona_card(persona) if persona else None, safe=safe)
+
+    # ------------------------------------------------------------ history
+
+    async def rewind(self, channel_id: int, turns: int) -> list[Turn]:
+        """Remove the story's last `turns` turns; returns them (so their messages can be deleted)."""
+        story = await self._story(channel_id)
+        async with self._lock(story.id):
+            return await self.store.rewind(story.id, turns)
+
+    async def transcript(self, channel_id: int) -> str:
+        """The whole story as plain text, for /story export."""
+        story = await self._story(channel_id)
+        turns = await self.store.recent_turns(story.id)
+        return format_transcript(story, turns)
+
+    async def status(self, channel_id: int) -> StoryStatusInfo:
+        story = await self._story(channel_id)
+        persona = await self._persona(story)
+        recent = await self.store.recent_turns(story.id, 1)
+        return StoryStatusInfo(
+            story=story, persona_name=persona.name, turns=await self.store.count_turns(story.id),
+            last_activity=recent[0].updated_at if recent else story.created_at,
+            scene_images=len(await self.store.scene_art(story.id)))
+
+    async def edit_user_turn(self, message_id: int, text: str) -> Turn | None:
+        """A user edited their message: the turn follows. None when the message is not a user turn."""
+        turn = await self.store.turn_by_message(message_id)
+        if turn is None or turn.author_kind != AuthorKind.USER:
+            return None
+        return await self.store.edit_turn(turn.id, text, token_count=estimate_tokens(text))
+
+    async def delete_by_message(self, message_id: int) -> bool:
+        """A message was deleted: remove the turn it showed. True when one was removed."""
+        turn = await self.store.turn_by_message(message_id)
+        return bool(turn) and await self.store.delete_turn(turn.id)
+
+    # ------------------------------------------------------------ lookups
+
+    async def _story(self, channel_id: int) -> Story:
+        story = await self.store.active_story(channel_id)
+        if story is None:
+            raise NoStory()
+        return story
+
+    async def _persona(self, story: Story) -> Persona:
+        persona = await self.store.get_persona_by_id(story.persona_id) if story.persona_id else None
+        if persona is None:
+            raise StoryError("This story's persona was deleted. Start a new story with /story start.")
+        return persona
+
+    async def _turn(self, turn_id: int) -> Turn:
+        turn = await self.store.get_turn(turn_id)
+        if turn is None:
+            raise UnknownTurn()
+        return turn
+
+    async def _persona_of(self, turn: Turn) -> Persona:
+        """The persona that speaks in `turn`'s story (the turn's own, else the story's latest persona turn)."""
+        persona_id = turn.persona_id
+        if persona_id is None:
+            turns = await self.store.recent_turns(turn.story_id, HISTORY_TURNS)
+            persona_id = next((t.persona_id for t in reversed(turns) if t.persona_id is not None), None)
+        persona = await self.store.get_persona_by_id(persona_id) if persona_id is not None else None
+        if persona is None:
+            raise StoryError("This story's persona was deleted. Start a new story with /story start.")
+        return persona
+
+    async def _last_user_name(self, story_id: int) -> str:
+        for turn in reversed(await self.store.recent_turns(story_id, HISTORY_TURNS)):
+            if turn.author_kind == AuthorKind.USER and turn.author_name:
+                return turn.author_name
+        return DEFAULT_USER_NAME
+
+
+def persona_card(persona: Persona) -> Card:
+    """The persona's card model (stored as V3 JSON)."""
+    return Card.model_validate(persona.card)
+
+
+def attachment_meta(attachments: Sequence[InputAttachment], heard: Sequence[str] = ()) -> list[dict]:
+    """What the store keeps about attachments (never the bytes): kind, name, url, type, size, transcript."""
+    out, spoken = [], iter(heard)
+    for item in attachments:
+        meta = {"kind": item.kind, "filename": item.filename, "url": item.url,
+                "content_type": item.content_type, "size": len(item.data)}
+        if item.kind == "audio":
+            transcript = next(spoken, "")
+            if transcript:
+                meta["transcript"] = transcript
+        out.append(meta)
+    return out
+
+
+def annotate(meta: list[dict], heard: Sequence[str], seen: Sequence[str]) -> list[dict]:
+    """Attach transcripts to audio items and captions to image items, in order."""
+    spoken, shown, out = iter(heard), iter(seen), []
+    for item in meta:
+        item = dict(item)
+        if item.get("kind") == "audio" and not item.get("transcript"):
+            item["transcript"] = next(spoken, "")
+        elif item.get("kind") == "image" and not item.get("caption"):
+            item["caption"] = next(shown, "")
+        out.append({k: v for k, v in item.items() if v != "" or k in ("url", "content_type")})
+    return out
+
+
+def format_transcript(story: Story, turns: Sequence[Turn]) -> str:
+    """Plain-text transcript: a header, then `Name: text` per turn with media notes."""
+    header = f"# {story.title or 'Story'} (started {story.created_at:%Y-%m-%d %H:%M} UTC)"
+    lines = [f"{t.author_name or t.author_kind.value}: {render_turn(t)}" for t in turns]
+    return TRANSCRIPT_SEPARATOR.join([header, *lines]) + "\n"
+
+
+def _merge_extras(extras: dict, event: StreamEvent) -> dict:
+    return {**extras, **event.extras} if event.extras else extras
+
+
+def _joined(prefix: str, text: str) -> str:
+    if not prefix:
+        return text
+    separator = "" if prefix.endswith((" ", "\n")) or text.startswith((" ", "\n", ",", ".")) else " "
+    return f"{prefix}{separator}{text}"

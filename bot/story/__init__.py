@@ -1,0 +1,15 @@
+"""Pure story logic: persona card + story state + recent turns + memory -> OpenAI-style messages.
+
+No Discord, no database, no network here, so the same code serves Discord and
+the console and is unit-tested on its own.
+"""
+
+from bot.story.lorebook import triggered_entries
+from bot.story.prompt import PromptParts, TurnLike, build_messages, continue_instruction, render_turn
+from bot.story.scene import scene_prompt_messages
+from bot.story.tokens import CHARS_PER_TOKEN, estimate_tokens
+
+__all__ = [
+    "CHARS_PER_TOKEN", "PromptParts", "TurnLike", "build_messages", "continue_instruction",
+    "estimate_tokens", "render_turn", "scene_prompt_messages", "triggered_entries",
+]

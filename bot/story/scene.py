@@ -1,0 +1,52 @@
+"""The request that turns the current scene into an image prompt (scene art).
+
+The bot owns scene art so it works with any OpenAI-compatible engine: a short
+chat call writes a one-line diffusion prompt from the persona's art style,
+appearance and the last few turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bot.cards import Card, expand
+from bot.story.prompt import TurnLike, render_turn
+
+SCENE_TURNS = 6  # turns of context the image prompt is written from
+SCENE_CHARS = 2400  # cap on the scene text sent (the newest text is kept)
+PROMPT_MAX_CHARS = 400  # diffusion text encoders read ~77 tokens; longer is wasted
+SCENE_INSTRUCTION = (
+    "You write prompts for an image generator. Describe the CURRENT scene of this role-play as one "
+    "comma-separated line of visual details: who is there and what they look like, what they are doing, "
+    "the place, the light, the mood. No dialogue, no names of real artists, no explanations. "
+    "Answer with the prompt line only."
+)
+
+
+def scene_prompt_messages(card: Card, turns: Sequence[TurnLike], user_name: str = "User") -> list[dict[str, Any]]:
+    """Chat messages asking the engine for an image prompt of the current scene."""
+    char = card.display_name
+    appearance = str(card.data.masque.get("appearance", "")) or card.data.description
+    lines = [f"{t.author_name or char}: {render_turn(t)}" for t in turns[-SCENE_TURNS:]]
+    scene = "\n".join(lines)[-SCENE_CHARS:]
+    context = "\n\n".join(s for s in [
+        f"Art style: {card.art_style}" if card.art_style else "",
+        f"{char}'s appearance: {appearance}" if appearance else "",
+        f"Setting: {card.data.scenario}" if card.data.scenario.strip() else "",
+        f"Latest turns:\n{scene}" if scene else "",
+    ] if s)
+    return [
+        {"role": "system", "content": SCENE_INSTRUCTION},
+        {"role": "user", "content": expand(context, char=char, user=user_name)},
+    ]
+
+
+def clean_image_prompt(text: str, art_style: str = "") -> str:
+    """One clean line for the image model, the art style first (it matters most to the look)."""
+    line = " ".join(text.replace("\n", ", ").split()).strip(" \"'`")
+    if line.lower().startswith("prompt:"):
+        line = line[len("prompt:"):].strip()
+    if art_style and art_style.lower() not in line.lower():
+        line = f"{art_style}, {line}" if line else art_style
+    return line[:PROMPT_MAX_CHARS]
