@@ -1,0 +1,202 @@
+"""Console mode: role-play in the terminal with a built-in persona.
+
+The same StoryPipeline, store and engine client as Discord; only the sink
+differs (it prints). Reads lines from stdin, so it works piped as well as
+typed: the first line may answer the persona prompt.
+Commands: /swipe, /back, /regen, /continue, /rewind N, /help, /quit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from bot.engine_client import EngineError
+from bot.pipeline import StoryError, StoryPipeline, UserInput, persona_card
+from bot.store import GLOBAL_GUILD, AuthorKind, Persona, Turn
+
+CONSOLE_CHANNEL_ID = 1  # the console's story lives in the database like a channel's
+CONSOLE_GUILD_ID = GLOBAL_GUILD
+CONSOLE_USER_ID = 0
+DEFAULT_USER_NAME = "Traveller"
+HELP = ("Type to speak. Commands: /swipe (next reply), /back (previous reply), /regen (new reply), "
+        "/continue, /rewind N (undo N turns), /help, /quit.")
+
+
+class Lines:
+    """Lines from a text stream without blocking the event loop; None at end of input."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    async def read(self) -> str | None:
+        line = await asyncio.to_thread(self.stream.readline)
+        return line.rstrip("\r\n") if line else None
+
+
+@dataclass
+class PrintSink:
+    """Prints a reply as it streams: the persona's name, then each new piece of text."""
+
+    speaker: str
+    out: TextIO
+    shown: str = field(default="", init=False)
+
+    async def update(self, text_so_far: str) -> None:
+        if not self.shown:
+            self.out.write(f"{self.speaker}: ")
+        if text_so_far.startswith(self.shown):
+            self.out.write(text_so_far[len(self.shown):])
+            self.shown = text_so_far
+        self.out.flush()
+
+    async def finish(self, text: str) -> list[int]:
+        if not self.shown:
+            self.out.write(f"{self.speaker}: {text}")
+        elif text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+        else:  # the text changed under us (a cleaned prefix): show the final version whole
+            self.out.write(f"\n{self.speaker}: {text}")
+        self.out.write("\n\n")
+        self.out.flush()
+        self.shown = ""
+        return []  # nothing in the console has a message id
+
+
+class Console:
+    """One terminal role-play session."""
+
+    def __init__(self, pipeline: StoryPipeline, lines: Lines, out: TextIO, user_name: str = DEFAULT_USER_NAME):
+        self.pipeline, self.lines, self.out, self.user_name = pipeline, lines, out, user_name
+        self.persona: Persona | None = None
+        self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
+            "/swipe": self._swipe_next, "/back": self._swipe_back, "/regen": self._regen,
+            "/continue": self._continue, "/rewind": self._rewind, "/help": self._help,
+        }
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    async def choose_persona(self, name: str | None) -> Persona | None:
+        """The persona named `name`, or one picked from a numbered list of the built-ins."""
+        store = self.pipeline.store
+        if name:
+            persona = await store.get_persona(CONSOLE_GUILD_ID, name)
+            if persona is None:
+                choices = ", ".join(p.name for p in await store.list_personas(CONSOLE_GUILD_ID))
+                self.say(f"No persona named {name!r}. Choose one of: {choices}.")
+            return persona
+        personas = await store.list_personas(CONSOLE_GUILD_ID)
+        for number, persona in enumerate(personas, 1):
+            self.say(f"  {number}. {persona.name}")
+        while True:
+            self.say(f"Choose a persona (1-{len(personas)}):")
+            line = await self.lines.read()
+            if line is None:
+                return None
+            if line.strip().isdigit() and 1 <= int(line) <= len(personas):
+                return personas[int(line) - 1]
+            match = await store.get_persona(CONSOLE_GUILD_ID, line.strip()) if line.strip() else None
+            if match is not None:
+                return match
+
+    async def run(self, persona_name: str | None = None) -> int:
+        """Choose a persona, show the greeting, then role-play until /quit or the end of input."""
+        self.persona = await self.choose_persona(persona_name)
+        if self.persona is None:
+            return 2
+        story, persona, _ = await self.pipeline.start_story(
+            CONSOLE_CHANNEL_ID, CONSOLE_GUILD_ID, self.persona.name, self.user_name)
+        self.say(f"--- {persona.name} --- ({HELP})\n")
+        await self.pipeline.show_greeting(story, self._sink())
+        while (line := await self.lines.read()) is not None:
+            text = line.strip()
+            if text in ("/quit", "/exit"):
+                break
+            if text:
+                await self._handle(text)
+        self.say("Goodbye. The story is saved.")
+        return 0
+
+    async def _handle(self, text: str) -> None:
+        word, _, rest = text.partition(" ")
+        action = self.commands.get(word.lower()) if word.startswith("/") else None
+        try:
+            if action is not None:
+                await action(rest.strip())
+            elif word.startswith("/"):
+                self.say(f"Unknown command {word}. {HELP}")
+            else:
+                await self.pipeline.reply(CONSOLE_CHANNEL_ID, CONSOLE_GUILD_ID,
+                                          UserInput(text, CONSOLE_USER_ID, self.user_name), self._sink())
+        except EngineError as exc:
+            self.say(f"\n[{exc.user_message} Your words are kept: type /regen to try again.] ({exc})")
+        except (StoryError, LookupError, ValueError) as exc:
+            self.say(f"[{exc}]")
+
+    def _sink(self) -> PrintSink:
+        assert self.persona is not None
+        return PrintSink(persona_card(self.persona).display_name, self.out)
+
+    async def _last_turn(self) -> Turn | None:
+        story = await self.pipeline.store.active_story(CONSOLE_CHANNEL_ID)
+        turns = await self.pipeline.store.recent_turns(story.id, 1) if story else []
+        return turns[-1] if turns else None
+
+    async def _swipe(self, delta: int) -> None:
+        turn = await self._last_turn()
+        if turn is None or turn.author_kind != AuthorKind.PERSONA:
+            self.say("[There is no reply to swipe yet.]")
+            return
+        target = turn.selected_swipe + delta
+        if target >= len(turn.swipes):  # past the last swipe: write a new one, as SillyTavern does
+            await self.pipeline.regenerate(turn.id, self._sink())
+            return
+        if target < 0:
+            self.say("[This is the first reply.]")
+            return
+        turn = await self.pipeline.swipe(turn.id, delta)
+        self.say(f"(reply {turn.selected_swipe + 1}/{len(turn.swipes)})")
+        await self._sink().finish(turn.text)
+
+    async def _swipe_next(self, _: str) -> None:
+        await self._swipe(+1)
+
+    async def _swipe_back(self, _: str) -> None:
+        await self._swipe(-1)
+
+    async def _regen(self, _: str) -> None:
+        turn = await self._last_turn()
+        if turn is None:
+            self.say("[Nothing to regenerate yet.]")
+            return
+        await self.pipeline.regenerate(turn.id, self._sink())
+
+    async def _continue(self, _: str) -> None:
+        turn = await self._last_turn()
+        if turn is None or turn.author_kind != AuthorKind.PERSONA:
+            self.say("[There is no reply to continue.]")
+            return
+        await self.pipeline.continue_turn(turn.id, self._sink())
+
+    async def _rewind(self, arg: str) -> None:
+        count = int(arg) if arg.isdigit() else 1 if not arg else -1
+        if count < 1:
+            self.say("[Usage: /rewind N, with N a positive number of turns.]")
+            return
+        removed = await self.pipeline.rewind(CONSOLE_CHANNEL_ID, count)
+        self.say(f"[Removed {len(removed)} turn(s).]")
+
+    async def _help(self, _: str) -> None:
+        self.say(HELP)
+
+
+async def run_console(pipeline: StoryPipeline, persona: str | None = None, user_name: str = DEFAULT_USER_NAME,
+                      stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Run console mode on stdin/stdout; returns the exit code."""
+    console = Console(pipeline, Lines(stdin or sys.stdin), stdout or sys.stdout, user_name)
+    return await console.run(persona)
