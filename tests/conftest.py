@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+SHARED_FIXTURES = Path(os.environ.get("MASQUE_SHARED_DIR", REPO.parent / "shared")) / "fixtures"
 POSTGRES_ENV = "MASQUE_TEST_POSTGRES_URL"
 
 # Never reach for a model hub in tests; cache built/converted models between runs.
