@@ -1,0 +1,115 @@
+"""The Discord bot: `MasqueBot`, its intents, its one error handler, and `run_discord` to start it.
+
+Model output never pings: `AllowedMentions.none()` is the client default and
+is passed again on every send (webhook sends included). The REST base and the
+gateway URL can be pointed at a proxy (nirn-proxy) or a test server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands
+
+from bot.cogs import COGS
+from bot.discord_io.replies import ReplyService
+from bot.discord_io.views import TurnButton
+from bot.discord_io.webhooks import NO_MENTIONS, WebhookPoster
+from bot.engine_client import EngineClient, EngineError
+from bot.pipeline import StoryError, StoryPipeline
+from bot.settings import BotSettings
+from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+GENERIC_ERROR = "Something went wrong on my side. Try again; if it keeps happening, tell a server admin."
+
+
+def masque_intents() -> discord.Intents:
+    """Guilds, guild messages and the privileged message-content intent (to read story messages)."""
+    intents = discord.Intents.default()
+    intents.message_content = True
+    intents.members = False
+    intents.presences = False
+    return intents
+
+
+def apply_endpoints(settings: BotSettings) -> None:
+    """Point discord.py's REST and gateway at DISCORD_API_BASE / DISCORD_GATEWAY_URL when set."""
+    if settings.discord_api_base:
+        discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    if settings.discord_gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+class MasqueBot(commands.Bot):
+    """The role-play bot. Holds the story pipeline and the reply service the cogs and buttons use."""
+
+    def __init__(self, settings: BotSettings, store: Store, engine: EngineClient,
+                 pipeline: StoryPipeline | None = None):
+        super().__init__(command_prefix=commands.when_mentioned, intents=masque_intents(),
+                         allowed_mentions=NO_MENTIONS, help_command=None)
+        self.settings, self.store, self.engine = settings, store, engine
+        self.pipeline = pipeline or StoryPipeline(store, engine, settings)
+        self.poster = WebhookPoster(self)
+        self.replies = ReplyService(self.pipeline, self.poster)
+        self.tree.on_error = self.on_app_command_error
+
+    async def setup_hook(self) -> None:
+        """Load the cogs, register the persistent reply buttons and sync the slash commands."""
+        for name in COGS:
+            await self.load_extension(name)
+        self.add_dynamic_items(TurnButton)
+        synced = await self.tree.sync()
+        log.info("synced %d slash commands", len(synced))
+
+    async def on_app_command_error(self, interaction: discord.Interaction,
+                                   error: app_commands.AppCommandError) -> None:
+        """The one place command errors become short ephemeral messages that say what to do next."""
+        cause = error.original if isinstance(error, app_commands.CommandInvokeError) else error
+        message = error_message(cause)
+        if message is None:
+            log.error("command %s failed", interaction.command and interaction.command.qualified_name,
+                      exc_info=cause)
+            message = GENERIC_ERROR
+        await send_ephemeral(interaction, message)
+
+
+def error_message(error: BaseException) -> str | None:
+    """What to tell the user about `error`; None for bugs (logged, generic message)."""
+    if isinstance(error, app_commands.MissingPermissions | app_commands.BotMissingPermissions):
+        return f"{error} Ask a server admin."
+    if isinstance(error, app_commands.CommandOnCooldown):
+        return f"Slow down a little: try again in {error.retry_after:.0f} s."
+    if isinstance(error, app_commands.NoPrivateMessage):
+        return "Use this command in a server channel."
+    if isinstance(error, app_commands.CheckFailure | app_commands.TransformerError):
+        return str(error) or "You cannot use this command here."
+    if isinstance(error, EngineError):
+        return error.user_message
+    if isinstance(error, StoryError):
+        return str(error)
+    if isinstance(error, discord.Forbidden):
+        return "I am missing a permission here (Send Messages, Manage Webhooks, Attach Files). Ask a server admin."
+    return None
+
+
+async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
+    """Answer ephemerally whether or not the interaction was already answered or deferred."""
+    if interaction.response.is_done():
+        await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+    else:
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+
+async def run_discord(settings: BotSettings, store: Store, engine: EngineClient) -> None:
+    """Connect to Discord with DISCORD_TOKEN and run until stopped (the store is already upgraded)."""
+    if settings.discord_token is None:
+        raise ValueError("DISCORD_TOKEN is not set")
+    apply_endpoints(settings)
+    bot = MasqueBot(settings, store, engine)
+    async with bot:
+        await bot.start(settings.discord_token.get_secret_value())

@@ -1,0 +1,3 @@
+"""Slash commands and listeners, one cog per concern (loaded by bot.app.MasqueBot)."""
+
+COGS = ("bot.cogs.personas", "bot.cogs.story", "bot.cogs.art", "bot.cogs.admin", "bot.cogs.chat")

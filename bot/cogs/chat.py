@@ -1,0 +1,152 @@
+"""The story listener: user messages in a story channel become turns answered by the persona.
+
+Never answers the bot's own messages, other bots, or any webhook message
+(Discord echoes every webhook post back through the gateway, so answering
+them would loop). Edits and deletions of a user's message update or remove
+their turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import discord
+from discord.ext import commands
+
+from bot.cogs.admin import GuildPrefs, ReplyMode, guild_prefs
+from bot.discord_io.replies import ReplyService, identity_of, is_nsfw_channel
+from bot.discord_io.webhooks import NO_MENTIONS
+from bot.pipeline import InputAttachment, StoryError, StoryPipeline, UserInput
+from bot.store import AuthorKind, Store
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MAX_AUDIO_BYTES = 25 * 1024 * 1024
+COOLDOWN_EMOJI = "⏳"
+OOC_PREFIXES = ("//", "((")  # out-of-character chatter the persona does not answer
+_ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+
+
+def attachment_kind(attachment: discord.Attachment) -> str:
+    """image, audio (voice messages and audio files) or other."""
+    content_type = (attachment.content_type or "").split(";")[0].strip()
+    if attachment.is_voice_message() or content_type.startswith("audio/"):
+        return "audio"
+    if content_type.startswith("image/"):
+        return "image"
+    return "other"
+
+
+class Chat(commands.Cog):
+    """Turns story-channel messages into persona replies."""
+
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+        self.store: Store = bot.store  # type: ignore[attr-defined]
+        self.pipeline: StoryPipeline = bot.pipeline  # type: ignore[attr-defined]
+        self.replies: ReplyService = bot.replies  # type: ignore[attr-defined]
+        self._cooldowns: dict[float, commands.CooldownMapping] = {}
+        self._since_art: dict[int, int] = {}  # channel id -> replies since the last scene image
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if not self.is_story_candidate(message):
+            return
+        story = await self.store.active_story(message.channel.id)
+        if story is None:
+            return
+        prefs = await guild_prefs(self.store, message.guild.id)
+        if not await self.addressed(message, prefs):
+            return
+        if self.cooldown(prefs).update_rate_limit(message):
+            await message.add_reaction(COOLDOWN_EMOJI)
+            return
+        try:
+            user = await self.user_input(message)
+            turn = await self.replies.answer(message, user)
+            if turn is not None:
+                await self.maybe_illustrate(message.channel, prefs)
+        except StoryError as exc:
+            await message.reply(str(exc), allowed_mentions=NO_MENTIONS, mention_author=False)
+
+    def is_story_candidate(self, message: discord.Message) -> bool:
+        """A human's ordinary message in a server channel (never a bot, a webhook or ourselves)."""
+        if message.webhook_id is not None or message.author.bot or message.guild is None:
+            return False
+        if self.bot.user is not None and message.author.id == self.bot.user.id:
+            return False
+        return message.type in _ANSWERED_TYPES and not message.content.lstrip().startswith(OOC_PREFIXES)
+
+    async def addressed(self, message: discord.Message, prefs: GuildPrefs) -> bool:
+        """Whether the channel's reply mode says this message wants an answer."""
+        if prefs.reply_mode == ReplyMode.EVERY:
+            return True
+        if self.bot.user is not None and self.bot.user in message.mentions:
+            return True
+        if prefs.reply_mode == ReplyMode.MENTIONS:
+            persona = await self.replies.channel_persona(message.channel.id)
+            name = identity_of(persona).name
+            return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message.content, re.I) is not None
+        reference = message.reference.message_id if message.reference else None
+        turn = await self.store.turn_by_message(reference) if reference else None
+        return turn is not None and turn.author_kind == AuthorKind.PERSONA
+
+    def cooldown(self, prefs: GuildPrefs) -> commands.CooldownMapping:
+        """One message answered per user per `cooldown_s` seconds (in each channel)."""
+        mapping = self._cooldowns.get(prefs.cooldown_s)
+        if mapping is None:
+            mapping = commands.CooldownMapping.from_cooldown(1, prefs.cooldown_s, commands.BucketType.member)
+            self._cooldowns[prefs.cooldown_s] = mapping
+        return mapping
+
+    async def user_input(self, message: discord.Message) -> UserInput:
+        """The message as pipeline input: text, author, and images/audio within the size limits."""
+        parts, skipped = [], []
+        for item in message.attachments:
+            kind = attachment_kind(item)
+            limit = MAX_AUDIO_BYTES if kind == "audio" else MAX_IMAGE_BYTES
+            if kind == "other" or item.size > limit:
+                skipped.append(item.filename)
+                continue
+            parts.append(InputAttachment(kind=kind, filename=item.filename, data=await item.read(),
+                                         content_type=item.content_type or "", url=item.url))
+        if skipped:
+            await message.reply(f"-# Skipped {', '.join(skipped)}: only images (up to {MAX_IMAGE_BYTES >> 20} MiB) "
+                                f"and audio (up to {MAX_AUDIO_BYTES >> 20} MiB) reach the story.",
+                                allowed_mentions=NO_MENTIONS, mention_author=False)
+        return UserInput(text=message.content, author_id=message.author.id,
+                         author_name=message.author.display_name, message_id=message.id, attachments=parts)
+
+    async def maybe_illustrate(self, channel: discord.abc.Messageable, prefs: GuildPrefs) -> None:
+        """Post scene art now and then, when the server turned it on and the scene changed."""
+        if not prefs.scene_art:
+            return
+        count = self._since_art.get(channel.id, 0) + 1
+        self._since_art[channel.id] = count
+        if count < prefs.scene_art_every:
+            return
+        image = await self.pipeline.illustrate(channel.id, safe=not is_nsfw_channel(channel))
+        if image is not None:
+            await self.replies.post_image(channel, image)
+            self._since_art[channel.id] = 0
+
+    @commands.Cog.listener()
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        data = payload.data
+        if data.get("webhook_id") or data.get("author", {}).get("bot") or "content" not in data:
+            return
+        await self.pipeline.edit_user_turn(payload.message_id, data["content"])
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        # Only users' own messages: the bot deletes persona messages itself (rewinds,
+        # shorter regenerations), and those deletions must not remove turns.
+        turn = await self.store.turn_by_message(payload.message_id)
+        if turn is not None and turn.author_kind == AuthorKind.USER:
+            await self.pipeline.delete_by_message(payload.message_id)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Chat(bot))

@@ -1,0 +1,166 @@
+"""Show the story in Discord: persona replies, greetings, swipes, scene art, and what the buttons do.
+
+The glue between `StoryPipeline` (what happens to the story) and Discord (how
+it looks): every persona message goes through the channel webhook with the
+persona's name and avatar, streamed by `WebhookReplySink`, with the reply
+buttons under its last message.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+
+import discord
+
+from bot.discord_io.streaming import WebhookReplySink
+from bot.discord_io.views import Action, reply_view, retry_view
+from bot.discord_io.webhooks import NO_MENTIONS, PersonaIdentity, WebhookChannel, WebhookPoster
+from bot.engine_client import EngineError
+from bot.pipeline import StoryError, StoryPipeline, UserInput, persona_card
+from bot.scene_art import SceneImage
+from bot.store import AuthorKind, Persona, Story, Turn
+
+log = logging.getLogger(__name__)
+
+HEARD_QUOTE_CHARS = 300  # the "what was heard" line is a short quote, not the whole transcript
+ART_FILENAME = "scene.png"
+
+
+def identity_of(persona: Persona) -> PersonaIdentity:
+    """How a stored persona appears: its display name (nickname or name) and avatar."""
+    return PersonaIdentity(name=persona_card(persona).display_name, avatar=persona.avatar)
+
+
+def heard_line(heard: Sequence[str]) -> str:
+    """A one-line quote of what the engine heard in the user's audio (empty when nothing)."""
+    text = " ".join(" ".join(h.split()) for h in heard if h.strip())
+    if not text:
+        return ""
+    if len(text) > HEARD_QUOTE_CHARS:
+        text = text[: HEARD_QUOTE_CHARS - 1].rsplit(" ", 1)[0] + "…"
+    return f"-# 🎙️ heard: “{discord.utils.escape_markdown(text)}”"
+
+
+class ReplyService:
+    """Everything that posts persona messages, used by the chat listener, the story cog and the buttons."""
+
+    def __init__(self, pipeline: StoryPipeline, poster: WebhookPoster):
+        self.pipeline, self.poster, self.store = pipeline, poster, pipeline.store
+
+    # ------------------------------------------------------------ replies
+
+    async def answer(self, message: discord.Message, user: UserInput) -> Turn | None:
+        """Answer a user's message as the channel's persona; on engine failure say so, keep the turn, offer retry."""
+        channel = message.channel
+        persona = await self.channel_persona(channel.id)
+        sink = WebhookReplySink(self.poster, channel, identity_of(persona))
+        try:
+            async with channel.typing():
+                result = await self.pipeline.reply(channel.id, message.guild.id, user, sink)
+        except EngineError as exc:
+            await sink.discard()
+            view = retry_view(exc.turn_id) if exc.turn_id else discord.utils.MISSING
+            await message.reply(exc.user_message, view=view, allowed_mentions=NO_MENTIONS, mention_author=False)
+            return None
+        await sink.seal(self.view_for(result.persona_turn))
+        if line := heard_line(result.heard):
+            await message.reply(line, allowed_mentions=NO_MENTIONS, mention_author=False)
+        return result.persona_turn
+
+    async def show_greeting(self, channel: WebhookChannel, story: Story, persona: Persona) -> Turn | None:
+        """Post the story's greeting as the persona (alternate greetings are its swipes)."""
+        sink = WebhookReplySink(self.poster, channel, identity_of(persona))
+        turn = await self.pipeline.show_greeting(story, sink)
+        await sink.seal(self.view_for(turn) if turn else None)
+        return turn
+
+    async def post_image(self, channel: WebhookChannel, image: SceneImage, caption: str = "") -> discord.Message:
+        """Post scene art as the channel's persona."""
+        persona = await self.channel_persona(channel.id)
+        file = discord.File(io.BytesIO(image.png), filename=ART_FILENAME, description=image.prompt[:1000])
+        return await self.poster.send(channel, identity_of(persona), caption, files=[file])
+
+    async def delete_messages(self, channel: WebhookChannel, turns: Sequence[Turn]) -> None:
+        """Remove the persona messages of turns taken out of the story (users' own messages stay)."""
+        persona = await self.channel_persona(channel.id)
+        for turn in turns:
+            if turn.author_kind == AuthorKind.PERSONA:
+                for shown in turn.messages:
+                    await self.poster.delete(channel, identity_of(persona), shown.message_id)
+
+    def view_for(self, turn: Turn) -> discord.ui.View:
+        return reply_view(turn.id, swipe=turn.selected_swipe, swipes=max(len(turn.swipes), 1))
+
+    async def channel_persona(self, channel_id: int) -> Persona:
+        story = await self.store.active_story(channel_id)
+        persona = await self.store.get_persona_by_id(story.persona_id) if story and story.persona_id else None
+        if persona is None:
+            raise StoryError("There is no story in this channel. Start one with /story start.")
+        return persona
+
+    # ------------------------------------------------------------ buttons
+
+    async def may_press(self, interaction: discord.Interaction, turn_id: int) -> bool:
+        """Participants of the turn's story (or moderators) may press; in a story nobody joined yet, anyone."""
+        perms = interaction.permissions
+        if perms.manage_messages or perms.manage_guild:
+            return True
+        turn = await self.store.get_turn(turn_id)
+        if turn is None:
+            return True  # the callback explains that the turn is gone
+        turns = await self.store.recent_turns(turn.story_id, 200)
+        people = {t.author_id for t in turns if t.author_kind == AuthorKind.USER and t.author_id}
+        return not people or interaction.user.id in people
+
+    async def on_button(self, interaction: discord.Interaction, action: Action, turn_id: int) -> None:
+        """Regenerate, swipe, continue, illustrate or retry; failures become a short ephemeral note."""
+        await interaction.response.defer()
+        channel = interaction.channel
+        try:
+            if action == Action.ILLUSTRATE:
+                await self._illustrate(channel, interaction)
+            else:
+                await self._rewrite(channel, action, turn_id, interaction)
+        except EngineError as exc:
+            view = retry_view(exc.turn_id) if action == Action.RETRY and exc.turn_id else discord.utils.MISSING
+            await interaction.followup.send(exc.user_message, ephemeral=True, view=view)
+        except StoryError as exc:
+            await interaction.followup.send(str(exc), ephemeral=True)
+
+    async def _rewrite(self, channel: WebhookChannel, action: Action, turn_id: int,
+                       interaction: discord.Interaction) -> None:
+        turn = await self.store.get_turn(turn_id)
+        story = await self.store.active_story(channel.id)
+        if turn is None or story is None or turn.story_id != story.id:
+            raise StoryError("That message is no longer part of the story.")
+        persona = await self.channel_persona(channel.id)
+        existing = [] if action == Action.RETRY else [m.message_id for m in turn.messages]
+        sink = WebhookReplySink(self.poster, channel, identity_of(persona), existing_ids=existing)
+        if action == Action.RETRY:
+            new = await self.pipeline.regenerate(turn_id, sink)
+            if interaction.message is not None:
+                await interaction.message.delete()  # the error note with the retry button
+        elif action == Action.REGENERATE:
+            new = await self.pipeline.regenerate(turn_id, sink)
+        elif action == Action.CONTINUE:
+            new = await self.pipeline.continue_turn(turn_id, sink)
+        else:
+            new = await self.pipeline.swipe(turn_id, -1 if action == Action.PREVIOUS else 1)
+            ids = await sink.finish(new.text)
+            await self.store.set_turn_messages(new.id, ids)
+        await sink.seal(self.view_for(new))
+
+    async def _illustrate(self, channel: WebhookChannel, interaction: discord.Interaction) -> None:
+        image = await self.pipeline.illustrate(channel.id, force=True, safe=not is_nsfw_channel(channel))
+        if image is not None:
+            await self.post_image(channel, image)
+        else:
+            await interaction.followup.send("Nothing new to illustrate yet.", ephemeral=True)
+
+
+def is_nsfw_channel(channel: discord.abc.Messageable | None) -> bool:
+    """Age-restricted channels only may turn the image safety switch off."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
