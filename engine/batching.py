@@ -192,6 +192,7 @@ class Batcher:
         self.eos_ids = eos_ids
         self.admission = Admission("chat", max_queue, workers=1)
         self.on_step = on_step
+        self.peak_batch = 0  # the most sequences decoded together so far
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._stop = threading.Event()
         self._device = next(model.parameters()).device
@@ -307,6 +308,7 @@ class Batcher:
         generators = [seq.generator for seq in batch.seqs]
         tokens = sample_rows(logits.float(), params, generators)
         batch.last = tokens
+        self.peak_batch = max(self.peak_batch, len(batch.seqs))
         for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
             self._emit(seq, token)
         if self.on_step is not None:
