@@ -171,6 +171,9 @@ class EngineClient:
                     raise mapped from exc
                 self._mark_down(endpoint, mapped)
                 last = mapped
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+                # The body was not the JSON object the API promises (an HTML error page, a proxy's text).
+                raise EngineBadResponse(f"{what}: the engine's answer is not OpenAI-shaped JSON ({exc})") from exc
         assert last is not None
         raise last
 
@@ -201,6 +204,11 @@ class EngineClient:
     async def _open_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
         stream = await endpoint.client.chat.completions.create(
             model=self.models.chat, messages=messages, stream=True, **params)
+        content_type = stream.response.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            await stream.close()
+            raise EngineBadResponse(f"chat: the engine answered {content_type or 'no content type'}, "
+                                    "not an event stream")
         return endpoint, stream
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:

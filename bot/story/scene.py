@@ -7,6 +7,7 @@ appearance and the last few turns.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +45,11 @@ def scene_prompt_messages(card: Card, turns: Sequence[TurnLike], user_name: str 
 
 def clean_image_prompt(text: str, art_style: str = "") -> str:
     """One clean line for the image model, the art style first (it matters most to the look)."""
-    line = " ".join(text.replace("\n", ", ").split()).strip(" \"'`")
+    line = text.strip().strip("\"'`").strip()
     if line.lower().startswith("prompt:"):
-        line = line[len("prompt:"):].strip()
+        line = line[len("prompt:"):].strip().strip("\"'`").strip()
+    line = re.sub(r"\s*,(\s*,)+", ",", ", ".join(p.strip() for p in line.splitlines() if p.strip()))
+    line = " ".join(line.split()).strip(" ,")
     if art_style and art_style.lower() not in line.lower():
         line = f"{art_style}, {line}" if line else art_style
     return line[:PROMPT_MAX_CHARS]

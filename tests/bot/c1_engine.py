@@ -8,12 +8,15 @@ it slow, broken (500) or answer garbage.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +74,8 @@ class FakeEngine:
             return web.json_response({"error": {"message": "engine broke", "type": "server_error"}}, status=500)
         if self.mode == "garbage":
             return web.Response(text="<html>not json at all", content_type="application/json")
+        if self.mode == "html":
+            return web.Response(text="<html>502 bad gateway</html>", content_type="text/html")
         return None
 
     async def health(self, request: web.Request) -> web.Response:
@@ -153,3 +158,27 @@ async def serve(engine: FakeEngine) -> tuple[web.AppRunner, str]:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.asynccontextmanager
+async def running(engine: FakeEngine | None = None) -> AsyncIterator[tuple[FakeEngine, str]]:
+    """A started fake engine and its base URL, stopped afterwards."""
+    engine = engine or FakeEngine()
+    runner, url = await serve(engine)
+    try:
+        yield engine, url
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    """`python -m tests.bot.c1_engine --port P`: serve a fake engine (for child-process tests)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--reply", default=FakeEngine.reply)
+    args = parser.parse_args()
+    web.run_app(FakeEngine(reply=args.reply).app(), host="127.0.0.1", port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()
