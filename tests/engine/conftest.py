@@ -198,3 +198,28 @@ def espeak_wav(text: str, path: Path) -> bytes:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     subprocess.run(["espeak-ng", "-s", "140", "-w", str(path), text], check=True)
     return path.read_bytes()
+
+
+@dataclass
+class Reply:
+    """A raw HTTP reply: status, parsed JSON body (or text) and headers."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+async def request(method: str, url: str, *, body: Any = None, data: bytes | None = None,
+                  headers: dict[str, str] | None = None) -> Reply:
+    """One raw HTTP request with aiohttp (for what the openai client will not send)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.request(
+        method, url, json=body, data=data, headers=headers
+    ) as resp:
+        text = await resp.text()
+        try:
+            parsed: Any = json.loads(text)
+        except ValueError:
+            parsed = text
+        return Reply(resp.status, parsed, dict(resp.headers))
