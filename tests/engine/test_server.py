@@ -20,6 +20,7 @@ from tests.engine.conftest import API_KEY, RunningEngine, make_client, request
 
 MODEL = "masque-chat"
 LONG_STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+POLL = 0.05
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -127,8 +128,10 @@ async def _open_stream(session: aiohttp.ClientSession, url: str) -> aiohttp.Clie
 async def _wait_idle(engine: RunningEngine, seconds: float = 10) -> float:
     backend = engine.registry.get("chat")
     start = time.perf_counter()
-    while backend.queue_depth() and time.perf_counter() - start < seconds:
-        await asyncio.sleep(0.05)
+    for _ in range(int(seconds / POLL)):
+        if not backend.queue_depth():
+            break
+        await asyncio.sleep(POLL)
     return time.perf_counter() - start
 
 
