@@ -103,13 +103,17 @@ class StoryPipeline:
     def __init__(self, store: Store, engine: EngineClient, settings: BotSettings):
         self.store, self.engine, self.settings = store, engine, settings
         self.art = SceneArtService(store, engine, settings)
-        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Replies take their channel's lock before any await, so they run in arrival order (asyncio
+        # locks are FIFO); every story change then takes the story's lock (buttons know only the turn).
+        self._channel_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._story_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
-    def _lock(self, story_id: int) -> asyncio.Lock:
-        lock = self._locks.get(story_id)
+    @staticmethod
+    def _lock(table: weakref.WeakValueDictionary[int, asyncio.Lock], key: int) -> asyncio.Lock:
+        lock = table.get(key)
         if lock is None:
             lock = asyncio.Lock()
-            self._locks[story_id] = lock
+            table[key] = lock
         return lock
 
     # ------------------------------------------------------------ starting and ending
@@ -164,9 +168,13 @@ class StoryPipeline:
 
     async def reply(self, channel_id: int, guild_id: int, user: UserInput, sink: ReplySink) -> ReplyResult:
         """Answer a user's turn as the channel's persona (see the module docstring for the steps)."""
-        story = await self._story(channel_id)
-        persona = await self._persona(story)
-        async with self._lock(story.id):
+        async with self._lock(self._channel_locks, channel_id):
+            story = await self._story(channel_id)
+            persona = await self._persona(story)
+            return await self._reply_locked(story, persona, user, sink)
+
+    async def _reply_locked(self, story: Story, persona: Persona, user: UserInput, sink: ReplySink) -> ReplyResult:
+        async with self._lock(self._story_locks, story.id):
             user_turn, parts, heard = await self._store_user_turn(story, user)
             try:
                 text, extras = await self._generate(story.id, persona, user.author_name, parts, sink)
@@ -244,7 +252,7 @@ class StoryPipeline:
         """A new swipe for a persona turn, selected. On a user turn whose reply failed, answer it anew."""
         turn = await self._turn(turn_id)
         persona = await self._persona_of(turn)
-        async with self._lock(turn.story_id):
+        async with self._lock(self._story_locks, turn.story_id):
             user_name = await self._last_user_name(turn.story_id)
             if turn.author_kind == AuthorKind.USER:
                 text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1)
@@ -257,7 +265,7 @@ class StoryPipeline:
         """Extend a persona turn where it stopped (the continuation is appended to the selected swipe)."""
         turn = await self._turn(turn_id)
         persona = await self._persona_of(turn)
-        async with self._lock(turn.story_id):
+        async with self._lock(self._story_locks, turn.story_id):
             user_name = await self._last_user_name(turn.story_id)
             text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1,
                                            instruction=continue_instruction(), prefix=turn.text)
@@ -300,9 +308,10 @@ class StoryPipeline:
 
     async def rewind(self, channel_id: int, turns: int) -> list[Turn]:
         """Remove the story's last `turns` turns; returns them (so their messages can be deleted)."""
-        story = await self._story(channel_id)
-        async with self._lock(story.id):
-            return await self.store.rewind(story.id, turns)
+        async with self._lock(self._channel_locks, channel_id):
+            story = await self._story(channel_id)
+            async with self._lock(self._story_locks, story.id):
+                return await self.store.rewind(story.id, turns)
 
     async def transcript(self, channel_id: int) -> str:
         """The whole story as plain text, for /story export."""

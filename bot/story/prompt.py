@@ -28,6 +28,7 @@ DEFAULT_SYSTEM_PROMPT = (
 CONTINUE_INSTRUCTION = "[Continue your last reply exactly where it stopped. Do not repeat what you already wrote.]"
 EXAMPLES_SHARE = 0.25  # at most this share of the budget goes to example dialogue
 MAX_STOP_NAMES = 3  # OpenAI allows four stop strings
+_PART_KINDS = {"image_url": "image", "input_audio": "audio"}
 
 
 class TurnLike(Protocol):
@@ -53,16 +54,22 @@ class PromptParts:
     instruction: str = ""  # an extra final instruction (continue)
 
 
-def render_turn(turn: TurnLike, with_media_notes: bool = True) -> str:
-    """A turn as prompt text: its words, then what its attachments showed or said."""
+def render_turn(turn: TurnLike, skip_kinds: Sequence[str] = ()) -> str:
+    """A turn as prompt text: its words, then what its attachments showed or said.
+
+    `skip_kinds` leaves out notes for media sent as real content parts (no double mention).
+    """
     notes = []
-    for item in turn.attachments if with_media_notes else []:
+    for item in turn.attachments:
+        kind = item.get("kind")
+        if kind in skip_kinds:
+            continue
         if item.get("transcript"):
             notes.append(f"[voice message: {item['transcript']}]")
         elif item.get("caption"):
             notes.append(f"[image: {item['caption']}]")
-        elif item.get("kind") in ("image", "audio"):
-            notes.append(f"[{item['kind']}: {item.get('filename', 'attachment')}]")
+        elif kind in ("image", "audio"):
+            notes.append(f"[{kind}: {item.get('filename', 'attachment')}]")
     return "\n".join(p for p in [turn.text.strip(), *notes] if p)
 
 
@@ -149,7 +156,7 @@ def _history(parts: PromptParts, budget: int) -> list[dict[str, Any]]:
 def _turn_message(turn: TurnLike, media: list[dict[str, Any]]) -> dict[str, Any]:
     if turn.author_kind == "persona":
         return {"role": "assistant", "content": turn.text}
-    text = render_turn(turn, with_media_notes=not media)
+    text = render_turn(turn, skip_kinds=[_PART_KINDS[p["type"]] for p in media if p.get("type") in _PART_KINDS])
     if turn.author_kind == "user":
         text = f"{turn.author_name or 'User'}: {text}"
     else:  # narrator or system notes join the user side: not every template allows system mid-chat
