@@ -300,6 +300,8 @@ class StoryPipeline:
 
     async def imagine(self, channel_id: int, guild_id: int, prompt: str, safe: bool = True) -> SceneImage:
         """One-off art from `prompt`, in the style of the channel's persona when there is one."""
+        if not prompt.strip():
+            raise StoryError("Describe what to draw, for example: /imagine prompt: a lighthouse in a storm.")
         ids = await self.store.channel_persona_ids(channel_id)
         persona = await self.store.get_persona_by_id(ids[0]) if ids else None
         return await self.art.imagine(prompt, persona_card(persona) if persona else None, safe=safe)

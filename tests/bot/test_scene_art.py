@@ -1,0 +1,134 @@
+"""Scene art: prompt from the scene, reuse by embedding similarity, the safety switch, hit-rate counters."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bot.engine_client import EngineBadResponse, EngineClient
+from bot.pipeline import NoStory, StoryError, StoryPipeline, UserInput
+from bot.scene_art import ArtStats, best_match, cosine
+from bot.settings import BotSettings
+from bot.store import SceneArt, Store
+from tests.bot.c1_engine import FakeEngine, png_bytes, running
+
+CHANNEL, GUILD = 5, 6
+
+
+class Quiet:
+    async def update(self, text_so_far: str) -> None:
+        return None
+
+    async def finish(self, text: str) -> list[int]:
+        return []
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeEngine, str]]:
+    async with running() as pair:
+        yield pair
+
+
+@pytest.fixture
+async def pipeline(store: Store, fake) -> AsyncIterator[StoryPipeline]:
+    settings = BotSettings(MASQUE_ENGINE_URL=fake[1], MASQUE_ENGINE_RETRIES=0, MASQUE_SCENE_REUSE_THRESHOLD=0.9)
+    engine = EngineClient.from_settings(settings)
+    yield StoryPipeline(store, engine, settings)
+    await engine.close()
+
+
+async def talk(pipeline: StoryPipeline, text: str) -> None:
+    await pipeline.reply(CHANNEL, GUILD, UserInput(text, 1, "Ann"), Quiet())
+
+
+def images_painted(engine: FakeEngine) -> list[dict]:
+    return [body for kind, body in engine.requests if kind == "image"]
+
+
+async def test_first_image_is_painted_with_the_persona_style_and_stored(pipeline, fake):
+    engine, _ = fake
+    story, persona, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    image = await pipeline.illustrate(CHANNEL)
+    assert image is not None and not image.reused and image.png == png_bytes()
+    assert image.prompt.startswith(persona.art_style) and engine.scene_prompt in image.prompt
+    [painted] = images_painted(engine)
+    assert painted["prompt"] == image.prompt and painted["safe"] is True and "nsfw" in painted["negative_prompt"]
+    [art] = await pipeline.store.scene_art(story.id)
+    assert art.id == image.art_id and art.image == image.png and (art.width, art.height) == (8, 8)
+    assert art.embedding and art.turn_id == (await pipeline.store.recent_turns(story.id))[-1].id
+    scene_request = engine.chats()[-1]["messages"]
+    assert "Art style:" in scene_request[1]["content"] and "grey fedora" in scene_request[1]["content"]
+
+
+async def test_nothing_new_means_no_image_unless_forced(pipeline, fake):
+    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    assert await pipeline.illustrate(CHANNEL) is not None
+    assert await pipeline.illustrate(CHANNEL) is None
+    assert pipeline.art.stats.skipped == 1
+    assert await pipeline.illustrate(CHANNEL, force=True) is not None
+
+
+async def test_a_close_scene_reuses_the_earlier_image_and_a_new_one_is_painted(pipeline, fake):
+    engine, _ = fake
+    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    first = await pipeline.illustrate(CHANNEL)
+    await talk(pipeline, "I sit down.")
+    again = await pipeline.illustrate(CHANNEL)  # the engine describes the same scene
+    assert again.reused and again.art_id == first.art_id and again.png == first.png
+    assert len(images_painted(engine)) == 1
+    engine.scene_prompt = "a sunny beach with seagulls and ice cream"
+    await talk(pipeline, "We drive to the coast.")
+    beach = await pipeline.illustrate(CHANNEL)
+    assert not beach.reused and beach.art_id != first.art_id
+    assert len(images_painted(engine)) == 2
+    assert (pipeline.art.stats.hits, pipeline.art.stats.misses) == (1, 2)
+    assert pipeline.art.stats.hit_rate == pytest.approx(1 / 3)
+
+
+async def test_fresh_skips_reuse_and_unsafe_channels_turn_the_switch_off(pipeline, fake):
+    engine, _ = fake
+    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    await pipeline.illustrate(CHANNEL)
+    redo = await pipeline.illustrate(CHANNEL, force=True, fresh=True, safe=False)
+    assert not redo.reused
+    last = images_painted(engine)[-1]
+    assert last["safe"] is False and "nsfw" not in last["negative_prompt"]
+
+
+async def test_imagine_uses_the_channel_persona_style(pipeline, fake):
+    engine, _ = fake
+    _, persona, _ = await pipeline.start_story(CHANNEL, GUILD, "Old Mossback", "Ann")
+    image = await pipeline.imagine(CHANNEL, GUILD, "a teapot on a mossy stone")
+    assert image.art_id is None and not image.reused
+    assert image.prompt.startswith(persona.art_style) and "teapot" in image.prompt
+    plain = await pipeline.imagine(999, GUILD, "a teapot")
+    assert plain.prompt == "a teapot"
+    with pytest.raises(StoryError, match="Describe"):
+        await pipeline.imagine(CHANNEL, GUILD, "   ")
+
+
+async def test_an_image_that_is_not_an_image_is_a_bad_response(pipeline, fake, monkeypatch):
+    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    monkeypatch.setattr("tests.bot.c1_engine.png_bytes", lambda *a, **k: b"definitely not a png")
+    with pytest.raises(EngineBadResponse):
+        await pipeline.illustrate(CHANNEL)
+    assert await pipeline.store.scene_art((await pipeline.store.active_story(CHANNEL)).id) == []
+
+
+async def test_no_story_no_scene(pipeline):
+    with pytest.raises(NoStory):
+        await pipeline.illustrate(CHANNEL)
+
+
+def test_similarity_helpers():
+    assert cosine([1, 0], [1, 0]) == pytest.approx(1.0)
+    assert cosine([1, 0], [0, 1]) == pytest.approx(0.0)
+    assert cosine([1, 0], [1, 0, 0]) == 0.0 and cosine([0, 0], [0, 0]) == 0.0
+    near = SceneArt(id=1, prompt="a", embedding=[1.0, 0.1], image=b"x")
+    far = SceneArt(id=2, prompt="b", embedding=[0.0, 1.0], image=b"y")
+    pixelless = SceneArt(id=3, prompt="c", embedding=[1.0, 0.1], image=None)
+    match, score = best_match([1.0, 0.0], [far, pixelless, near])
+    assert match is near and score > 0.99
+    assert best_match([1.0, 0.0], []) == (None, -1.0)
+    assert ArtStats().hit_rate == 0.0
