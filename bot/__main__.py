@@ -36,6 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--console", action="store_true", help="role-play in this terminal, token or not")
     parser.add_argument("--persona", metavar="NAME", help="console: the persona to play (else a menu)")
     parser.add_argument("--name", default=DEFAULT_USER_NAME, help="console: your name in the story ({{user}})")
+    parser.add_argument("--new", action="store_true", help="console: start a new story instead of resuming")
     return parser.parse_args(argv)
 
 
@@ -54,7 +55,7 @@ async def run(args: argparse.Namespace, settings: BotSettings) -> int:
             engine = EngineClient.from_settings(settings, url)
             try:
                 if args.console or settings.discord_token is None:
-                    return await run_console(StoryPipeline(store, engine, settings), args.persona, args.name)
+                    return await run_console(StoryPipeline(store, engine, settings), args.persona, args.name, args.new)
                 from bot.app import run_discord  # discord.py loads only when the bot is used
 
                 await run_discord(settings, store, engine)

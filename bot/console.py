@@ -2,7 +2,8 @@
 
 The same StoryPipeline, store and engine client as Discord; only the sink
 differs (it prints). Reads lines from stdin, so it works piped as well as
-typed: the first line may answer the persona prompt.
+typed: the first line may answer the persona prompt. The story is kept in the
+database and resumed next time with the same persona (`--new` starts over).
 Commands: /swipe, /back, /regen, /continue, /rewind N, /help, /quit.
 """
 
@@ -22,6 +23,7 @@ CONSOLE_CHANNEL_ID = 1  # the console's story lives in the database like a chann
 CONSOLE_GUILD_ID = GLOBAL_GUILD
 CONSOLE_USER_ID = 0
 DEFAULT_USER_NAME = "Traveller"
+RESUME_SHOWN_TURNS = 2  # turns reprinted when a story is resumed
 HELP = ("Type to speak. Commands: /swipe (next reply), /back (previous reply), /regen (new reply), "
         "/continue, /rewind N (undo N turns), /help, /quit.")
 
@@ -86,6 +88,9 @@ class Console:
         store = self.pipeline.store
         if name:
             persona = await store.get_persona(CONSOLE_GUILD_ID, name)
+            if persona is None:  # a unique part of a name is enough: `--persona wren`
+                matches = await store.persona_names(CONSOLE_GUILD_ID, name)
+                persona = await store.get_persona(CONSOLE_GUILD_ID, matches[0]) if len(matches) == 1 else None
             if persona is None:
                 choices = ", ".join(p.name for p in await store.list_personas(CONSOLE_GUILD_ID))
                 self.say(f"No persona named {name!r}. Choose one of: {choices}.")
@@ -104,15 +109,12 @@ class Console:
             if match is not None:
                 return match
 
-    async def run(self, persona_name: str | None = None) -> int:
-        """Choose a persona, show the greeting, then role-play until /quit or the end of input."""
+    async def run(self, persona_name: str | None = None, new: bool = False) -> int:
+        """Choose a persona, resume its story (or start one), then role-play until /quit or end of input."""
         self.persona = await self.choose_persona(persona_name)
         if self.persona is None:
             return 2
-        story, persona, _ = await self.pipeline.start_story(
-            CONSOLE_CHANNEL_ID, CONSOLE_GUILD_ID, self.persona.name, self.user_name)
-        self.say(f"--- {persona.name} --- ({HELP})\n")
-        await self.pipeline.show_greeting(story, self._sink())
+        await self._open_story(new)
         while (line := await self.lines.read()) is not None:
             text = line.strip()
             if text in ("/quit", "/exit"):
@@ -121,6 +123,24 @@ class Console:
                 await self._handle(text)
         self.say("Goodbye. The story is saved.")
         return 0
+
+    async def _open_story(self, new: bool) -> None:
+        """Resume the console's story with this persona, as the database left it; else start one."""
+        assert self.persona is not None
+        story = await self.pipeline.store.active_story(CONSOLE_CHANNEL_ID)
+        if story is not None and story.persona_id == self.persona.id and not new:
+            turns = await self.pipeline.store.recent_turns(story.id, RESUME_SHOWN_TURNS)
+            self.say(f"--- {self.persona.name} (resumed) --- ({HELP})\n")
+            for turn in turns:
+                if turn.author_kind == AuthorKind.PERSONA:
+                    await self._sink().finish(turn.text)
+                else:
+                    self.say(f"{turn.author_name}: {turn.text}\n")
+            return
+        story, persona, _ = await self.pipeline.start_story(
+            CONSOLE_CHANNEL_ID, CONSOLE_GUILD_ID, self.persona.name, self.user_name)
+        self.say(f"--- {persona.name} --- ({HELP})\n")
+        await self.pipeline.show_greeting(story, self._sink())
 
     async def _handle(self, text: str) -> None:
         word, _, rest = text.partition(" ")
@@ -196,7 +216,7 @@ class Console:
 
 
 async def run_console(pipeline: StoryPipeline, persona: str | None = None, user_name: str = DEFAULT_USER_NAME,
-                      stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    """Run console mode on stdin/stdout; returns the exit code."""
+                      new: bool = False, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Run console mode on stdin/stdout; returns the exit code. `new` starts over instead of resuming."""
     console = Console(pipeline, Lines(stdin or sys.stdin), stdout or sys.stdout, user_name)
-    return await console.run(persona)
+    return await console.run(persona, new)

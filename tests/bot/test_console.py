@@ -1,0 +1,123 @@
+"""Console mode end to end: `python -m bot --console` in a subprocess, piped stdin, a fake engine over HTTP.
+
+Also the local child engine: started, health-waited and stopped (a fake engine
+stands in for `python -m engine`, which loads real models).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.engine_client import EngineClient
+from bot.engine_process import EngineProcess, EngineStartError, engine_urls, free_port
+from bot.settings import BotSettings
+from tests.bot.c1_engine import FakeEngine, running
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 90
+
+
+async def masque_bot(tmp_path: Path, engine_url: str, stdin: str, *args: str) -> tuple[int, str, str]:
+    """Run `python -m bot` with piped stdin; returns (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    env.update(MASQUE_ENGINE_URL=engine_url, MASQUE_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}",
+               MASQUE_ENGINE_RETRIES="0", MASQUE_LOG_LEVEL="WARNING")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", *args, cwd=tmp_path, env=env, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), RUN_TIMEOUT_S)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_console_role_play_with_commands(tmp_path: Path):
+    script = "My brother vanished.\n/swipe\n/back\n/regen\n/continue\n/rewind 2\n/nonsense\n/quit\nnever read\n"
+    async with running(FakeEngine(replies=["First try.", "Second try.", "Third try.", "And more."])) as (fake, url):
+        code, out, err = await masque_bot(tmp_path, url, script, "--console", "--persona", "wren", "--name", "Ann")
+    assert code == 0, err
+    assert "--- Wren Halloway ---" in out
+    assert "Wren: *The door rattles in its frame" in out  # the greeting, macros expanded
+    assert "Wren: First try." in out and "Wren: Second try." in out  # /swipe past the end writes a new one
+    assert "(reply 1/2)" in out  # /back shows the first again
+    assert "Wren: Third try." in out and "Third try. And more." in out  # /regen, then /continue
+    assert "[Removed 2 turn(s).]" in out and "Unknown command /nonsense" in out
+    assert out.rstrip().endswith("Goodbye. The story is saved.")
+    assert fake.chats()[0]["messages"][-1]["content"].startswith("Ann: My brother vanished.")
+    assert len(fake.chats()) == 4  # nothing after /quit was sent
+
+
+async def test_console_numbered_choice_and_end_of_input(tmp_path: Path):
+    async with running() as (fake, url):
+        code, out, _ = await masque_bot(tmp_path, url, "9\n2\nhello\n", "--console")
+    assert code == 0
+    assert "1. Captain Isolde Varga" in out and "Choose a persona (1-3):" in out
+    assert "--- Old Mossback ---" in out and f"Old Mossback: {fake.reply}" in out
+    assert "Traveller: hello" in fake.chats()[0]["messages"][-1]["content"]
+
+
+async def test_console_engine_down_keeps_the_turn_and_a_restart_resumes_and_retries(tmp_path: Path):
+    async with running(FakeEngine(mode="down")) as (fake, url):
+        code, out, _ = await masque_bot(tmp_path, url, "hello?\n", "--console", "--persona", "Wren Halloway")
+        assert code == 0
+        assert "The story engine is not reachable right now" in out and "/regen" in out
+        fake.mode = "ok"
+        code, out, _ = await masque_bot(tmp_path, url, "/regen\n", "--console", "--persona", "Wren Halloway")
+        assert code == 0
+        assert "(resumed)" in out and "Traveller: hello?" in out  # the kept turn, read back from SQL
+        assert f"Wren: {fake.reply}" in out
+        assert fake.chats()[-1]["messages"][-1]["content"].startswith("Traveller: hello?")
+        code, out, _ = await masque_bot(tmp_path, url, "", "--console", "--persona", "Wren Halloway", "--new")
+    assert "(resumed)" not in out and "Wren: *The door rattles" in out
+
+
+async def test_console_unknown_persona_exits_2(tmp_path: Path):
+    async with running() as (_, url):
+        code, out, _ = await masque_bot(tmp_path, url, "", "--console", "--persona", "Nobody Atall")
+    assert code == 2 and "No persona named 'Nobody Atall'" in out and "Wren Halloway" in out
+
+
+def fake_engine_command() -> list[str]:
+    return [sys.executable, "-m", "tests.bot.c1_engine", "--port", "{port}", "--reply", "child says hi"]
+
+
+async def test_child_engine_starts_answers_and_stops(tmp_path: Path):
+    notes: list[str] = []
+    child = EngineProcess(command=fake_engine_command(), log_path=tmp_path / "engine.log", progress=notes.append,
+                          start_timeout_s=60)
+    url = await child.start()
+    try:
+        assert child.running and url == f"http://127.0.0.1:{child.port}/v1"
+        client = EngineClient([url], retries=0)
+        assert (await client.chat([{"role": "user", "content": "hi"}])).text == "child says hi"
+        await client.close()
+    finally:
+        await child.stop()
+    assert not child.running
+    assert any("ready" in n for n in notes)
+
+
+async def test_child_engine_that_exits_reports_its_log(tmp_path: Path):
+    command = [sys.executable, "-c", "import sys; print('no models here', flush=True); sys.exit(3)"]
+    child = EngineProcess(command=command, log_path=tmp_path / "engine.log", progress=lambda _: None)
+    with pytest.raises(EngineStartError, match="code 3") as caught:
+        await child.start()
+    assert "no models here" in str(caught.value)
+
+
+async def test_child_engine_that_never_gets_ready_times_out_and_is_stopped(tmp_path: Path):
+    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    child = EngineProcess(command=command, log_path=tmp_path / "engine.log", progress=lambda _: None,
+                          start_timeout_s=1.5)
+    with pytest.raises(EngineStartError, match="not ready"):
+        await child.start()
+    assert not child.running
+
+
+async def test_a_configured_engine_url_starts_no_child():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    async with engine_urls(BotSettings(MASQUE_ENGINE_URL=url)) as used:
+        assert used == url
