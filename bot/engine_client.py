@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEALTH_TIMEOUT_S = 5.0
-DEFAULT_MODEL = "default"
 
 
 class EngineError(Exception):
@@ -75,12 +74,12 @@ class ChatResult:
 
 @dataclass
 class EngineModels:
-    """The model name sent for each kind of call (vLLM/OpenAI need real ids; our engine accepts any)."""
+    """The model id sent for each kind of call (defaults: the names our engine serves)."""
 
-    chat: str = DEFAULT_MODEL
-    image: str = DEFAULT_MODEL
-    embedding: str = DEFAULT_MODEL
-    transcription: str = DEFAULT_MODEL
+    chat: str = "masque-chat"
+    image: str = "masque-art"
+    embedding: str = "masque-embed"
+    transcription: str = "masque-whisper"
 
 
 @dataclass
@@ -239,9 +238,14 @@ class EngineClient:
         return await self._call("transcription", call)
 
     async def generate_image(self, prompt: str, *, negative_prompt: str = "", seed: int | None = None,
-                             size: str = "512x512", safe: bool = True, steps: int | None = None) -> bytes:
-        """One image (PNG bytes) through /v1/images/generations; `safe` is the engine's safety switch."""
+                             size: str = "", safe: bool = True, steps: int | None = None) -> bytes:
+        """One image (PNG bytes) through /v1/images/generations; `safe` is the engine's safety switch.
+
+        An empty `size` leaves the size to the engine's default.
+        """
         extra: dict[str, Any] = {"safe": safe}
+        if size:
+            extra["size"] = size
         if negative_prompt:
             extra["negative_prompt"] = negative_prompt
         if seed is not None:
@@ -251,8 +255,7 @@ class EngineClient:
 
         async def call(endpoint: _Endpoint) -> bytes:
             result = await endpoint.client.images.generate(
-                model=self.models.image, prompt=prompt, n=1, size=size,  # type: ignore[arg-type]
-                response_format="b64_json", extra_body=extra)
+                model=self.models.image, prompt=prompt, n=1, response_format="b64_json", extra_body=extra)
             if not result.data or not result.data[0].b64_json:
                 raise EngineBadResponse("the image response has no b64_json data")
             try:

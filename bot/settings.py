@@ -21,11 +21,13 @@ class BotSettings(BaseSettings):
     discord_gateway_url: str | None = Field(default=None, validation_alias="DISCORD_GATEWAY_URL")
     log_level: str = Field(default="INFO", validation_alias="MASQUE_LOG_LEVEL")
 
-    # Engine client (bot/engine_client.py).
-    engine_chat_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_CHAT_MODEL")
-    engine_image_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_IMAGE_MODEL")
-    engine_embedding_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_EMBEDDING_MODEL")
-    engine_transcription_model: str = Field(default="default", validation_alias="MASQUE_ENGINE_TRANSCRIPTION_MODEL")
+    # Engine client (bot/engine_client.py). Model ids default to the names our engine serves;
+    # set them to the served ids when pointing the bot at vLLM, Ollama or OpenAI.
+    engine_chat_model: str = Field(default="masque-chat", validation_alias="MASQUE_ENGINE_CHAT_MODEL")
+    engine_image_model: str = Field(default="masque-art", validation_alias="MASQUE_ENGINE_IMAGE_MODEL")
+    engine_embedding_model: str = Field(default="masque-embed", validation_alias="MASQUE_ENGINE_EMBEDDING_MODEL")
+    engine_transcription_model: str = Field(default="masque-whisper",
+                                            validation_alias="MASQUE_ENGINE_TRANSCRIPTION_MODEL")
     engine_timeout_s: float = Field(default=180.0, gt=0, validation_alias="MASQUE_ENGINE_TIMEOUT_S")
     engine_connect_timeout_s: float = Field(default=5.0, gt=0, validation_alias="MASQUE_ENGINE_CONNECT_TIMEOUT_S")
     engine_retries: int = Field(default=1, ge=0, validation_alias="MASQUE_ENGINE_RETRIES")
@@ -39,4 +41,5 @@ class BotSettings(BaseSettings):
     temperature: float = Field(default=0.8, ge=0, le=2, validation_alias="MASQUE_TEMPERATURE")
     # Scene art (bot/scene_art.py): cosine similarity at or above which an earlier image is reused.
     scene_reuse_threshold: float = Field(default=0.9, ge=-1, le=1, validation_alias="MASQUE_SCENE_REUSE_THRESHOLD")
-    scene_image_size: str = Field(default="512x512", validation_alias="MASQUE_SCENE_IMAGE_SIZE")
+    # "WIDTHxHEIGHT", or "" for the engine's default size.
+    scene_image_size: str = Field(default="", pattern=r"^(\d+x\d+)?$", validation_alias="MASQUE_SCENE_IMAGE_SIZE")
