@@ -132,6 +132,10 @@ class Registry:
 
     async def load_all(self) -> None:
         """Load every pending role, one after another, each in a worker thread."""
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
         for role in LOAD_ORDER:
             if self._state[role] != PENDING:
                 continue

@@ -172,6 +172,9 @@ class EngineSettings(BaseSettings):
         validation_alias=AliasChoices("MASQUE_CACHE_DIR", "cache_dir"),
     )
     log_level: str = "INFO"
+    # CPU threads for torch; 0 = torch's default (all cores). On a shared, busy CPU fewer
+    # threads than cores is often faster: OpenMP workers spin waiting for a stolen core.
+    torch_threads: int = Field(0, ge=0)
     chat: ChatSettings = Field(default_factory=ChatSettings)
     caption: CaptionSettings = Field(default_factory=CaptionSettings)
     stt: SttSettings = Field(default_factory=SttSettings)

@@ -1,0 +1,252 @@
+"""Engine benchmark (not a test): chat throughput and latency, STT and TTS speed, llama.cpp anchor.
+
+Run from the repository root::
+
+    .venv/bin/python bench/engine.py                # offline models, a few minutes on 2 cores
+    .venv/bin/python bench/engine.py --dtype float32 --threads 2 --max-tokens 48
+
+It prints, side by side:
+- aggregate chat tokens/s at 1, 4, 8 and 16 concurrent requests through the real server
+  (streaming, official async openai client), vs the same requests sent one at a time;
+- time to first token p50/p99 under each load;
+- the STT real-time factor of faster-whisper vs openai-whisper on the same espeak-ng clip,
+  and the TTS real-time factor of piper (the backends are called directly);
+- llama.cpp (llama-cpp-python, when installed) on the same GGUF at batch 1, the anchor for the
+  goals: one channel >= llama.cpp batch 1, eight channels >= 2x llama.cpp batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MASQUE_CACHE_DIR", str(REPO / ".cache" / "test-models"))
+
+import openai  # noqa: E402
+from aiohttp import web  # noqa: E402
+
+from engine.app import create_app  # noqa: E402
+from engine.registry import resolve_model  # noqa: E402
+from engine.settings import EngineSettings  # noqa: E402
+
+SYSTEM = "You are Captain Mara, a pirate. Stay in character and answer briefly."
+QUESTIONS = [
+    "Where is the treasure buried?", "Who is your first mate?", "What is your ship called?",
+    "Tell me about the storm last night.", "Why do you fear the kraken?", "What is your rum?",
+    "How did you lose your eye?", "Where do we sail next?", "Who is the navy admiral?",
+    "Describe the island.", "What song do the sailors sing?", "What is in the chest?",
+    "How many cannons do we have?", "Who betrayed you?", "What is the map made of?",
+    "When do we reach port?",
+]
+CLIP_TEXT = ("The captain raised the black flag and the crew cheered as the ship turned "
+             "toward the island of lost treasure.")
+PERCENTILES = (50, 99)
+LOAD_TIMEOUT_POLLS = 1500  # 5 minutes: the first run converts the GGUF
+
+
+@dataclass
+class Run:
+    """One load level's outcome."""
+
+    tokens: int
+    seconds: float
+    ttfts: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def percentile(values: list[float], pct: int) -> float:
+    """Nearest-rank percentile (fine for a handful of samples)."""
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def one_request(client: openai.AsyncOpenAI, question: str, max_tokens: int,
+                      started: float) -> tuple[int, float]:
+    """Stream one chat completion; return (completion tokens, time to first token)."""
+    stream = await client.chat.completions.create(
+        model="masque-chat", max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+    )
+    ttft, tokens = float("nan"), 0
+    async for chunk in stream:
+        if ttft != ttft and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - started
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens, ttft
+
+
+async def concurrent(client: openai.AsyncOpenAI, questions: list[str], max_tokens: int) -> Run:
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one_request(client, q, max_tokens, started)
+                                     for q in questions))
+    return Run(sum(r[0] for r in results), time.perf_counter() - started, [r[1] for r in results])
+
+
+async def sequential(client: openai.AsyncOpenAI, questions: list[str], max_tokens: int) -> Run:
+    total, ttfts, started = 0, [], time.perf_counter()
+    for question in questions:
+        tokens, ttft = await one_request(client, question, max_tokens, time.perf_counter())
+        total += tokens
+        ttfts.append(ttft)
+    return Run(total, time.perf_counter() - started, ttfts)
+
+
+async def bench_chat(settings: EngineSettings, levels: list[int], max_tokens: int) -> dict:
+    """Serve SmolLM2 and measure each load level, batched and one at a time."""
+    runner = web.AppRunner(create_app(settings), handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0,
+                                timeout=600)
+    results = {}
+    try:
+        for _ in range(LOAD_TIMEOUT_POLLS):
+            if _ready(runner):
+                break
+            await asyncio.sleep(0.2)
+        await concurrent(client, QUESTIONS[:2], 4)  # warm-up
+        for level in levels:
+            questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(level)]
+            batched = await concurrent(client, questions, max_tokens)
+            alone = await sequential(client, questions, max_tokens)
+            results[level] = (batched, alone)
+            print(f"  level {level:2d}: batched {batched.rate:6.1f} tok/s, "
+                  f"one at a time {alone.rate:6.1f} tok/s", flush=True)
+    finally:
+        await client.close()
+        await runner.cleanup()
+    return results
+
+
+def _ready(runner: web.AppRunner) -> bool:
+    from engine.routes import REGISTRY
+
+    registry = runner.app[REGISTRY]
+    status = registry.status()
+    failed = {r: s for r, s in status["roles"].items() if s["state"] == "failed"}
+    if failed:
+        raise RuntimeError(f"models failed to load: {failed}")
+    return status["ready"]
+
+
+def chat_settings(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(
+        cache_dir=Path(os.environ["MASQUE_CACHE_DIR"]), torch_threads=args.threads,
+        chat={"max_batch": max(args.levels), "max_queue": 4 * max(args.levels),
+              "dtype": args.dtype, "device": "cpu"},
+        caption={"model": ""}, stt={"model": ""}, tts={"model": ""}, images={"model": ""},
+        embeddings={"model": ""},
+    )
+
+
+def bench_llama_cpp(settings: EngineSettings, max_tokens: int, threads: int) -> float | None:
+    """llama.cpp batch-1 tokens/s on the same GGUF, or None when it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    gguf = resolve_model(settings.chat.model, settings.cache_dir)
+    # n_batch=1: larger prompt batches crashed in decode on this CPU (see issue 3)
+    llm = Llama(model_path=gguf, n_ctx=1024, n_batch=1, n_threads=threads or os.cpu_count(),
+                verbose=False, seed=0)
+    tokens, started = 0, time.perf_counter()
+    for question in QUESTIONS[:4]:
+        out = llm.create_chat_completion(
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+            max_tokens=max_tokens, temperature=0,
+        )
+        tokens += out["usage"]["completion_tokens"]
+    return tokens / (time.perf_counter() - started)
+
+
+def bench_audio(settings: EngineSettings) -> dict[str, float]:
+    """STT real-time factors (both backends, same clip) and the TTS real-time factor."""
+    from engine.audio import decode_audio
+    from engine.backends import stt, tts
+
+    figures: dict[str, float] = {}
+    if shutil.which("espeak-ng") is None:
+        print("  espeak-ng missing: no STT figures")
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            wav = Path(folder) / "clip.wav"
+            subprocess.run(["espeak-ng", "-s", "150", "-w", str(wav), CLIP_TEXT], check=True)
+            audio = decode_audio(wav.read_bytes(), "wav")
+        for name in ("faster-whisper", "openai-whisper"):
+            role = settings.stt.model_copy(update={
+                "backend": name, "model": resolve_model(settings.stt.model, settings.cache_dir),
+            })
+            figures[f"stt {name}"] = stt.measure_stt_rtf(stt.load(role, settings), audio)
+    voice = settings.tts.model_copy(
+        update={"model": resolve_model(settings.tts.model, settings.cache_dir)}
+    )
+    figures["tts piper"] = tts.measure_tts_rtf(tts.load(voice, settings), CLIP_TEXT)
+    return figures
+
+
+def report(chat: dict, llama: float | None, audio: dict[str, float], args: argparse.Namespace,
+           wall: float) -> None:
+    print(f"\nChat: SmolLM2-135M-Instruct (transformers, {args.dtype}, "
+          f"{args.threads or 'default'} threads), max_tokens={args.max_tokens}, greedy")
+    print(f"{'concurrent':>10} | {'batched tok/s':>13} | {'one-at-a-time tok/s':>19} | "
+          f"{'speed-up':>8} | {'TTFT p50 s':>10} | {'TTFT p99 s':>10}")
+    for level, (batched, alone) in chat.items():
+        p50, p99 = (percentile(batched.ttfts, p) for p in PERCENTILES)
+        print(f"{level:>10} | {batched.rate:>13.1f} | {alone.rate:>19.1f} | "
+              f"{batched.rate / alone.rate:>7.2f}x | {p50:>10.2f} | {p99:>10.2f}")
+    if llama is None:
+        print("llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python)")
+    else:
+        print(f"llama.cpp batch 1 on the same GGUF: {llama:.1f} tok/s")
+        if 1 in chat:
+            print(f"  goal 1 (one channel >= llama.cpp b1): {chat[1][0].rate:.1f} vs {llama:.1f} "
+                  f"-> {'met' if chat[1][0].rate >= llama else 'not met'}")
+        if 8 in chat:
+            print(f"  goal 2 (8 channels >= 2x llama.cpp b1): {chat[8][0].rate:.1f} vs "
+                  f"{2 * llama:.1f} -> {'met' if chat[8][0].rate >= 2 * llama else 'not met'}")
+    for name, rtf in audio.items():
+        print(f"{name:>22}: real-time factor {rtf:.3f} ({1 / rtf:.1f}x faster than real time)")
+    print(f"total bench time {wall:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,4,8,16",
+                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--skip-audio", action="store_true")
+    parser.add_argument("--skip-llama", action="store_true")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    settings = chat_settings(args)
+    print("chat load levels (each: concurrent, then the same requests one at a time)")
+    chat = asyncio.run(bench_chat(settings, args.levels, args.max_tokens))
+    llama = None if args.skip_llama else bench_llama_cpp(settings, args.max_tokens, args.threads)
+    audio = {} if args.skip_audio else bench_audio(EngineSettings(
+        cache_dir=Path(os.environ["MASQUE_CACHE_DIR"])))
+    report(chat, llama, audio, args, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()
