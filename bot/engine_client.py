@@ -186,8 +186,10 @@ class EngineClient:
         """Stream a reply as StreamEvents. Fails over to another URL only before the first event."""
         opened = await self._call("chat", lambda e: self._open_stream(e, messages, params))
         endpoint, stream = opened
+        shaped = 0  # chunks that look like chat chunks; a stream of none is not OpenAI-shaped
         try:
             async for chunk in stream:
+                shaped += 1 if isinstance(getattr(chunk, "choices", None), list) else 0
                 event = _chunk_event(chunk)
                 if event.extras is not None:
                     endpoint.speaks_masque = True
@@ -195,10 +197,12 @@ class EngineClient:
                     yield event
         except openai.OpenAIError as exc:
             raise _map_error("chat", exc) from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EngineBadResponse(f"the engine streamed something that is not JSON: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+            raise EngineBadResponse(f"chat: the engine streamed something that is not a chunk ({exc})") from exc
         finally:
             await stream.close()
+        if not shaped:
+            raise EngineBadResponse("chat: the engine's stream carried no chat chunks")
 
     async def _open_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
         stream = await endpoint.client.chat.completions.create(
@@ -300,9 +304,8 @@ async def _probe(session: aiohttp.ClientSession, url: str) -> bool:
 
 def _chunk_event(chunk: Any) -> StreamEvent:
     extras = (getattr(chunk, "model_extra", None) or {}).get("masque")
-    text = ""
-    if chunk.choices:
-        text = chunk.choices[0].delta.content or ""
+    choices = getattr(chunk, "choices", None) or []
+    text = (choices[0].delta.content or "") if choices else ""
     return StreamEvent(text, extras if isinstance(extras, dict) else None)
 
 

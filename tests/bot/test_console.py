@@ -16,7 +16,8 @@ import pytest
 from bot.engine_client import EngineClient
 from bot.engine_process import EngineProcess, EngineStartError, engine_urls, free_port
 from bot.settings import BotSettings
-from tests.bot.c1_engine import FakeEngine, running
+from tests.bot.story_helpers import Script, chats
+from tests.fakes.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 90
@@ -36,8 +37,9 @@ async def masque_bot(tmp_path: Path, engine_url: str, stdin: str, *args: str) ->
 
 async def test_console_role_play_with_commands(tmp_path: Path):
     script = "My brother vanished.\n/swipe\n/back\n/regen\n/continue\n/rewind 2\n/nonsense\n/quit\nnever read\n"
-    async with running(FakeEngine(replies=["First try.", "Second try.", "Third try.", "And more."])) as (fake, url):
-        code, out, err = await masque_bot(tmp_path, url, script, "--console", "--persona", "wren", "--name", "Ann")
+    replies = Script(["First try.", "Second try.", "Third try.", "And more."])
+    async with FakeEngine(reply=replies) as fake:
+        code, out, err = await masque_bot(tmp_path, fake.url, script, "--console", "--persona", "wren", "--name", "Ann")
     assert code == 0, err
     assert "--- Wren Halloway ---" in out
     assert "Wren: *The door rattles in its frame" in out  # the greeting, macros expanded
@@ -46,42 +48,59 @@ async def test_console_role_play_with_commands(tmp_path: Path):
     assert "Wren: Third try." in out and "Third try. And more." in out  # /regen, then /continue
     assert "[Removed 2 turn(s).]" in out and "Unknown command /nonsense" in out
     assert out.rstrip().endswith("Goodbye. The story is saved.")
-    assert fake.chats()[0]["messages"][-1]["content"].startswith("Ann: My brother vanished.")
-    assert len(fake.chats()) == 4  # nothing after /quit was sent
+    assert chats(fake)[0]["messages"][-1]["content"].startswith("Ann: My brother vanished.")
+    assert len(chats(fake)) == 4  # nothing after /quit was sent
 
 
 async def test_console_numbered_choice_and_end_of_input(tmp_path: Path):
-    async with running() as (fake, url):
-        code, out, _ = await masque_bot(tmp_path, url, "9\n2\nhello\n", "--console")
+    async with FakeEngine(reply=Script()) as fake:
+        code, out, _ = await masque_bot(tmp_path, fake.url, "9\n2\nhello\n", "--console")
     assert code == 0
     assert "1. Captain Isolde Varga" in out and "Choose a persona (1-3):" in out
-    assert "--- Old Mossback ---" in out and f"Old Mossback: {fake.reply}" in out
-    assert "Traveller: hello" in fake.chats()[0]["messages"][-1]["content"]
+    assert "--- Old Mossback ---" in out and f"Old Mossback: {fake.reply.default}" in out
+    assert "Traveller: hello" in chats(fake)[0]["messages"][-1]["content"]
 
 
 async def test_console_engine_down_keeps_the_turn_and_a_restart_resumes_and_retries(tmp_path: Path):
-    async with running(FakeEngine(mode="down")) as (fake, url):
+    async with FakeEngine(reply=Script()) as fake:
+        url = fake.url
+        await fake.set_mode("down")
         code, out, _ = await masque_bot(tmp_path, url, "hello?\n", "--console", "--persona", "Wren Halloway")
         assert code == 0
         assert "The story engine is not reachable right now" in out and "/regen" in out
-        fake.mode = "ok"
+        await fake.set_mode("ok")
         code, out, _ = await masque_bot(tmp_path, url, "/regen\n", "--console", "--persona", "Wren Halloway")
         assert code == 0
         assert "(resumed)" in out and "Traveller: hello?" in out  # the kept turn, read back from SQL
-        assert f"Wren: {fake.reply}" in out
-        assert fake.chats()[-1]["messages"][-1]["content"].startswith("Traveller: hello?")
+        assert f"Wren: {fake.reply.default}" in out
+        assert chats(fake)[-1]["messages"][-1]["content"].startswith("Traveller: hello?")
         code, out, _ = await masque_bot(tmp_path, url, "", "--console", "--persona", "Wren Halloway", "--new")
     assert "(resumed)" not in out and "Wren: *The door rattles" in out
 
 
 async def test_console_unknown_persona_exits_2(tmp_path: Path):
-    async with running() as (_, url):
-        code, out, _ = await masque_bot(tmp_path, url, "", "--console", "--persona", "Nobody Atall")
+    async with FakeEngine() as fake:
+        code, out, _ = await masque_bot(tmp_path, fake.url, "", "--console", "--persona", "Nobody Atall")
     assert code == 2 and "No persona named 'Nobody Atall'" in out and "Wren Halloway" in out
 
 
+# A stand-in for `python -m engine`: the fake engine, serving on the port the bot chose.
+FAKE_ENGINE_MAIN = """
+import asyncio, sys
+from tests.fakes.fake_engine import FakeEngine
+
+async def main():
+    engine = FakeEngine(reply="child says hi")
+    engine.port = int(sys.argv[1])
+    await engine.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
 def fake_engine_command() -> list[str]:
-    return [sys.executable, "-m", "tests.bot.c1_engine", "--port", "{port}", "--reply", "child says hi"]
+    return [sys.executable, "-c", FAKE_ENGINE_MAIN, "{port}"]
 
 
 async def test_child_engine_starts_answers_and_stops(tmp_path: Path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from PIL import Image
 
 from bot.engine_client import EngineBadResponse, EngineClient, EngineTimeout, EngineUnavailable, health_url
 from bot.engine_process import free_port
-from tests.bot.c1_engine import FakeEngine, embedding_for, png_bytes, running
+from tests.fakes.fake_engine import FakeEngine, embed_text
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -24,43 +27,56 @@ async def collect(client: EngineClient) -> tuple[str, list[dict]]:
     return text, extras
 
 
-async def test_stream_yields_text_deltas_and_the_masque_extras():
-    async with running(FakeEngine(reply="one two three")) as (fake, url):
-        client = EngineClient([url], retries=0)
-        assert not client.speaks_masque()
-        text, extras = await collect(client)
-        assert text == "one two three"
-        assert extras == [{"fusion": "composed", "transcripts": [], "captions": []}]
-        assert client.speaks_masque()
-        assert fake.chats()[0]["max_tokens"] == 20 and fake.chats()[0]["stream"] is True
-        await client.close()
+@pytest.mark.parametrize("chunk", ["first", "last"])
+async def test_stream_yields_text_deltas_and_the_masque_extras_from_any_chunk(fake_engine: FakeEngine, chunk: str):
+    fake_engine.reply, fake_engine.masque_chunk = "one two three", chunk
+    client = EngineClient([fake_engine.url], retries=0)
+    assert not client.speaks_masque()
+    text, extras = await collect(client)
+    assert text == "one two three"
+    assert extras == [{"fusion": "composed", "transcripts": [], "captions": []}]
+    assert client.speaks_masque()
+    [request] = fake_engine.requests_to("/v1/chat/completions")
+    assert request.json["max_tokens"] == 20 and request.json["stream"] is True
+    assert request.json["model"] == "masque-chat"
+    await client.close()
 
 
-async def test_an_engine_without_extras_is_known_not_to_speak_masque():
-    async with running(FakeEngine(masque=False)) as (_, url):
-        client = EngineClient([url], retries=0)
-        result = await client.chat(HELLO)
-        assert result.text.startswith("The rain") and result.extras == {}
-        assert not client.speaks_masque()
-        await client.close()
+async def test_an_engine_without_extras_is_known_not_to_speak_masque(fake_engine: FakeEngine):
+    fake_engine.masque, fake_engine.reply = False, "plain"
+    client = EngineClient([fake_engine.url], retries=0)
+    result = await client.chat(HELLO)
+    assert result.text == "plain" and result.extras == {}
+    await collect(client)
+    assert not client.speaks_masque()
+    await client.close()
 
 
-async def test_one_url_down_the_other_answers_and_the_dead_one_is_skipped_afterwards():
-    async with running() as (fake, url):
-        client = EngineClient([dead_url(), url], retries=0, unhealthy_s=60)
-        for _ in range(4):
-            assert (await client.chat(HELLO)).text
-        assert len(fake.chats()) == 4
-        assert await client.health() == {client.urls[0]: False, client.urls[1]: True}
-        await client.close()
+async def test_one_url_down_the_other_answers_and_the_dead_one_is_skipped_afterwards(fake_engine: FakeEngine):
+    client = EngineClient([dead_url(), fake_engine.url], retries=0, unhealthy_s=60)
+    for _ in range(4):
+        assert (await client.chat(HELLO)).text
+    assert len(fake_engine.requests_to("/v1/chat/completions")) == 4
+    assert await client.health() == {client.urls[0]: False, client.urls[1]: True}
+    await client.close()
 
 
 async def test_urls_are_used_in_turn():
-    async with running() as (first, url1), running() as (second, url2):
-        client = EngineClient([url1, url2], retries=0)
+    async with FakeEngine() as first, FakeEngine() as second:
+        client = EngineClient([first.url, second.url], retries=0)
         for _ in range(4):
             await client.chat(HELLO)
-        assert len(first.chats()) == 2 and len(second.chats()) == 2
+        assert len(first.requests_to("/v1/chat/completions")) == 2
+        assert len(second.requests_to("/v1/chat/completions")) == 2
+        await client.close()
+
+
+async def test_an_engine_that_goes_down_mid_run_fails_over_to_the_other():
+    async with FakeEngine(reply="from one") as one, FakeEngine(reply="from two") as two:
+        client = EngineClient([one.url, two.url], retries=0, unhealthy_s=60)
+        await one.set_mode("down")
+        answers = {(await collect(client))[0] for _ in range(3)}
+        assert answers == {"from two"}
         await client.close()
 
 
@@ -73,46 +89,61 @@ async def test_all_urls_down_raises_unavailable():
     await client.close()
 
 
-async def test_a_500_is_unavailable_and_a_slow_engine_times_out():
-    async with running(FakeEngine(mode="down")) as (fake, url):
-        client = EngineClient([url], retries=0)
-        with pytest.raises(EngineUnavailable, match="500"):
-            await collect(client)
-        fake.mode, fake.delay_s = "ok", 2.0
-        slow = EngineClient([url], retries=0, timeout_s=0.3)
-        with pytest.raises(EngineTimeout):
-            await collect(slow)
-        with pytest.raises(EngineTimeout):
-            await slow.embed(["x"])
-        await client.close()
-        await slow.close()
+async def test_a_500_is_unavailable(fake_engine: FakeEngine):
+    await fake_engine.set_mode("error")
+    client = EngineClient([fake_engine.url], retries=0)
+    with pytest.raises(EngineUnavailable, match="500"):
+        await collect(client)
+    await client.close()
 
 
-@pytest.mark.parametrize("mode", ["garbage", "html"])
-async def test_garbage_is_a_bad_response(mode: str):
-    async with running(FakeEngine(mode=mode)) as (_, url):
-        client = EngineClient([url], retries=0)
-        with pytest.raises(EngineBadResponse):
-            await client.chat(HELLO)
-        with pytest.raises(EngineBadResponse):
-            await collect(client)
-        with pytest.raises(EngineBadResponse):
-            await client.embed(["x"])
-        with pytest.raises(EngineBadResponse):
-            await client.generate_image("a cat")
-        await client.close()
+@pytest.mark.parametrize("mode", ["slow", "stall"])
+async def test_a_slow_or_stalled_engine_times_out(fake_engine: FakeEngine, mode: str):
+    await fake_engine.set_mode(mode)
+    client = EngineClient([fake_engine.url], retries=0, timeout_s=0.5)
+    with pytest.raises(EngineTimeout):
+        await collect(client)
+    with pytest.raises(EngineTimeout):
+        await client.embed(["x"])
+    await client.close()
 
 
-async def test_media_calls_transcribe_paint_and_embed():
-    async with running(FakeEngine(transcript="I heard you")) as (fake, url):
-        client = EngineClient([url], retries=0)
-        assert await client.transcribe(b"RIFF....", "voice.wav", "audio/wav") == "I heard you"
-        assert await client.generate_image("a cat", negative_prompt="blurry", seed=7, safe=False) == png_bytes()
-        assert await client.embed(["a", "b c"]) == [embedding_for("a"), embedding_for("b c")]
-        image_request = next(body for kind, body in fake.requests if kind == "image")
-        assert image_request["safe"] is False and image_request["seed"] == 7
-        assert image_request["negative_prompt"] == "blurry" and image_request["response_format"] == "b64_json"
-        await client.close()
+@pytest.mark.parametrize("mode", ["garbage", "wrong_shape"])
+async def test_garbage_is_a_bad_response(fake_engine: FakeEngine, mode: str):
+    await fake_engine.set_mode(mode)
+    client = EngineClient([fake_engine.url], retries=0)
+    with pytest.raises(EngineBadResponse):
+        await client.chat(HELLO)
+    with pytest.raises(EngineBadResponse):
+        await collect(client)
+    with pytest.raises(EngineBadResponse):
+        await client.embed(["x"])
+    with pytest.raises(EngineBadResponse):
+        await client.generate_image("a cat")
+    await client.close()
+
+
+async def test_media_calls_transcribe_paint_and_embed(fake_engine: FakeEngine):
+    fake_engine.transcript = "I heard you"
+    client = EngineClient([fake_engine.url], retries=0)
+    assert await client.transcribe(b"RIFF....", "voice.wav", "audio/wav") == "I heard you"
+    png = await client.generate_image("a cat", negative_prompt="blurry", seed=7, safe=False, size="64x32")
+    assert Image.open(io.BytesIO(png)).size == (64, 32)
+    vectors = await client.embed(["a cat", "b c"])
+    assert vectors == [pytest.approx(embed_text("a cat")), pytest.approx(embed_text("b c"))]
+    [image] = fake_engine.requests_to("/v1/images/generations")
+    assert image.json["safe"] is False and image.json["seed"] == 7 and image.json["model"] == "masque-art"
+    assert image.json["negative_prompt"] == "blurry" and image.json["response_format"] == "b64_json"
+    [heard] = fake_engine.requests_to("/v1/audio/transcriptions")
+    assert heard.form["file"]["filename"] == "voice.wav" and heard.form["model"] == "masque-whisper"
+    await client.close()
+
+
+async def test_the_api_key_is_sent_as_a_bearer_token(fake_engine: FakeEngine):
+    client = EngineClient([fake_engine.url], "s3cret", retries=0)
+    await client.chat(HELLO)
+    assert fake_engine.requests[-1].headers["Authorization"] == "Bearer s3cret"
+    await client.close()
 
 
 def test_health_url_sits_beside_v1():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from itertools import count
 from pathlib import Path
 
 import pytest
@@ -14,50 +13,33 @@ from bot.engine_client import EngineBadResponse, EngineClient, EngineTimeout, En
 from bot.pipeline import InputAttachment, NoStory, StoryError, StoryPipeline, UnknownPersona, UserInput
 from bot.settings import BotSettings
 from bot.store import AuthorKind, Store
-from tests.bot.c1_engine import FakeEngine, running
+from tests.bot.story_helpers import Collector, Script, chats, next_id
+from tests.fakes.fake_engine import FakeEngine
 
 CHANNEL, GUILD = 111, 222
-IDS = count(10_000)
-
-
-class Collector:
-    """A reply sink that remembers what it was shown and hands out message ids."""
-
-    def __init__(self) -> None:
-        self.updates: list[str] = []
-        self.finished: list[str] = []
-        self.ids: list[int] = []
-
-    async def update(self, text_so_far: str) -> None:
-        self.updates.append(text_so_far)
-
-    async def finish(self, text: str) -> list[int]:
-        self.finished.append(text)
-        self.ids = [next(IDS)]
-        return self.ids
-
-
 def settings_for(url: str, **extra: object) -> BotSettings:
     values = {"MASQUE_ENGINE_URL": url, "MASQUE_ENGINE_RETRIES": 0, "MASQUE_ENGINE_TIMEOUT_S": 5, **extra}
     return BotSettings(**values)
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeEngine, str]]:
-    async with running() as pair:
-        yield pair
+def script(fake_engine: FakeEngine) -> Script:
+    """What the fake engine answers (queued replies, then a default)."""
+    script = Script()
+    fake_engine.reply = script
+    return script
 
 
 @pytest.fixture
-async def pipeline(store: Store, fake: tuple[FakeEngine, str]) -> AsyncIterator[StoryPipeline]:
-    settings = settings_for(fake[1])
+async def pipeline(store: Store, fake_engine: FakeEngine, script: Script) -> AsyncIterator[StoryPipeline]:
+    settings = settings_for(fake_engine.url)
     engine = EngineClient.from_settings(settings)
     yield StoryPipeline(store, engine, settings)
     await engine.close()
 
 
 def said(text: str, name: str = "Ann", message_id: int | None = None, **kw: object) -> UserInput:
-    return UserInput(text, author_id=7, author_name=name, message_id=message_id or next(IDS), **kw)
+    return UserInput(text, author_id=7, author_name=name, message_id=message_id or next_id(), **kw)
 
 
 async def test_start_story_stores_the_greeting_with_alternates_as_swipes(pipeline: StoryPipeline):
@@ -75,29 +57,29 @@ async def test_start_story_stores_the_greeting_with_alternates_as_swipes(pipelin
         await pipeline.start_story(CHANNEL, GUILD, "nobody at all")
 
 
-async def test_reply_streams_stores_both_turns_and_builds_the_prompt(pipeline, fake):
-    engine, _ = fake
+async def test_reply_streams_stores_both_turns_and_builds_the_prompt(pipeline, fake_engine, script):
+    engine = fake_engine
     story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     sink = Collector()
     result = await pipeline.reply(CHANNEL, GUILD, said("My cat is gone, Wren.", message_id=555), sink)
-    assert result.persona_turn.text == engine.reply
-    assert sink.finished == [engine.reply]
-    assert len(sink.updates) > 2 and sink.updates[-1] == engine.reply
-    assert all(engine.reply.startswith(u) for u in sink.updates)
+    assert result.persona_turn.text == script.default
+    assert sink.finished == [script.default]
+    assert len(sink.updates) > 2 and sink.updates[-1] == script.default
+    assert all(script.default.startswith(u) for u in sink.updates)
     assert (await pipeline.store.turn_by_message(555)).id == result.user_turn.id
     assert (await pipeline.store.turn_by_message(sink.ids[0])).id == result.persona_turn.id
     turns = await pipeline.store.recent_turns(story.id)
     assert [t.author_kind for t in turns] == [AuthorKind.PERSONA, AuthorKind.USER, AuthorKind.PERSONA]
-    request = engine.chats()[-1]
+    request = chats(engine)[-1]
     assert "Port Vesper" in request["messages"][0]["content"]
     assert request["messages"][-1]["content"].startswith("Ann: My cat is gone, Wren.")
     assert "\nAnn:" in request["stop"]
 
 
-async def test_two_messages_at_once_are_answered_in_order(pipeline, fake):
-    engine, _ = fake
-    engine.delay_s = 0.2
-    engine.replies = ["first answer", "second answer"]
+async def test_two_messages_at_once_are_answered_in_order(pipeline, fake_engine, script):
+    engine = fake_engine
+    engine.latency = 0.2
+    script.replies[:] = ["first answer", "second answer"]
     story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     one, two = await asyncio.gather(
         pipeline.reply(CHANNEL, GUILD, said("one", "Ann"), Collector()),
@@ -107,67 +89,66 @@ async def test_two_messages_at_once_are_answered_in_order(pipeline, fake):
     assert [t.text for t in turns[1:]] == ["one", "first answer", "two", "second answer"]
     assert [t.position for t in turns] == sorted(t.position for t in turns)
     # The second prompt saw the first exchange.
-    second_prompt = str(engine.chats()[1]["messages"])
+    second_prompt = str(chats(engine)[1]["messages"])
     assert "first answer" in second_prompt and "Bo: two" in second_prompt
 
 
 @pytest.mark.parametrize(("mode", "error"), [("down", EngineUnavailable), ("garbage", EngineBadResponse),
-                                             ("slow", EngineTimeout)])
-async def test_engine_failure_keeps_the_user_turn_and_retry_answers_it(store, fake, mode, error):
-    engine, url = fake
-    settings = settings_for(url, MASQUE_ENGINE_TIMEOUT_S=0.3)
+                                             ("slow", EngineTimeout), ("error", EngineUnavailable)])
+async def test_engine_failure_keeps_the_user_turn_and_retry_answers_it(store, fake_engine, script, mode, error):
+    settings = settings_for(fake_engine.url, MASQUE_ENGINE_TIMEOUT_S=0.5)
     client = EngineClient.from_settings(settings)
     pipeline = StoryPipeline(store, client, settings)
     story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
-    engine.mode, engine.delay_s = ("ok", 2.0) if mode == "slow" else (mode, 0.0)
+    await fake_engine.set_mode(mode)
     with pytest.raises(error) as caught:
         await pipeline.reply(CHANNEL, GUILD, said("are you there?"), Collector())
     assert caught.value.user_message
     turns = await store.recent_turns(story.id)
     assert turns[-1].text == "are you there?" and caught.value.turn_id == turns[-1].id
-    engine.mode, engine.delay_s = "ok", 0.0
-    assert await client.health() == {url: True}  # the engine is back
+    await fake_engine.set_mode("ok")
+    assert await client.health() == {fake_engine.url: True}  # the engine is back
     answer = await pipeline.regenerate(caught.value.turn_id, Collector())
     turns = await store.recent_turns(story.id)
-    assert [t.text for t in turns[-2:]] == ["are you there?", engine.reply] and answer.id == turns[-1].id
+    assert [t.text for t in turns[-2:]] == ["are you there?", script.default] and answer.id == turns[-1].id
     await client.close()
 
 
-async def test_an_empty_reply_is_a_bad_response(pipeline, fake):
-    fake[0].reply = "   "
+async def test_an_empty_reply_is_a_bad_response(pipeline, fake_engine, script):
+    script.default = "   "
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway")
     with pytest.raises(EngineBadResponse, match="empty"):
         await pipeline.reply(CHANNEL, GUILD, said("hello?"), Collector())
 
 
-async def test_regenerate_adds_a_selected_swipe_and_swipe_moves_between_them(pipeline, fake):
-    engine, _ = fake
+async def test_regenerate_adds_a_selected_swipe_and_swipe_moves_between_them(pipeline, fake_engine, script):
+    engine = fake_engine
     story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
-    engine.replies = ["take one", "take two"]
+    script.replies[:] = ["take one", "take two"]
     result = await pipeline.reply(CHANNEL, GUILD, said("hi"), Collector())
-    regen_prompt_count = len(engine.chats())
+    regen_prompt_count = len(chats(engine))
     turn = await pipeline.regenerate(result.persona_turn.id, Collector())
     assert [s.text for s in turn.swipes] == ["take one", "take two"] and turn.text == "take two"
-    assert "take one" not in str(engine.chats()[regen_prompt_count]["messages"])  # regenerate never sees itself
+    assert "take one" not in str(chats(engine)[regen_prompt_count]["messages"])  # regenerate never sees itself
     turn = await pipeline.swipe(turn.id, -1)
     assert turn.text == "take one" and turn.selected_swipe == 0
     turn = await pipeline.swipe(turn.id, +9)
     assert turn.text == "take two"
     turn = await pipeline.swipe(turn.id, -1)
     await pipeline.reply(CHANNEL, GUILD, said("go on"), Collector())
-    history = str(engine.chats()[-1]["messages"])
+    history = str(chats(engine)[-1]["messages"])
     assert "take one" in history and "take two" not in history  # the story keeps the chosen swipe
 
 
-async def test_continue_appends_to_the_reply(pipeline, fake):
-    engine, _ = fake
+async def test_continue_appends_to_the_reply(pipeline, fake_engine, script):
+    engine = fake_engine
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
-    engine.replies = ["She looks up.", "Then she sighs."]
+    script.replies[:] = ["She looks up.", "Then she sighs."]
     result = await pipeline.reply(CHANNEL, GUILD, said("hi"), Collector())
     sink = Collector()
     turn = await pipeline.continue_turn(result.persona_turn.id, sink)
     assert turn.text == "She looks up. Then she sighs." == sink.finished[-1]
-    assert "Continue your last reply" in str(engine.chats()[-1]["messages"][-1])
+    assert "Continue your last reply" in str(chats(engine)[-1]["messages"][-1])
 
 
 async def test_rewind_reset_end_status_and_transcript(pipeline):
@@ -202,41 +183,41 @@ async def test_edits_and_deletes_follow_the_users_messages(pipeline):
     assert "I have a cat" not in [t.text for t in await pipeline.store.recent_turns(story.id)]
 
 
-async def test_audio_goes_natively_to_a_masque_engine_and_its_transcript_is_kept(pipeline, fake):
-    engine, _ = fake
+async def test_audio_goes_natively_to_a_masque_engine_and_its_transcript_is_kept(pipeline, fake_engine, script):
+    engine = fake_engine
     story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     await pipeline.reply(CHANNEL, GUILD, said("hi"), Collector())  # the client learns the engine's dialect
     voice = InputAttachment("audio", "voice-message.ogg", "audio/ogg", b"OggS fake audio", "https://cdn/v.ogg")
     photo = InputAttachment("image", "cat.png", "image/png", b"\x89PNG fake", "https://cdn/cat.png")
     result = await pipeline.reply(CHANNEL, GUILD, said("", attachments=[voice, photo]), Collector())
-    assert result.heard == [engine.transcript] and result.seen == ["a grey cat"]
-    last = engine.chats()[-1]["messages"][-1]["content"]
+    assert result.heard == [engine.transcript] and result.seen == [engine.caption]
+    last = chats(engine)[-1]["messages"][-1]["content"]
     kinds = [p["type"] for p in last]
     assert kinds == ["text", "input_audio", "image_url"]
     assert last[1]["input_audio"]["format"] == "ogg"
     assert last[2]["image_url"]["url"].startswith("data:image/png;base64,")
-    assert not [r for r in engine.requests if r[0] == "transcription"]
+    assert not engine.requests_to("/v1/audio/transcriptions")
     turn = await pipeline.store.get_turn(result.user_turn.id)
-    assert turn.attachments[0]["transcript"] == engine.transcript and turn.attachments[1]["caption"] == "a grey cat"
+    assert turn.attachments[0]["transcript"] == engine.transcript and turn.attachments[1]["caption"] == engine.caption
     assert "size" in turn.attachments[0] and "data" not in turn.attachments[0]
     await pipeline.reply(CHANNEL, GUILD, said("and?"), Collector())
-    assert f"[voice message: {engine.transcript}]" in str(engine.chats()[-1]["messages"])
+    assert f"[voice message: {engine.transcript}]" in str(chats(engine)[-1]["messages"])
 
 
-async def test_audio_is_transcribed_first_for_an_engine_without_masque_extras(pipeline, fake):
-    engine, _ = fake
+async def test_audio_is_transcribed_first_for_an_engine_without_masque_extras(pipeline, fake_engine, script):
+    engine = fake_engine
     engine.masque = False
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     voice = InputAttachment("audio", "note.wav", "audio/wav", b"RIFF fake")
     result = await pipeline.reply(CHANNEL, GUILD, said("listen", attachments=[voice]), Collector())
     assert result.heard == [engine.transcript]
-    assert [r for r in engine.requests if r[0] == "transcription"]
-    last = engine.chats()[-1]["messages"][-1]["content"]
+    assert engine.requests_to("/v1/audio/transcriptions")
+    last = chats(engine)[-1]["messages"][-1]["content"]
     assert last == f"Ann: listen\n[voice message: {engine.transcript}]"
 
 
-async def test_a_restart_resumes_the_story_from_sql(tmp_path: Path, fake):
-    engine, url = fake
+async def test_a_restart_resumes_the_story_from_sql(tmp_path: Path, fake_engine, script):
+    engine, url = fake_engine, fake_engine.url
     db = f"sqlite+aiosqlite:///{tmp_path / 'resume.db'}"
     settings = settings_for(url)
 
@@ -248,14 +229,14 @@ async def test_a_restart_resumes_the_story_from_sql(tmp_path: Path, fake):
 
     first = await open_pipeline()
     await first.start_story(CHANNEL, GUILD, "Old Mossback", "Ann")
-    engine.replies = ["Hrrm. A riddle, then."]
+    script.replies[:] = ["Hrrm. A riddle, then."]
     await first.reply(CHANNEL, GUILD, said("Tell me a riddle"), Collector())
     await first.engine.close()
     await first.store.close()
 
     second = await open_pipeline()
     result = await second.reply(CHANNEL, GUILD, said("I give up"), Collector())
-    history = str(engine.chats()[-1]["messages"])
+    history = str(chats(engine)[-1]["messages"])
     assert "Tell me a riddle" in history and "Hrrm. A riddle, then." in history
     assert result.persona_turn.position == 5
     await second.engine.close()

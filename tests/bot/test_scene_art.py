@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 
 import pytest
+from PIL import Image
 
 from bot.engine_client import EngineBadResponse, EngineClient
 from bot.pipeline import NoStory, StoryError, StoryPipeline, UserInput
 from bot.scene_art import ArtStats, best_match, cosine
 from bot.settings import BotSettings
 from bot.store import SceneArt, Store
-from tests.bot.c1_engine import FakeEngine, png_bytes, running
+from tests.bot.story_helpers import Script, chats
+from tests.fakes.fake_engine import FakeEngine
 
 CHANNEL, GUILD = 5, 6
 
@@ -25,14 +28,16 @@ class Quiet:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeEngine, str]]:
-    async with running() as pair:
-        yield pair
+def script(fake_engine: FakeEngine) -> Script:
+    script = Script()
+    fake_engine.reply = script
+    return script
 
 
 @pytest.fixture
-async def pipeline(store: Store, fake) -> AsyncIterator[StoryPipeline]:
-    settings = BotSettings(MASQUE_ENGINE_URL=fake[1], MASQUE_ENGINE_RETRIES=0, MASQUE_SCENE_REUSE_THRESHOLD=0.9)
+async def pipeline(store: Store, fake_engine: FakeEngine, script: Script) -> AsyncIterator[StoryPipeline]:
+    settings = BotSettings(MASQUE_ENGINE_URL=fake_engine.url, MASQUE_ENGINE_RETRIES=0,
+                           MASQUE_SCENE_REUSE_THRESHOLD=0.9, MASQUE_SCENE_IMAGE_SIZE="64x64")
     engine = EngineClient.from_settings(settings)
     yield StoryPipeline(store, engine, settings)
     await engine.close()
@@ -43,25 +48,25 @@ async def talk(pipeline: StoryPipeline, text: str) -> None:
 
 
 def images_painted(engine: FakeEngine) -> list[dict]:
-    return [body for kind, body in engine.requests if kind == "image"]
+    return [r.json for r in engine.requests_to("/v1/images/generations")]
 
 
-async def test_first_image_is_painted_with_the_persona_style_and_stored(pipeline, fake):
-    engine, _ = fake
+async def test_first_image_is_painted_with_the_persona_style_and_stored(pipeline, fake_engine, script):
+    engine = fake_engine
     story, persona, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     image = await pipeline.illustrate(CHANNEL)
-    assert image is not None and not image.reused and image.png == png_bytes()
-    assert image.prompt.startswith(persona.art_style) and engine.scene_prompt in image.prompt
+    assert image is not None and not image.reused and Image.open(io.BytesIO(image.png)).size == (64, 64)
+    assert image.prompt.startswith(persona.art_style) and script.scene in image.prompt
     [painted] = images_painted(engine)
     assert painted["prompt"] == image.prompt and painted["safe"] is True and "nsfw" in painted["negative_prompt"]
     [art] = await pipeline.store.scene_art(story.id)
-    assert art.id == image.art_id and art.image == image.png and (art.width, art.height) == (8, 8)
+    assert art.id == image.art_id and art.image == image.png and (art.width, art.height) == (64, 64)
     assert art.embedding and art.turn_id == (await pipeline.store.recent_turns(story.id))[-1].id
-    scene_request = engine.chats()[-1]["messages"]
+    scene_request = chats(engine)[-1]["messages"]
     assert "Art style:" in scene_request[1]["content"] and "grey fedora" in scene_request[1]["content"]
 
 
-async def test_nothing_new_means_no_image_unless_forced(pipeline, fake):
+async def test_nothing_new_means_no_image_unless_forced(pipeline, fake_engine, script):
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     assert await pipeline.illustrate(CHANNEL) is not None
     assert await pipeline.illustrate(CHANNEL) is None
@@ -69,15 +74,15 @@ async def test_nothing_new_means_no_image_unless_forced(pipeline, fake):
     assert await pipeline.illustrate(CHANNEL, force=True) is not None
 
 
-async def test_a_close_scene_reuses_the_earlier_image_and_a_new_one_is_painted(pipeline, fake):
-    engine, _ = fake
+async def test_a_close_scene_reuses_the_earlier_image_and_a_new_one_is_painted(pipeline, fake_engine, script):
+    engine = fake_engine
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     first = await pipeline.illustrate(CHANNEL)
     await talk(pipeline, "I sit down.")
     again = await pipeline.illustrate(CHANNEL)  # the engine describes the same scene
     assert again.reused and again.art_id == first.art_id and again.png == first.png
     assert len(images_painted(engine)) == 1
-    engine.scene_prompt = "a sunny beach with seagulls and ice cream"
+    script.scene = "a sunny beach with seagulls and ice cream"
     await talk(pipeline, "We drive to the coast.")
     beach = await pipeline.illustrate(CHANNEL)
     assert not beach.reused and beach.art_id != first.art_id
@@ -86,8 +91,8 @@ async def test_a_close_scene_reuses_the_earlier_image_and_a_new_one_is_painted(p
     assert pipeline.art.stats.hit_rate == pytest.approx(1 / 3)
 
 
-async def test_fresh_skips_reuse_and_unsafe_channels_turn_the_switch_off(pipeline, fake):
-    engine, _ = fake
+async def test_fresh_skips_reuse_and_unsafe_channels_turn_the_switch_off(pipeline, fake_engine, script):
+    engine = fake_engine
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     await pipeline.illustrate(CHANNEL)
     redo = await pipeline.illustrate(CHANNEL, force=True, fresh=True, safe=False)
@@ -96,8 +101,7 @@ async def test_fresh_skips_reuse_and_unsafe_channels_turn_the_switch_off(pipelin
     assert last["safe"] is False and "nsfw" not in last["negative_prompt"]
 
 
-async def test_imagine_uses_the_channel_persona_style(pipeline, fake):
-    engine, _ = fake
+async def test_imagine_uses_the_channel_persona_style(pipeline):
     _, persona, _ = await pipeline.start_story(CHANNEL, GUILD, "Old Mossback", "Ann")
     image = await pipeline.imagine(CHANNEL, GUILD, "a teapot on a mossy stone")
     assert image.art_id is None and not image.reused
@@ -108,12 +112,12 @@ async def test_imagine_uses_the_channel_persona_style(pipeline, fake):
         await pipeline.imagine(CHANNEL, GUILD, "   ")
 
 
-async def test_an_image_that_is_not_an_image_is_a_bad_response(pipeline, fake, monkeypatch):
-    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
-    monkeypatch.setattr("tests.bot.c1_engine.png_bytes", lambda *a, **k: b"definitely not a png")
+async def test_an_engine_answering_garbage_gives_a_bad_response_and_stores_nothing(pipeline, fake_engine):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    await fake_engine.set_mode("wrong_shape", paths=("/v1/images/generations",))
     with pytest.raises(EngineBadResponse):
         await pipeline.illustrate(CHANNEL)
-    assert await pipeline.store.scene_art((await pipeline.store.active_story(CHANNEL)).id) == []
+    assert await pipeline.store.scene_art(story.id) == []
 
 
 async def test_no_story_no_scene(pipeline):
