@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import inspect
-import io
 import json
-import math
-import re
 import struct
 import time
 import uuid
@@ -34,18 +30,26 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import sse_response
-from PIL import Image
+
+from tests.fakes.openai_shapes import (
+    MAX_IMAGE_SIDE,
+    WORD_RE,
+    default_reply,
+    embed_text,
+    error_body,
+    media_report,
+    parse_size,
+    png_of,
+    split_tokens,
+    usage,
+)
 
 HOST = "127.0.0.1"
 DEFAULT_MODEL = "fake-masque"
-EMBEDDING_DIM = 256
 DEFAULT_IMAGE_SIZE = "1024x1024"
-MAX_IMAGE_SIDE = 2048
 SLOW_SECONDS = 3600.0  # "slow" means: longer than any client timeout a test would set
 DEFAULT_TRANSCRIPT = "I heard you loud and clear."
 DEFAULT_CAPTION = "a picture of a lantern on a wooden table"
-_TOKEN_RE = re.compile(r"\s*\S+|\s+")
-_WORD_RE = re.compile(r"[a-z0-9']+")
 
 RECORD = web.RequestKey("record", "RecordedRequest")
 FAILURE = web.RequestKey("failure", "FailureMode")
@@ -81,69 +85,6 @@ class RecordedRequest:
     def engine_seconds(self) -> float:
         """Time the fake spent on this request (latency, token delays, writing)."""
         return (self.finished or self.started) - self.started
-
-
-def default_reply(request: dict[str, Any]) -> str:
-    """An in-character-ish reply that quotes the last user text, so tests can assert on it."""
-    for message in reversed(request.get("messages", [])):
-        if message.get("role") == "user":
-            return f"*nods slowly* You said: {message_text(message)}"
-    return "*waits in silence*"
-
-
-def message_text(message: dict[str, Any]) -> str:
-    """The text parts of one chat message, joined."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
-    return ""
-
-
-def split_tokens(text: str) -> list[str]:
-    """Word-sized stream deltas; joined they give back `text` exactly."""
-    return _TOKEN_RE.findall(text)
-
-
-def embed_text(text: str, dim: int = EMBEDDING_DIM) -> list[float]:
-    """A unit vector from a hashed bag of words: texts sharing words point the same way."""
-    vector = [0.0] * dim
-    for word in _WORD_RE.findall(text.lower()):
-        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
-        index = int.from_bytes(digest[:4], "little") % dim
-        vector[index] += 1.0 if digest[4] & 1 else -1.0
-    norm = math.sqrt(sum(v * v for v in vector))
-    if norm == 0.0:
-        vector[0], norm = 1.0, 1.0  # empty text still gets a valid unit vector
-    return [v / norm for v in vector]
-
-
-def png_of(width: int, height: int, prompt: str) -> bytes:
-    """A real PNG of the asked size, its colour derived from the prompt."""
-    r, g, b = hashlib.sha256(prompt.encode()).digest()[:3]
-    image = Image.new("RGB", (width, height), (r, g, b))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def media_report(messages: list[dict[str, Any]], transcript: str, caption: str) -> dict[str, Any]:
-    """The engine's `masque` object for a request: one transcript per audio part, one caption per image."""
-    transcripts, captions = [], []
-    for index, message in enumerate(messages):
-        parts = message.get("content") if isinstance(message.get("content"), list) else []
-        for part in parts:
-            if part.get("type") == "input_audio":
-                transcripts.append({"message": index, "text": transcript})
-            elif part.get("type") == "image_url":
-                captions.append({"message": index, "text": caption})
-    return {"fusion": "composed", "transcripts": transcripts, "captions": captions}
-
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """The one OpenAI error shape."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _bad_request(message: str, param: str | None = None) -> web.Response:
@@ -353,7 +294,7 @@ class FakeEngine:
             "model": body["model"], "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                          "logprobs": None, "finish_reason": finish}],
-            "usage": _usage(body, text),
+            "usage": usage(body, text),
         }
         if masque is not None:
             completion["masque"] = masque
@@ -393,7 +334,7 @@ class FakeEngine:
             if (body.get("stream_options") or {}).get("include_usage"):
                 await sse.send(json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
                                            "model": body["model"], "choices": [],
-                                           "usage": _usage(body, "".join(tokens))}))
+                                           "usage": usage(body, "".join(tokens))}))
             await sse.send("[DONE]")
         return sse
 
@@ -404,7 +345,7 @@ class FakeEngine:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             return _bad_request("'prompt' must be a non-empty string", "prompt")
-        size = _parse_size(body.get("size") or DEFAULT_IMAGE_SIZE)
+        size = parse_size(body.get("size") or DEFAULT_IMAGE_SIZE)
         if size is None:
             return _bad_request(f"Invalid size {body.get('size')!r}: use WIDTHxHEIGHT up to {MAX_IMAGE_SIDE}.",
                                 "size")
@@ -431,7 +372,7 @@ class FakeEngine:
             if base64_wanted:  # what the official client asks for by default: little-endian float32
                 encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": encoded})
-        words = sum(len(_WORD_RE.findall(t.lower())) for t in inputs)
+        words = sum(len(WORD_RE.findall(t.lower())) for t in inputs)
         return web.json_response({"object": "list", "data": data, "model": body.get("model") or self.model,
                                   "usage": {"prompt_tokens": words, "total_tokens": words}})
 
@@ -460,19 +401,3 @@ class FakeEngine:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ready": True,
                                   "roles": {"chat": {"state": "ready", "model": self.model}}})
-
-
-def _usage(body: dict, text: str) -> dict[str, int]:
-    prompt = sum(len(message_text(m).split()) for m in body.get("messages", []))
-    completion = len(split_tokens(text))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _parse_size(size: Any) -> tuple[int, int] | None:
-    match = re.fullmatch(r"(\d+)x(\d+)", str(size))
-    if not match:
-        return None
-    width, height = int(match[1]), int(match[2])
-    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
-        return None
-    return width, height
