@@ -57,3 +57,30 @@ def media_parts(attachments: Sequence[InputAttachment], with_audio: bool = True)
 async def transcribe_audio(engine: EngineClient, attachments: Sequence[InputAttachment]) -> list[str]:
     """Transcripts of the audio attachments, in order, through the engine's transcription endpoint."""
     return [await engine.transcribe(a.data, a.filename, a.content_type) for a in attachments if a.kind == "audio"]
+
+
+def attachment_meta(attachments: Sequence[InputAttachment], heard: Sequence[str] = ()) -> list[dict]:
+    """What the store keeps about attachments (never the bytes): kind, name, url, type, size, transcript."""
+    out, spoken = [], iter(heard)
+    for item in attachments:
+        meta = {"kind": item.kind, "filename": item.filename, "url": item.url,
+                "content_type": item.content_type, "size": len(item.data)}
+        if item.kind == "audio":
+            transcript = next(spoken, "")
+            if transcript:
+                meta["transcript"] = transcript
+        out.append(meta)
+    return out
+
+
+def annotate(meta: list[dict], heard: Sequence[str], seen: Sequence[str]) -> list[dict]:
+    """Attach transcripts to audio items and captions to image items, in order."""
+    spoken, shown, out = iter(heard), iter(seen), []
+    for item in meta:
+        item = dict(item)
+        if item.get("kind") == "audio" and not item.get("transcript"):
+            item["transcript"] = next(spoken, "")
+        elif item.get("kind") == "image" and not item.get("caption"):
+            item["caption"] = next(shown, "")
+        out.append({k: v for k, v in item.items() if v != "" or k in ("url", "content_type")})
+    return out

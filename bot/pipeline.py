@@ -14,23 +14,22 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from bot.cards import Card, expand
 from bot.engine_client import EngineBadResponse, EngineClient, EngineError, StreamEvent
-from bot.media import media_parts, transcribe_audio
+from bot.media import annotate, attachment_meta, media_parts, transcribe_audio
 from bot.scene_art import SceneArtService, SceneImage
 from bot.settings import BotSettings
 from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Turn
-from bot.story import PromptParts, build_messages, continue_instruction, estimate_tokens, render_turn
+from bot.story import PromptParts, build_messages, continue_instruction, estimate_tokens, format_transcript
 from bot.story.prompt import clean_reply, stop_sequences
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USER_NAME = "User"
 HISTORY_TURNS = 200  # turns read from SQL per prompt; the token budget then trims them
-TRANSCRIPT_SEPARATOR = "\n\n"
 
 
 class StoryError(Exception):
@@ -327,7 +326,7 @@ class StoryPipeline:
         recent = await self.store.recent_turns(story.id, 1)
         return StoryStatusInfo(
             story=story, persona_name=persona.name, turns=await self.store.count_turns(story.id),
-            last_activity=recent[0].updated_at if recent else story.created_at,
+            last_activity=_aware(recent[0].updated_at if recent else story.created_at),
             scene_images=len(await self.store.scene_art(story.id)))
 
     async def edit_user_turn(self, message_id: int, text: str) -> Turn | None:
@@ -385,40 +384,6 @@ def persona_card(persona: Persona) -> Card:
     return Card.model_validate(persona.card)
 
 
-def attachment_meta(attachments: Sequence[InputAttachment], heard: Sequence[str] = ()) -> list[dict]:
-    """What the store keeps about attachments (never the bytes): kind, name, url, type, size, transcript."""
-    out, spoken = [], iter(heard)
-    for item in attachments:
-        meta = {"kind": item.kind, "filename": item.filename, "url": item.url,
-                "content_type": item.content_type, "size": len(item.data)}
-        if item.kind == "audio":
-            transcript = next(spoken, "")
-            if transcript:
-                meta["transcript"] = transcript
-        out.append(meta)
-    return out
-
-
-def annotate(meta: list[dict], heard: Sequence[str], seen: Sequence[str]) -> list[dict]:
-    """Attach transcripts to audio items and captions to image items, in order."""
-    spoken, shown, out = iter(heard), iter(seen), []
-    for item in meta:
-        item = dict(item)
-        if item.get("kind") == "audio" and not item.get("transcript"):
-            item["transcript"] = next(spoken, "")
-        elif item.get("kind") == "image" and not item.get("caption"):
-            item["caption"] = next(shown, "")
-        out.append({k: v for k, v in item.items() if v != "" or k in ("url", "content_type")})
-    return out
-
-
-def format_transcript(story: Story, turns: Sequence[Turn]) -> str:
-    """Plain-text transcript: a header, then `Name: text` per turn with media notes."""
-    header = f"# {story.title or 'Story'} (started {story.created_at:%Y-%m-%d %H:%M} UTC)"
-    lines = [f"{t.author_name or t.author_kind.value}: {render_turn(t)}" for t in turns]
-    return TRANSCRIPT_SEPARATOR.join([header, *lines]) + "\n"
-
-
 def _merge_extras(extras: dict, event: StreamEvent) -> dict:
     return {**extras, **event.extras} if event.extras else extras
 
@@ -428,3 +393,8 @@ def _joined(prefix: str, text: str) -> str:
         return text
     separator = "" if prefix.endswith((" ", "\n")) or text.startswith((" ", "\n", ",", ".")) else " "
     return f"{prefix}{separator}{text}"
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; they are UTC (the store writes UTC).
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment

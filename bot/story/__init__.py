@@ -8,8 +8,9 @@ from bot.story.lorebook import triggered_entries
 from bot.story.prompt import PromptParts, TurnLike, build_messages, continue_instruction, render_turn
 from bot.story.scene import scene_prompt_messages
 from bot.story.tokens import CHARS_PER_TOKEN, estimate_tokens
+from bot.story.transcript import format_transcript
 
 __all__ = [
     "CHARS_PER_TOKEN", "PromptParts", "TurnLike", "build_messages", "continue_instruction",
-    "estimate_tokens", "render_turn", "scene_prompt_messages", "triggered_entries",
+    "estimate_tokens", "format_transcript", "render_turn", "scene_prompt_messages", "triggered_entries",
 ]
