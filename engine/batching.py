@@ -330,10 +330,11 @@ class Batcher:
             seq.handle.push(Delta(piece, len(seq.generated)))
 
     def _finish(self, seq: _Sequence, delta: Delta) -> None:
-        if not seq.handle.cancelled.is_set():
-            seq.handle.push(delta)
+        listening = not seq.handle.cancelled.is_set()
         seq.handle.cancelled.set()  # marks it done for the batch
-        self._release(seq)
+        self._release(seq)  # before the last delta, so a caller that saw it sees the slot free
+        if listening:
+            seq.handle.push(delta)
 
     def _release(self, seq: _Sequence) -> None:
         if not seq.released:

@@ -105,6 +105,8 @@ class _Streamer(BaseStreamer):
 
     def __init__(self, backend: OmniBackend, handle: SequenceHandle, params: SamplingParams):
         self.handle, self.params, self.eos = handle, params, backend.eos_ids
+        self.admission = backend.admission
+        self.released = False
         self.text = TextStream(backend.tokenizer, params.stop)
         self.ids: list[int] = []
         self.prompt_seen = False
@@ -133,7 +135,14 @@ class _Streamer(BaseStreamer):
 
     def finish(self, reason: str, piece: str = "") -> None:
         self.done = True
+        self.release()  # before the last delta, so a caller that saw it sees the slot free
         self.handle.push(Delta(piece + self.text.flush(), len(self.ids), reason))
+
+    def release(self) -> None:
+        """Give the admission slot back, once."""
+        if not self.released:
+            self.released = True
+            self.admission.leave()
 
 
 class _Halt(StoppingCriteria):
@@ -206,9 +215,10 @@ class OmniBackend:
                 )
         except Exception as exc:  # one failed request must not stop the worker
             log.exception("Omni generation failed")
+            streamer.release()
             handle.push(Delta("", len(streamer.ids), "error", str(exc)))
         finally:
-            self.admission.leave()
+            streamer.release()
 
     def queue_depth(self) -> int:
         """Requests waiting or running."""

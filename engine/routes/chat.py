@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import sse_response
+from jinja2 import TemplateError
 
 from engine.batching import Delta, SamplingParams, SequenceHandle
 from engine.errors import APIError, invalid_request, not_found, read_json
@@ -106,7 +107,13 @@ async def start_job(request: web.Request, body: ChatCompletionRequest) -> Job:
     else:
         messages, masque = await compose(parsed, registry)
         images, audios = [], []
-    prompt = await asyncio.to_thread(backend.prepare, messages, images, audios)
+    try:
+        prompt = await asyncio.to_thread(backend.prepare, messages, images, audios)
+    except TemplateError as exc:  # e.g. a template that insists on alternating roles
+        raise invalid_request(
+            f"The model's chat template refused these messages: {exc}", "messages",
+            "invalid_messages",
+        ) from None
     max_tokens = token_budget(body, role, len(prompt), backend.context_tokens)
     job = Job(role.served_name, len(prompt), masque)
     try:
