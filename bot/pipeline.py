@@ -24,7 +24,7 @@ from bot.scene_art import SceneArtService, SceneImage
 from bot.settings import BotSettings
 from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Turn
 from bot.story import PromptParts, build_messages, continue_instruction, estimate_tokens, format_transcript
-from bot.story.prompt import clean_reply, stop_sequences
+from bot.story.prompt import clean_reply, may_become_name_prefix, stop_sequences
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,8 @@ class StoryPipeline:
             extras = _merge_extras(extras, event)
             if event.text:
                 text += event.text
+                if may_become_name_prefix(text, card.display_name):
+                    continue  # do not flash "Wren" before the header is dropped
                 await sink.update(_joined(prefix, clean_reply(text, card.display_name)))
         reply = clean_reply(text, card.display_name)
         if not reply:

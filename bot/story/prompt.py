@@ -103,6 +103,12 @@ def clean_reply(text: str, char: str) -> str:
     return re.sub(rf"^\s*{re.escape(char)}\s*:\s*", "", text, count=1).strip()
 
 
+def may_become_name_prefix(text: str, char: str) -> bool:
+    """True while a streamed reply could still turn out to be the `Char:` header clean_reply drops."""
+    stripped = text.lstrip()
+    return len(stripped) <= len(char) + 1 and f"{char}:".startswith(stripped)
+
+
 def continue_instruction() -> str:
     return CONTINUE_INSTRUCTION
 

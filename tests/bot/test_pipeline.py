@@ -76,6 +76,15 @@ async def test_reply_streams_stores_both_turns_and_builds_the_prompt(pipeline, f
     assert "\nAnn:" in request["stop"]
 
 
+async def test_a_streamed_name_header_is_never_shown(pipeline, script):
+    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    script.replies[:] = ["Wren: *sighs* Fine."]
+    sink = Collector()
+    result = await pipeline.reply(CHANNEL, GUILD, said("well?"), sink)
+    assert result.persona_turn.text == "*sighs* Fine." == sink.finished[-1]
+    assert all(u and "*sighs* Fine.".startswith(u) for u in sink.updates)
+
+
 async def test_two_messages_at_once_are_answered_in_order(pipeline, fake_engine, script):
     engine = fake_engine
     engine.latency = 0.2

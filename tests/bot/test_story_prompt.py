@@ -8,7 +8,7 @@ from typing import Any
 from bot.builtin import builtin_personas
 from bot.cards import Card
 from bot.story import PromptParts, build_messages, estimate_tokens, triggered_entries
-from bot.story.prompt import DEFAULT_SYSTEM_PROMPT, clean_reply, stop_sequences
+from bot.story.prompt import DEFAULT_SYSTEM_PROMPT, clean_reply, may_become_name_prefix, stop_sequences
 from bot.story.scene import PROMPT_MAX_CHARS, clean_image_prompt, scene_prompt_messages
 
 
@@ -174,6 +174,8 @@ def test_stop_sequences_and_reply_cleaning():
     assert stop_sequences(turns, "Ann") == ["\nAnn:", "\nBo:"]
     assert clean_reply("Wren: *nods* Fine.", "Wren") == "*nods* Fine."
     assert clean_reply("Fine, Wren: whatever.", "Wren") == "Fine, Wren: whatever."
+    assert may_become_name_prefix("Wr", "Wren") and may_become_name_prefix(" Wren:", "Wren")
+    assert not may_become_name_prefix("Wren: hi", "Wren") and not may_become_name_prefix("Well", "Wren")
 
 
 def test_builtin_personas_build_prompts_with_no_macro_left():
