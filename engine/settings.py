@@ -91,12 +91,14 @@ class ImageSettings(RoleSettings):
     """Text to image with diffusers."""
 
     served_names: list[str] = ["masque-art", "dall-e-2", "dall-e-3", "gpt-image-1"]
-    default_size: str = "512x512"
+    # "auto" = the pipeline's native size (SD 1.5: 512, SDXL: 1024, the tiny one: 64); a fixed
+    # default that is large for a small model costs minutes on a CPU.
+    default_size: str = "auto"
     default_steps: int = Field(25, ge=1)
     max_steps: int = Field(100, ge=1)
     guidance_scale: float | None = None  # None = the pipeline's default (SDXL-Turbo wants 0)
     max_n: int = Field(4, ge=1)
-    max_side: int = Field(2048, ge=8)
+    max_side: int = Field(0, ge=0)  # 0 = twice the pipeline's native size
     safety_default: bool = True  # when a request does not say; see engine.backends.images
 
 

@@ -31,6 +31,7 @@ BLOCKED_TERMS = (
     "gore", "gory", "dismembered", "decapitated", "mutilated",
 )
 SAFETY_NEGATIVE = "nsfw, nudity, sexual content, gore"
+FALLBACK_NATIVE_SIZE = 512  # for pipelines whose config does not say
 MAX_SEED = 2**32 - 1
 
 
@@ -92,6 +93,17 @@ class DiffusersImages:
             self._unchecked = type(pipe).from_pipe(pipe, safety_checker=None,
                                                    requires_safety_checker=False)
             self._unchecked.set_progress_bar_config(disable=True)
+
+    @property
+    def native_size(self) -> int:
+        """The side the model was trained at: its denoiser's sample size in latent pixels
+        times the VAE's scale factor."""
+        denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+        scale = getattr(self.pipe, "vae_scale_factor", None)
+        if isinstance(sample, int) and isinstance(scale, int):
+            return sample * scale
+        return FALLBACK_NATIVE_SIZE
 
     def generate(
         self,

@@ -21,18 +21,23 @@ SIDE_MULTIPLE = 8  # latent diffusion VAEs downsample by 8
 MIN_SIDE = 8
 
 
-def _size(body: ImageRequest, role: ImageSettings, settings: EngineSettings) -> tuple[int, int]:
-    """Width and height from ``size`` (or the default), or a 400 saying what is allowed."""
+def _size(body: ImageRequest, role: ImageSettings, settings: EngineSettings,
+          native: int) -> tuple[int, int]:
+    """Width and height from ``size`` (or the default), or a 400 saying what is allowed.
+    ``native`` is the loaded model's own resolution, behind "auto" and the default limit."""
     asked = body.size if body.size not in (None, "", "auto") else role.default_size
+    if asked == "auto":
+        asked = f"{native}x{native}"
     try:
         width, height = parse_size(asked)
     except ValueError as exc:
         raise invalid_request(str(exc), "size", "invalid_size") from None
+    max_side = role.max_side or 2 * native
     for side in (width, height):
-        if side < MIN_SIDE or side > role.max_side or side % SIDE_MULTIPLE:
+        if side < MIN_SIDE or side > max_side or side % SIDE_MULTIPLE:
             raise invalid_request(
                 f"size {asked!r}: each side must be a multiple of {SIDE_MULTIPLE} between "
-                f"{MIN_SIDE} and {role.max_side}.", "size", "invalid_size",
+                f"{MIN_SIDE} and {max_side}.", "size", "invalid_size",
             )
     if width * height > settings.limits.max_image_pixels:
         raise invalid_request(
@@ -72,10 +77,10 @@ async def generations(request: web.Request) -> web.Response:
     role = settings.images
     body = ImageRequest.model_validate(await read_json(request))
     steps = _check(body, role)
-    width, height = _size(body, role, settings)
-    safety = role.safety_default if body.safety is None else body.safety
     registry = request.app[REGISTRY]
     backend = registry.get("images")
+    width, height = _size(body, role, settings, backend.native_size)
+    safety = role.safety_default if body.safety is None else body.safety
 
     def work() -> tuple[GeneratedImages, list[str]]:
         result = backend.generate(

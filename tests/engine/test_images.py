@@ -96,6 +96,7 @@ def test_safety_switch_uses_the_pipeline_checker(tiny_pipe) -> None:
 
 def test_seeds_make_images_reproducible(tiny_pipe) -> None:
     backend = DiffusersImages(tiny_pipe, "cpu", default_steps=2)
+    assert backend.native_size == 64
     first = backend.generate("a red door", 32, 32, n=2, seed=41)
     again = backend.generate("a red door", 32, 32, n=1, seed=42)
     assert first.seeds == [41, 42]
@@ -125,6 +126,14 @@ def test_generate_pngs_of_the_asked_size(openai_client: openai.OpenAI) -> None:
     assert result.model_extra["masque"] == {"seeds": [5, 6], "steps": 2, "safety": True}
 
 
+@pytest.mark.parametrize("size", [None, "auto"])
+def test_default_size_is_the_models_own(openai_client: openai.OpenAI, size: str | None) -> None:
+    # The tiny UNet samples 32 latent pixels and its VAE scales by 2: a 64x64 model.
+    extra = {"size": size} if size else {}
+    result = openai_client.images.generate(prompt="a small boat", extra_body=FAST, **extra)
+    assert png(result.data[0].b64_json).size == (64, 64) and result.size == "64x64"
+
+
 def test_same_seed_same_image(openai_client: openai.OpenAI) -> None:
     def paint() -> str:
         return openai_client.images.generate(
@@ -151,6 +160,7 @@ def test_safety_is_the_callers_switch(openai_client: openai.OpenAI) -> None:
         ({"prompt": "x", "size": "huge"}, 400, "size", "invalid_size"),
         ({"prompt": "x", "size": "0x64"}, 400, "size", "invalid_size"),
         ({"prompt": "x", "size": "4096x4096"}, 400, "size", "invalid_size"),
+        ({"prompt": "x", "size": "256x256"}, 400, "size", "invalid_size"),  # > 2x native
         ({"prompt": "x", "size": "32x32", "n": 5}, 400, "n", "invalid_value"),
         ({"prompt": "x", "size": "32x32", "n": 0}, 400, "n", "invalid_value"),
         ({"prompt": "x", "size": "32x32", "n": 11}, 400, "n", "invalid_value"),
