@@ -6,9 +6,10 @@ uses to find earlier scenes close to a new one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from engine.backends import pick_device
+from engine.backends import digests, pick_device
 
 
 class InputTooLong(ValueError):
@@ -73,6 +74,7 @@ class SentenceEmbeddings:
 
 def load(role_settings: Any, settings: Any) -> SentenceEmbeddings:
     """Load the embedding model (blocking; the registry runs it in a thread)."""
+    digests.verify(Path(role_settings.model) / "model.safetensors")
     return SentenceEmbeddings(
         role_settings.model,
         device=pick_device(role_settings.device).type,

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from engine.audio import SAMPLE_RATE
-from engine.backends import pick_device
+from engine.backends import digests, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ def load(role_settings: Any, settings: Any) -> SpeechToText:
     """Build the configured STT backend (blocking; the registry runs it in a thread)."""
     device = pick_device(role_settings.device).type
     download_root = str(settings.cache_dir / "hub")
+    digests.verify(Path(role_settings.model) / CT2_WEIGHTS)
     if role_settings.backend == "openai-whisper":
         checkpoint = openai_whisper_checkpoint(role_settings.model, settings.cache_dir)
         return OpenAIWhisperSTT(checkpoint, device, role_settings.vad, download_root)

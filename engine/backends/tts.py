@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.backends import digests
+
 log = logging.getLogger(__name__)
 
 MIN_SPEED = 0.25  # OpenAI's range for `speed`
@@ -129,7 +131,10 @@ class PiperTTS:
 def load(role_settings: Any, settings: Any) -> PiperTTS:
     """Load the configured voices (blocking; the registry runs it in a thread)."""
     use_cuda = role_settings.device == "cuda"
-    return PiperTTS(find_voices(role_settings.model, role_settings.voices_dir), use_cuda)
+    voices = find_voices(role_settings.model, role_settings.voices_dir)
+    for voice in voices:
+        digests.verify(voice)
+    return PiperTTS(voices, use_cuda)
 
 
 def measure_tts_rtf(backend: PiperTTS, text: str, repeats: int = 3) -> float:

