@@ -187,6 +187,18 @@ def test_transcription_verbose_json_and_subtitles(openai_client: openai.OpenAI,
     assert word_error_rate(CLIP_TEXT, text) < MAX_WER
 
 
+async def test_async_client_speaks_and_hears(async_openai_client: openai.AsyncOpenAI,
+                                              espeak_clip: bytes) -> None:
+    speech, heard = await asyncio.gather(
+        async_openai_client.audio.speech.create(model="tts-1", voice=VOICE, input=SPOKEN_LINE,
+                                                response_format="wav"),
+        async_openai_client.audio.transcriptions.create(model="whisper-1",
+                                                        file=("clip.wav", espeak_clip)),
+    )
+    assert (await speech.aread())[:4] == b"RIFF"
+    assert word_error_rate(CLIP_TEXT, heard.text) < MAX_WER
+
+
 def test_transcription_of_silence_is_empty(openai_client: openai.OpenAI) -> None:
     silence = encode_wav(np.zeros(3 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
     result = openai_client.audio.transcriptions.create(model="whisper-1",

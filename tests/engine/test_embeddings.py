@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import aiohttp
@@ -53,6 +54,16 @@ def test_default_client_call_and_usage(openai_client: openai.OpenAI) -> None:
     batch = openai_client.embeddings.create(model=MODEL, input=[UNRELATED, QUERY])
     assert np.allclose(vectors(batch)[1], vectors(single)[0], atol=1e-5)  # order kept
     assert batch.usage.prompt_tokens > single.usage.prompt_tokens
+
+
+async def test_async_client_concurrent_requests(async_openai_client: openai.AsyncOpenAI) -> None:
+    texts = [QUERY, PARAPHRASE, UNRELATED]
+    singles = await asyncio.gather(
+        *(async_openai_client.embeddings.create(model=MODEL, input=text) for text in texts)
+    )
+    batch = await async_openai_client.embeddings.create(model=MODEL, input=texts)
+    together = np.vstack([vectors(single) for single in singles])
+    assert np.allclose(together, vectors(batch), atol=1e-4)  # batching changes nothing
 
 
 async def post_json(url: str, body: dict) -> tuple[int, dict]:
