@@ -152,7 +152,7 @@ def chat_settings(args: argparse.Namespace) -> EngineSettings:
     return EngineSettings(
         cache_dir=Path(os.environ["MASQUE_CACHE_DIR"]), torch_threads=args.threads,
         chat={"max_batch": max(args.levels), "max_queue": 4 * max(args.levels),
-              "dtype": args.dtype, "device": "cpu"},
+              "dtype": args.dtype, "device": "cpu", "backend": args.backend},
         caption={"model": ""}, stt={"model": ""}, tts={"model": ""}, images={"model": ""},
         embeddings={"model": ""},
     )
@@ -205,8 +205,9 @@ def bench_audio(settings: EngineSettings) -> dict[str, float]:
 
 def report(chat: dict, llama: float | None, audio: dict[str, float], args: argparse.Namespace,
            wall: float) -> None:
-    print(f"\nChat: SmolLM2-135M-Instruct (transformers, {args.dtype}, "
-          f"{args.threads or 'default'} threads), max_tokens={args.max_tokens}, greedy")
+    engine = f"transformers, {args.dtype}" if args.backend == "llm" else "llama.cpp backend"
+    print(f"\nChat: SmolLM2-135M-Instruct ({engine}, {args.threads or 'default'} threads), "
+          f"max_tokens={args.max_tokens}, greedy")
     print(f"{'concurrent':>10} | {'batched tok/s':>13} | {'one-at-a-time tok/s':>19} | "
           f"{'speed-up':>8} | {'TTFT p50 s':>10} | {'TTFT p99 s':>10}")
     for level, (batched, alone) in chat.items():
@@ -228,12 +229,22 @@ def report(chat: dict, llama: float | None, audio: dict[str, float], args: argpa
     print(f"total bench time {wall:.0f} s")
 
 
+def default_dtype() -> str:
+    """bfloat16 when the CPU computes it natively (AVX512-BF16/AMX), else float32."""
+    import torch
+
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,4,8,16",
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default=default_dtype(), choices=["float32", "bfloat16"],
+                        help="transformers weights (default: bfloat16 where the CPU has it)")
+    parser.add_argument("--backend", default="llm", choices=["llm", "llamacpp"],
+                        help="chat backend behind the server (llamacpp needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--skip-audio", action="store_true")
     parser.add_argument("--skip-llama", action="store_true")

@@ -33,7 +33,11 @@ BACKEND_MODULES = {
     "images": "engine.backends.images",
     "embeddings": "engine.backends.embeddings",
 }
-CHAT_MODULES = {"llm": "engine.backends.llm", "omni": "engine.backends.omni"}
+CHAT_MODULES = {
+    "llm": "engine.backends.llm",
+    "omni": "engine.backends.omni",
+    "llamacpp": "engine.backends.llamacpp",
+}
 
 DISABLED, PENDING, LOADING, READY, FAILED = "disabled", "pending", "loading", "ready", "failed"
 

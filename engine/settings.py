@@ -48,7 +48,9 @@ class RoleSettings(BaseModel):
 class ChatSettings(RoleSettings):
     """The fusion model behind /v1/chat/completions."""
 
-    backend: Literal["llm", "omni"] = "llm"  # llm = composed fusion, omni = native fusion
+    # llm: transformers + dynamic batching (composed fusion); omni: native fusion;
+    # llamacpp: a GGUF through llama-cpp-python (composed fusion, one request at a time)
+    backend: Literal["llm", "omni", "llamacpp"] = "llm"
     served_name: str = "masque-chat"  # the id clients pass as `model`; the model path also works
     gguf_file: str = ""  # when `model` is a folder holding several GGUF files
     # omni: the transformers class to load; "" = Qwen2_5OmniThinkerForConditionalGeneration
