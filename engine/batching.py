@@ -241,7 +241,13 @@ class Batcher:
         room = self.max_batch - (len(batch.seqs) if batch else 0)
         incoming = self._take(room, block=batch is None)
         if incoming:
-            fresh = self._prefill(incoming)
+            try:
+                fresh = self._prefill(incoming)
+            except Exception as exc:  # these prompts failed; the running batch is unharmed
+                log.exception("Chat prefill failed")
+                for seq in incoming:
+                    self._finish(seq, Delta("", 0, "error", str(exc)))
+                return batch
             batch = fresh if batch is None else _merge(batch, fresh)
         elif batch is not None:
             self._decode(batch)

@@ -110,3 +110,20 @@ async def test_batched_greedy_matches_solo_and_rows_join_and_leave(smollm) -> No
         assert batcher.depth() == 0
     finally:
         batcher.close()
+
+
+async def test_a_failing_prompt_ends_in_error_and_spares_the_batch(smollm) -> None:  # noqa: ANN001
+    model, tok = smollm
+    batcher = Batcher(model, tok, max_batch=4, max_queue=8, eos_ids=set())
+    try:
+        good = asyncio.create_task(run(batcher, tok("Once upon a time")["input_ids"],
+                                       max_tokens=16, temperature=0))
+        await asyncio.sleep(0.3)  # let it start decoding
+        bad_ids = [model.config.vocab_size + 10]  # no such token: the embedding lookup fails
+        deltas = [delta async for delta in batcher.submit(bad_ids, SamplingParams(4))]
+        assert deltas[-1].finish_reason == "error" and deltas[-1].error
+        text, finish = await good
+        assert finish == "length" and text
+        assert batcher.depth() == 0
+    finally:
+        batcher.close()
