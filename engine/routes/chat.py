@@ -178,6 +178,7 @@ async def stream_job(
     merged: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(i, h, merged)) for i, h in enumerate(job.handles)]
     tokens = [0] * len(job.handles)
+    sse: web.StreamResponse = web.StreamResponse()  # replaced once the stream opens
     try:
         async with sse_response(
             request, sep="\n", ping_interval=SSE_PING_SECONDS, allow_all_methods=True
@@ -213,7 +214,9 @@ async def stream_job(
                                       usage=usage_body(job.prompt_tokens, sum(tokens)),
                                       masque=job.masque))
             await sse.send("[DONE]")
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the client hung up between two chunks
+        log.info("Client left during a chat stream; stopping generation of %s", job.id)
+    except asyncio.CancelledError:  # the client hung up and aiohttp cancelled this handler
         log.info("Client left during a chat stream; stopping generation of %s", job.id)
         raise
     finally:
