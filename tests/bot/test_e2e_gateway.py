@@ -1,0 +1,245 @@
+"""End to end over the network: the real discord.py client of the app against a local fake Discord.
+
+MasqueBot (C2's app, C1's pipeline, a real SQLite store, the fake engine) logs in over REST,
+syncs its slash commands, identifies on the fake gateway and then plays a story: the interaction
+callback path, webhook posts as the persona, streamed edits, multipart uploads and the echo of
+its own webhook messages (which it must not answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator
+
+import discord
+import pytest
+from PIL import Image
+
+from bot.app import MasqueBot, apply_endpoints
+from bot.cards import expand
+from bot.engine_client import EngineClient
+from bot.pipeline import persona_card
+from bot.settings import BotSettings
+from bot.store import Store
+from tests.fakes.fake_discord import Attachment, FakeDiscord, RestCall
+from tests.fakes.fake_engine import FakeEngine
+
+READY_S = 20.0
+PERSONA = "Wren Halloway"
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as server:
+        yield server
+
+
+@pytest.fixture
+async def bot(discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MasqueBot]:
+    """The app's bot, started for real against the fake Discord and ready (guild received)."""
+    # apply_endpoints sets process-wide discord.py state: let monkeypatch put it back afterwards.
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    settings = BotSettings(DISCORD_TOKEN=discord_server.token, MASQUE_ENGINE_URL=fake_engine.url,
+                           MASQUE_DATABASE_URL=sqlite_url, DISCORD_API_BASE=discord_server.api_base,
+                           DISCORD_GATEWAY_URL=discord_server.gateway_url, _env_file=None)
+    apply_endpoints(settings)
+    engine = EngineClient.from_settings(settings)
+    client = MasqueBot(settings, store, engine)
+    runner = asyncio.create_task(client.start(discord_server.token))
+    try:
+        await asyncio.wait_for(client.wait_until_ready(), READY_S)
+        yield client
+    finally:
+        await client.close()
+        await asyncio.wait_for(runner, READY_S)
+        await engine.close()
+
+
+def persona_posts(server: FakeDiscord, since: int = 0) -> list[RestCall]:
+    """Webhook executions (new persona messages) recorded from call index `since`."""
+    return [c for c in server.calls[since:] if c.method == "POST" and c in server.webhook_calls()]
+
+
+async def start_story(server: FakeDiscord, channel_id: int | None = None) -> RestCall:
+    """/story start as the admin; returns the greeting's webhook post once the command has finished."""
+    interaction = await server.slash("story start", channel_id=channel_id, user_id=server.world.admin_id,
+                                     persona=PERSONA)
+    # The command's last step is its ephemeral follow-up, after the greeting is posted and sealed.
+    await server.wait_for_call(lambda c: c.method == "POST" and c.path.startswith(
+        f"/webhooks/{server.world.application_id}/{interaction['token']}"))
+    return next(c for c in server.calls if c.method == "POST" and c in server.webhook_calls())
+
+
+async def test_login_identify_and_command_sync(bot: MasqueBot, discord_server: FakeDiscord) -> None:
+    identify = discord_server.identifies[0]
+    assert identify["token"] == discord_server.token
+    assert identify["intents"] & discord.Intents(message_content=True).value  # the privileged intent
+    synced = {c["name"] for c in discord_server.commands}
+    assert {"persona", "story", "scene", "imagine", "masque"} <= synced
+    assert discord_server.calls_to("PUT", f"/applications/{discord_server.world.application_id}/commands")
+    guild = bot.get_guild(discord_server.world.guild_id)
+    assert guild is not None and guild.get_channel(discord_server.world.story_channel_id) is not None
+    assert bot.application_id == discord_server.world.application_id
+
+
+async def test_story_start_answers_the_interaction_and_greets_as_the_persona(
+        bot: MasqueBot, discord_server: FakeDiscord) -> None:
+    interaction = await discord_server.slash("story start", user_id=discord_server.world.admin_id, persona=PERSONA)
+    callback = await discord_server.wait_for_call(lambda c: c.path.startswith("/interactions/"))
+    assert callback.path == f"/interactions/{interaction['id']}/{interaction['token']}/callback"
+    assert callback.json["type"] in (4, 5)  # answered (or deferred) within Discord's 3 seconds
+    greeting = await discord_server.wait_for_call(lambda c: c.method == "POST" and c in discord_server.webhook_calls())
+    card = persona_card(await bot.store.get_persona(discord_server.world.guild_id, PERSONA))
+    assert greeting.json["username"] == card.display_name  # posted as the persona, not as the bot
+    assert greeting.json["allowed_mentions"]["parse"] == []
+    assert greeting.query["wait"] in ("1", "true")
+    hook = discord_server.webhooks[int(greeting.path.split("/")[2])]
+    assert hook["channel_id"] == str(discord_server.world.story_channel_id)
+    await discord_server.wait_for_call(lambda c: c.method == "POST" and c.path.startswith(
+        f"/webhooks/{discord_server.world.application_id}/{interaction['token']}"))  # the ephemeral follow-up
+    shown = discord_server.messages[int(greeting.response["id"])]
+    assert shown["webhook_id"] == hook["id"]
+    assert expand(card.data.first_mes, char=card.display_name, user="Ada_Admin")[:40] in shown["content"]
+
+
+def png(width: int = 32, height: int = 24, color: tuple[int, int, int] = (10, 120, 200)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def buttons(message: dict) -> list[str]:
+    """The custom ids of a message's buttons."""
+    return [b.get("custom_id", "") for row in message.get("components", []) for b in row.get("components", [])]
+
+
+async def test_a_user_message_gets_a_streamed_reply_as_the_persona_that_pings_nobody(
+        bot: MasqueBot, discord_server: FakeDiscord, fake_engine: FakeEngine) -> None:
+    await start_story(discord_server)
+    fake_engine.reply = "@everyone look! <@&1> and <@" + str(discord_server.world.admin_id) + "> " + "word " * 60
+    fake_engine.token_delay = 0.02  # ~1.3 s of tokens: at least one streaming edit before the end
+    since = len(discord_server.calls)
+    said = await discord_server.user_says("Wren, what is behind the door?")
+    final = await discord_server.wait_for_call(
+        lambda c: c.method == "PATCH" and c in discord_server.webhook_calls() and buttons(c.json or {}) != [],
+        since=since, wait_s=20)
+    chats = fake_engine.requests_to("/v1/chat/completions")
+    assert chats[-1].json["stream"] is True
+    assert "Wren, what is behind the door?" in str(chats[-1].json["messages"])
+    persona_calls = [c for c in discord_server.calls[since:] if c in discord_server.webhook_calls()]
+    assert persona_calls[0].method == "POST" and len(persona_calls) >= 2  # posted, then edited as tokens came
+    for call in persona_calls:  # every send and edit: nobody is pinged, whatever the model wrote
+        assert call.json["allowed_mentions"]["parse"] == [], call
+        assert not call.json["allowed_mentions"].get("users") and not call.json["allowed_mentions"].get("roles")
+    assert persona_calls[0].json["username"] == "Wren"
+    assert final.json["content"].startswith("@everyone look!")
+    assert discord_server.calls_to("POST", f"/channels/{said['channel_id']}/typing")
+    turn = await bot.store.turn_by_message(int(said["id"]))
+    assert turn is not None and turn.text == "Wren, what is behind the door?"
+    # Discord echoed the persona's webhook messages back through the gateway: no reply to them.
+    await asyncio.sleep(0.5)
+    assert len(fake_engine.requests_to("/v1/chat/completions")) == len(chats)
+
+
+async def test_an_image_attachment_reaches_the_engine_and_art_is_uploaded_as_multipart(
+        bot: MasqueBot, discord_server: FakeDiscord, fake_engine: FakeEngine) -> None:
+    await start_story(discord_server)
+    picture = png()
+    since = len(discord_server.calls)
+    await discord_server.user_says("Look at this map.", attachments=[Attachment("map.png", "image/png", picture)])
+    await discord_server.wait_for_call(
+        lambda c: c.method == "PATCH" and c in discord_server.webhook_calls() and buttons(c.json or {}) != [],
+        since=since, wait_s=20)
+    parts = fake_engine.requests_to("/v1/chat/completions")[-1].json["messages"][-1]["content"]
+    images = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+    assert images == ["data:image/png;base64," + base64.b64encode(picture).decode()]
+
+    interaction = await discord_server.slash("imagine", prompt="a lighthouse in a storm")
+    upload = await discord_server.wait_for_call(
+        lambda c: c.multipart and c.path.startswith(f"/webhooks/{discord_server.world.application_id}/"), wait_s=20)
+    assert upload.path.endswith(interaction["token"])
+    (art,) = upload.files
+    assert art.filename == "scene.png" and Image.open(io.BytesIO(art.data)).format == "PNG"
+    assert upload.json["attachments"][0]["filename"] == "scene.png"
+    assert upload.response["attachments"][0]["content_type"] == "image/png"  # Discord infers the type
+    assert fake_engine.requests_to("/v1/images/generations")[-1].json["prompt"]
+
+
+async def test_a_message_in_a_thread_is_answered_through_the_parent_webhook(
+        bot: MasqueBot, discord_server: FakeDiscord) -> None:
+    world = discord_server.world
+    greeting = await start_story(discord_server, channel_id=world.thread_id)
+    assert greeting.query["thread_id"] == str(world.thread_id)
+    hook = discord_server.webhooks[int(greeting.path.split("/")[2])]
+    assert hook["channel_id"] == str(world.story_channel_id)  # webhooks live on the parent channel
+    since = len(discord_server.calls)
+    await discord_server.user_says("Down the side passage we go.", channel_id=world.thread_id)
+    reply = await discord_server.wait_for_call(
+        lambda c: c.method == "POST" and c in discord_server.webhook_calls(), since=since, wait_s=20)
+    assert reply.query["thread_id"] == str(world.thread_id)
+    assert discord_server.messages[int(reply.response["id"])]["channel_id"] == str(world.thread_id)
+
+
+async def test_a_deleted_webhook_is_recreated_once(bot: MasqueBot, discord_server: FakeDiscord) -> None:
+    first = await start_story(discord_server)
+    discord_server.delete_webhook(discord_server.world.story_channel_id)
+    since = len(discord_server.calls)
+    await discord_server.user_says("Are you still there?")
+    reply = await discord_server.wait_for_call(
+        lambda c: c.method == "POST" and c in discord_server.webhook_calls() and c.status == 200, since=since,
+        wait_s=20)
+    assert reply.path.split("/")[2] != first.path.split("/")[2]
+    assert [c.status for c in discord_server.calls[since:] if c.path.startswith("/webhooks/") and c.status == 404]
+    assert len(discord_server.calls_to("POST", f"/channels/{discord_server.world.story_channel_id}/webhooks")) == 2
+
+
+async def test_a_button_press_regenerates_the_reply_in_place(
+        bot: MasqueBot, discord_server: FakeDiscord, fake_engine: FakeEngine) -> None:
+    await start_story(discord_server)
+    since = len(discord_server.calls)
+    await discord_server.user_says("Tell me a secret.")
+    sealed = await discord_server.wait_for_call(
+        lambda c: c.method == "PATCH" and c in discord_server.webhook_calls() and buttons(c.json or {}) != [],
+        since=since, wait_s=20)
+    message_id = int(sealed.response["id"])
+    regen = next(b for b in buttons(sealed.json) if ":regen:" in b)
+    fake_engine.reply = "A different secret, then."
+    since = len(discord_server.calls)
+    interaction = await discord_server.press(message_id, regen)
+    rewritten = await discord_server.wait_for_call(
+        lambda c: c.method == "PATCH" and c.path.endswith(f"/messages/{message_id}")
+        and (c.json or {}).get("content") == "A different secret, then.", since=since, wait_s=20)
+    assert rewritten.json["allowed_mentions"]["parse"] == []
+    assert discord_server.interactions[interaction["token"]]["callback"]["type"] in (5, 6)  # deferred
+    turn = await bot.store.turn_by_message(message_id)
+    assert turn is not None and turn.text == "A different secret, then." and len(turn.swipes) == 2
+
+
+async def test_a_normal_user_cannot_delete_a_persona(bot: MasqueBot, discord_server: FakeDiscord) -> None:
+    interaction = await discord_server.slash("persona delete", name=PERSONA)  # as the normal user
+    callback = await discord_server.wait_for_call(lambda c: c.path.startswith("/interactions/"))
+    assert callback.path.endswith(f"{interaction['token']}/callback")
+    assert callback.json["data"]["flags"] & 64  # ephemeral
+    assert "Manage Server" in callback.json["data"]["content"]
+    assert await bot.store.get_persona(discord_server.world.guild_id, PERSONA) is not None
+
+
+async def test_an_engine_that_is_down_gets_a_clear_message_and_keeps_the_turn(
+        bot: MasqueBot, discord_server: FakeDiscord, fake_engine: FakeEngine) -> None:
+    await start_story(discord_server)
+    await fake_engine.set_mode("down")
+    since = len(discord_server.calls)
+    said = await discord_server.user_says("Hello? Anyone?")
+    note = await discord_server.wait_for_call(
+        lambda c: c.method == "POST" and c.path == f"/channels/{said['channel_id']}/messages", since=since,
+        wait_s=30)
+    assert str(note.json["message_reference"]["message_id"]) == said["id"]
+    assert note.json["allowed_mentions"]["parse"] == []
+    assert any(":retry:" in b for b in buttons(note.json))
+    turn = await bot.store.turn_by_message(int(said["id"]))
+    assert turn is not None and turn.text == "Hello? Anyone?"  # the user's turn is never lost

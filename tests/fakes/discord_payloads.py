@@ -1,0 +1,202 @@
+"""Discord API objects as JSON, shaped like the real API v10 sends them, for the fake Discord server.
+
+Pure builders: a small world (one guild, an admin, a normal user, the bot, text channels and a
+thread) and the payloads of users, members, channels, messages, attachments, webhooks and
+interactions that discord.py parses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import discord
+
+ADMINISTRATOR = discord.Permissions.all().value
+MEMBER_PERMISSIONS = discord.Permissions(
+    view_channel=True, send_messages=True, read_message_history=True, attach_files=True, embed_links=True,
+    add_reactions=True, use_application_commands=True, send_messages_in_threads=True).value
+BOT_PERMISSIONS = MEMBER_PERMISSIONS | discord.Permissions(manage_webhooks=True, manage_messages=True).value
+TEXT_CHANNEL, PUBLIC_THREAD = 0, 11
+
+
+class Snowflakes:
+    """Increasing snowflake ids whose timestamps are now, as Discord's are."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+
+    def next(self) -> int:
+        return discord.utils.time_snowflake(discord.utils.utcnow()) + next(self._counter)
+
+
+def iso_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def user_payload(user_id: int, name: str, *, bot: bool = False) -> dict[str, Any]:
+    return {"id": str(user_id), "username": name, "global_name": None if bot else name.title(),
+            "discriminator": "0", "avatar": None, "bot": bot, "public_flags": 0}
+
+
+@dataclass
+class World:
+    """The fake Discord's one guild and who is in it. Ids are fixed per world, distinct per run."""
+
+    ids: Snowflakes = field(default_factory=Snowflakes)
+    guild_id: int = 0
+    application_id: int = 0
+    bot_id: int = 0
+    admin_id: int = 0
+    user_id: int = 0
+    admin_role_id: int = 0
+    channel_ids: list[int] = field(default_factory=list)
+    nsfw_channel_id: int = 0
+    thread_id: int = 0
+    guild_name: str = "Masque Test Guild"
+
+    def __post_init__(self) -> None:
+        self.guild_id, self.application_id = self.ids.next(), self.ids.next()
+        self.bot_id = self.application_id  # a bot user's id is its application's id
+        self.admin_id, self.user_id, self.admin_role_id = self.ids.next(), self.ids.next(), self.ids.next()
+        self.channel_ids = [self.ids.next() for _ in range(3)]
+        self.nsfw_channel_id = self.channel_ids[-1]
+        self.thread_id = self.ids.next()
+
+    @property
+    def story_channel_id(self) -> int:
+        return self.channel_ids[0]
+
+    def add_channels(self, count: int) -> list[int]:
+        """More text channels (before the gateway connects), e.g. for a benchmark."""
+        extra = [self.ids.next() for _ in range(count)]
+        self.channel_ids[-1:-1] = extra  # keep the NSFW channel last
+        return extra
+
+    def users(self) -> dict[int, dict[str, Any]]:
+        return {self.bot_id: user_payload(self.bot_id, "Masque", bot=True),
+                self.admin_id: user_payload(self.admin_id, "ada_admin"),
+                self.user_id: user_payload(self.user_id, "uma_user")}
+
+    def member(self, user_id: int) -> dict[str, Any]:
+        """A guild member without its user (as in MESSAGE_CREATE); `member_with_user` adds it."""
+        roles = [str(self.admin_role_id)] if user_id == self.admin_id else []
+        return {"roles": roles, "joined_at": iso_now(), "deaf": False, "mute": False, "flags": 0,
+                "pending": False, "nick": None, "avatar": None, "premium_since": None,
+                "communication_disabled_until": None}
+
+    def member_with_user(self, user_id: int) -> dict[str, Any]:
+        return {**self.member(user_id), "user": self.users()[user_id]}
+
+    def permissions_of(self, user_id: int) -> int:
+        if user_id == self.admin_id:
+            return ADMINISTRATOR
+        return BOT_PERMISSIONS if user_id == self.bot_id else MEMBER_PERMISSIONS
+
+    def channel(self, channel_id: int) -> dict[str, Any]:
+        if channel_id == self.thread_id:
+            return {"id": str(self.thread_id), "type": PUBLIC_THREAD, "guild_id": str(self.guild_id),
+                    "name": "side-quest", "parent_id": str(self.story_channel_id), "owner_id": str(self.user_id),
+                    "message_count": 0, "member_count": 2, "rate_limit_per_user": 0, "flags": 0,
+                    "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
+                                        "archive_timestamp": iso_now(), "locked": False}}
+        position = self.channel_ids.index(channel_id)
+        return {"id": str(channel_id), "type": TEXT_CHANNEL, "guild_id": str(self.guild_id),
+                "name": f"story-{position}", "position": position, "permission_overwrites": [],
+                "nsfw": channel_id == self.nsfw_channel_id, "parent_id": None, "topic": None,
+                "rate_limit_per_user": 0, "last_message_id": None, "flags": 0}
+
+    def roles(self) -> list[dict[str, Any]]:
+        def role(role_id: int, name: str, permissions: int, position: int) -> dict[str, Any]:
+            return {"id": str(role_id), "name": name, "permissions": str(permissions), "position": position,
+                    "color": 0, "colors": {"primary_color": 0}, "hoist": False, "managed": False,
+                    "mentionable": False, "icon": None, "unicode_emoji": None, "flags": 0}
+        return [role(self.guild_id, "@everyone", MEMBER_PERMISSIONS, 0),
+                role(self.admin_role_id, "Admins", ADMINISTRATOR, 1)]
+
+    def guild(self) -> dict[str, Any]:
+        """The GUILD_CREATE payload."""
+        return {
+            "id": str(self.guild_id), "name": self.guild_name, "icon": None, "splash": None,
+            "discovery_splash": None, "owner_id": str(self.admin_id), "afk_channel_id": None, "afk_timeout": 300,
+            "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
+            "roles": self.roles(), "emojis": [], "stickers": [], "features": [], "mfa_level": 0,
+            "system_channel_id": None, "system_channel_flags": 0, "rules_channel_id": None,
+            "vanity_url_code": None, "description": None, "banner": None, "premium_tier": 0,
+            "preferred_locale": "en-US", "public_updates_channel_id": None, "nsfw_level": 0,
+            "premium_progress_bar_enabled": False, "joined_at": iso_now(), "large": False, "unavailable": False,
+            "member_count": 3, "voice_states": [], "presences": [], "stage_instances": [],
+            "guild_scheduled_events": [], "soundboard_sounds": [],
+            "members": [self.member_with_user(uid) for uid in (self.bot_id, self.admin_id, self.user_id)],
+            "channels": [self.channel(cid) for cid in self.channel_ids],
+            "threads": [self.channel(self.thread_id)],
+        }
+
+    def ready(self, session_id: str, resume_url: str) -> dict[str, Any]:
+        """The READY payload: the bot user, its application, the guild (unavailable until GUILD_CREATE)."""
+        return {"v": 10, "user": {**self.users()[self.bot_id], "verified": True, "mfa_enabled": False, "flags": 0},
+                "guilds": [{"id": str(self.guild_id), "unavailable": True}], "session_id": session_id,
+                "resume_gateway_url": resume_url, "application": {"id": str(self.application_id), "flags": 0},
+                "private_channels": [], "relationships": [], "presences": [], "shard": [0, 1]}
+
+    def application(self) -> dict[str, Any]:
+        """GET /oauth2/applications/@me."""
+        return {"id": str(self.application_id), "name": "Masque", "icon": None, "description": "role-play",
+                "bot_public": True, "bot_require_code_grant": False, "verify_key": "0" * 64, "flags": 0,
+                "owner": self.users()[self.admin_id], "team": None, "summary": "", "rpc_origins": [],
+                "bot": self.users()[self.bot_id]}
+
+    def guild_channel_ids(self) -> set[int]:
+        return {*self.channel_ids, self.thread_id}
+
+
+def message_payload(world: World, message_id: int, channel_id: int, author: dict[str, Any], content: str, *,
+                    member: dict[str, Any] | None = None, attachments: list[dict] | None = None,
+                    webhook_id: int | None = None, components: list | None = None,
+                    reference_id: int | None = None, flags: int = 0) -> dict[str, Any]:
+    """A message object as Discord returns it from REST and sends it in MESSAGE_CREATE."""
+    body: dict[str, Any] = {
+        "id": str(message_id), "channel_id": str(channel_id), "guild_id": str(world.guild_id), "author": author,
+        "content": content, "timestamp": iso_now(), "edited_timestamp": None, "tts": False,
+        "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": attachments or [],
+        "embeds": [], "pinned": False, "type": 19 if reference_id else 0, "flags": flags,
+        "components": components or [],
+    }
+    if member is not None:
+        body["member"] = member
+    if webhook_id is not None:
+        body["webhook_id"] = str(webhook_id)
+        body["application_id"] = str(world.application_id)
+    if reference_id is not None:
+        body["message_reference"] = {"type": 0, "message_id": str(reference_id), "channel_id": str(channel_id),
+                                     "guild_id": str(world.guild_id)}
+    return body
+
+
+def attachment_payload(attachment_id: int, filename: str, content_type: str, size: int, url: str, *,
+                       voice: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": str(attachment_id), "filename": filename, "size": size, "url": url,
+                            "proxy_url": url, "content_type": content_type}
+    if voice:
+        body.update(duration_secs=2.0, waveform="AAAA")
+    return body
+
+
+def option_payloads(definition: dict[str, Any], path: list[str], values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `options` of an application-command interaction for `/name sub... key:value` from its synced definition.
+
+    Sub-command (group) levels nest like Discord nests them; value types come from the definition.
+    """
+    options = definition.get("options", [])
+    for name in path:
+        sub = next((o for o in options if o["name"] == name), None)
+        if sub is None:
+            raise KeyError(f"/{definition['name']} has no sub-command {name!r}")
+        return [{"name": name, "type": sub["type"], "options": option_payloads(sub, path[1:], values)}]
+    known = {o["name"]: o["type"] for o in options}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise KeyError(f"/{definition['name']} has no option(s) {sorted(unknown)}")
+    return [{"name": key, "type": known[key], "value": value} for key, value in values.items()]

@@ -1,0 +1,312 @@
+"""A local fake Discord: REST under `api_base` and a gateway websocket at `gateway_url`, on loopback.
+
+Point discord.py at it with DISCORD_API_BASE=`api_base` and DISCORD_GATEWAY_URL=`gateway_url` (the
+app sets `discord.http.Route.BASE` and `DiscordWebSocket.DEFAULT_GATEWAY`) and the real client runs
+its real network path: login (GET /users/@me), application info, command sync (bulk PUT), the
+gateway (HELLO, IDENTIFY -> READY + GUILD_CREATE, heartbeats), then REST for everything it does.
+
+The test plays the users: `user_says()` dispatches MESSAGE_CREATE (with attachments served by this
+server), `slash()` an application-command INTERACTION_CREATE built from the synced commands,
+`press()` a button. Every REST call is recorded (`calls`) with its body, files and time, and
+`wait_for_call()` waits for one; created messages are echoed through the gateway like Discord does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from tests.fakes.discord_payloads import World, attachment_payload, message_payload, option_payloads
+from tests.fakes.discord_rest import API, CALL, RestRoutes, discord_error
+
+HOST = "127.0.0.1"
+HEARTBEAT_MS = 41250
+WAIT_S = 10.0
+ATTACHMENT_LIMIT = 10 * 1024 * 1024  # what Discord allows a server without boosts
+# Gateway opcodes.
+DISPATCH, HEARTBEAT, IDENTIFY, RESUME, INVALID_SESSION, HELLO, HEARTBEAT_ACK = 0, 1, 2, 6, 9, 10, 11
+AUTH_FAILED_CLOSE = 4004
+
+
+@dataclass
+class Upload:
+    """One file of a multipart request."""
+
+    field: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class RestCall:
+    """One REST request the bot made: what, with which body and files, and when (perf_counter)."""
+
+    method: str
+    path: str  # without the API prefix, e.g. /webhooks/1/abc
+    query: dict[str, str]
+    json: Any = None
+    files: list[Upload] = field(default_factory=list)
+    multipart: bool = False
+    at: float = 0.0
+    done_at: float = 0.0
+    status: int = 0
+    response: Any = None  # the JSON answered
+
+
+@dataclass
+class Attachment:
+    """A file a fake user attaches to a message."""
+
+    filename: str
+    content_type: str
+    data: bytes
+    voice: bool = False
+
+
+class FakeDiscord(RestRoutes):
+    """The fake server. `await start()`, point the bot at `api_base`/`gateway_url`, `await stop()`."""
+
+    def __init__(self, token: str = "fake-bot-token", *, heartbeat_ms: int = HEARTBEAT_MS,
+                 echo: bool = True) -> None:
+        self.token = token
+        self.heartbeat_ms = heartbeat_ms
+        self.echo = echo  # Discord echoes every message, webhook posts included, through the gateway
+        self.world = World()
+        self.messages: dict[int, dict[str, Any]] = {}
+        self.webhooks: dict[int, dict[str, Any]] = {}
+        self.commands: list[dict[str, Any]] = []
+        self.interactions: dict[str, dict[str, Any]] = {}
+        self.blobs: dict[str, tuple[str, bytes]] = {}
+        self.calls: list[RestCall] = []
+        self.identifies: list[dict[str, Any]] = []
+        self.heartbeats = 0
+        self.dispatched: list[tuple[str, dict[str, Any], float]] = []  # (event, data, perf_counter)
+        self._sockets: list[web.WebSocketResponse] = []
+        self._seq = 0
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    @property
+    def http_base(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def api_base(self) -> str:
+        """What DISCORD_API_BASE should be."""
+        return self.http_base + API
+
+    @property
+    def gateway_url(self) -> str:
+        """What DISCORD_GATEWAY_URL should be."""
+        return f"ws://{HOST}:{self.port}/gateway"
+
+    async def start(self) -> FakeDiscord:
+        app = web.Application(middlewares=[self._record], client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/gateway", self._gateway)
+        self.add_rest_routes(app)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, HOST, 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeDiscord:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- recording -----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if not request.path.startswith(API):
+            return await handler(request)
+        call = RestCall(request.method, request.path.removeprefix(API), dict(request.query), at=time.perf_counter())
+        auth = request.headers.get("Authorization")
+        if (auth is None and not _tokenless(call.path)) or (auth is not None and auth != f"Bot {self.token}"):
+            return discord_error(401, 0, "401: Unauthorized")
+        await _read_body(request, call)
+        request[CALL] = call
+        try:
+            response = await handler(request)
+        except web.HTTPNotFound:
+            response = discord_error(404, 0, "404: Not Found")
+        call.status, call.done_at = response.status, time.perf_counter()
+        if isinstance(response, web.Response) and response.content_type == "application/json" and response.body:
+            call.response = json.loads(response.body)
+        self.calls.append(call)
+        async with self._changed:
+            self._changed.notify_all()
+        return response
+
+    def calls_to(self, method: str, prefix: str) -> list[RestCall]:
+        """Recorded calls with this method whose path starts with `prefix`."""
+        return [c for c in self.calls if c.method == method and c.path.startswith(prefix)]
+
+    def webhook_calls(self) -> list[RestCall]:
+        """Calls that execute or edit a channel webhook (persona messages), not interaction follow-ups."""
+        return [c for c in self.calls if c.path.startswith("/webhooks/")
+                and not c.path.startswith(f"/webhooks/{self.world.application_id}/") and c.method != "DELETE"]
+
+    async def wait_for_call(self, match: Callable[[RestCall], bool], *, wait_s: float = WAIT_S,
+                            since: int = 0) -> RestCall:
+        """The first recorded call (from index `since`) that `match`es, waiting for it if needed."""
+        def found() -> RestCall | None:
+            return next((c for c in self.calls[since:] if match(c)), None)
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: found() is not None), wait_s)
+        call = found()
+        assert call is not None
+        return call
+
+    # -- gateway -------------------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"op": HELLO, "d": {"heartbeat_interval": self.heartbeat_ms}, "s": None, "t": None})
+        try:
+            async for frame in ws:
+                if frame.type != WSMsgType.TEXT:
+                    continue
+                await self._on_gateway_message(ws, json.loads(frame.data))
+        finally:
+            with contextlib.suppress(ValueError):
+                self._sockets.remove(ws)
+        return ws
+
+    async def _on_gateway_message(self, ws: web.WebSocketResponse, payload: dict[str, Any]) -> None:
+        op = payload.get("op")
+        if op == HEARTBEAT:
+            self.heartbeats += 1
+            await ws.send_json({"op": HEARTBEAT_ACK})
+        elif op == IDENTIFY:
+            data = payload["d"]
+            self.identifies.append(data)
+            if data.get("token") != self.token:
+                await ws.close(code=AUTH_FAILED_CLOSE, message=b"Authentication failed.")
+                return
+            self._sockets.append(ws)
+            session = secrets.token_hex(16)
+            await self._send(ws, "READY", self.world.ready(session, self.gateway_url))
+            await self._send(ws, "GUILD_CREATE", self.world.guild())
+        elif op == RESUME:
+            await ws.send_json({"op": INVALID_SESSION, "d": False})
+
+    async def _send(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
+        self._seq += 1
+        await ws.send_json({"op": DISPATCH, "t": event, "s": self._seq, "d": data})
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Send a gateway event to every identified connection (REST echoes use it too)."""
+        self.dispatched.append((event, data, time.perf_counter()))
+        for ws in list(self._sockets):
+            await self._send(ws, event, data)
+
+    # -- the test plays the users --------------------------------------------------------------
+
+    async def user_says(self, content: str, *, channel_id: int | None = None, user_id: int | None = None,
+                        attachments: list[Attachment] = (), reference_id: int | None = None) -> dict[str, Any]:
+        """A user posts a message: MESSAGE_CREATE through the gateway. Returns the message payload."""
+        channel_id = channel_id or self.world.story_channel_id
+        user_id = user_id or self.world.user_id
+        message_id = self.world.ids.next()
+        files = []
+        for item in attachments:
+            attachment_id = self.world.ids.next()
+            path = f"/attachments/{channel_id}/{attachment_id}/{item.filename}"
+            self.blobs[path] = (item.content_type, item.data)
+            files.append(attachment_payload(attachment_id, item.filename, item.content_type, len(item.data),
+                                            self.http_base + path, voice=item.voice))
+        flags = 1 << 13 if any(a.voice for a in attachments) else 0  # IS_VOICE_MESSAGE
+        message = message_payload(self.world, message_id, channel_id, self.world.users()[user_id], content,
+                                  member=self.world.member(user_id), attachments=files,
+                                  reference_id=reference_id, flags=flags)
+        self.messages[message_id] = message
+        await self.dispatch("MESSAGE_CREATE", message)
+        return message
+
+    async def slash(self, command: str, *, channel_id: int | None = None, user_id: int | None = None,
+                    **options: Any) -> dict[str, Any]:
+        """A user runs `/command sub ...` with options: INTERACTION_CREATE. Returns the interaction."""
+        name, *path = command.split()
+        definition = next((c for c in self.commands if c["name"] == name), None)
+        if definition is None:
+            raise KeyError(f"/{name} was not synced (synced: {sorted(c['name'] for c in self.commands)})")
+        data = {"id": definition["id"], "name": name, "type": definition.get("type", 1),
+                "options": option_payloads(definition, path, options), "guild_id": str(self.world.guild_id)}
+        return await self._interact(2, data, channel_id, user_id)
+
+    async def press(self, message_id: int, custom_id: str, *, user_id: int | None = None) -> dict[str, Any]:
+        """A user presses a button on a message: a component INTERACTION_CREATE."""
+        message = self.messages[message_id]
+        data = {"custom_id": custom_id, "component_type": 2}
+        return await self._interact(3, data, int(message["channel_id"]), user_id, message=message)
+
+    async def _interact(self, kind: int, data: dict[str, Any], channel_id: int | None, user_id: int | None,
+                        message: dict[str, Any] | None = None) -> dict[str, Any]:
+        channel_id = channel_id or self.world.story_channel_id
+        user_id = user_id or self.world.user_id
+        token = secrets.token_urlsafe(24)
+        permissions = str(self.world.permissions_of(user_id))
+        interaction: dict[str, Any] = {
+            "id": str(self.world.ids.next()), "application_id": str(self.world.application_id), "type": kind,
+            "data": data, "guild_id": str(self.world.guild_id), "channel_id": str(channel_id),
+            "channel": self.world.channel(channel_id),
+            "member": {**self.world.member_with_user(user_id), "permissions": permissions},
+            "token": token, "version": 1, "locale": "en-US", "guild_locale": "en-US", "entitlements": [],
+            "attachment_size_limit": ATTACHMENT_LIMIT,
+            "app_permissions": str(self.world.permissions_of(self.world.bot_id)),
+            "authorizing_integration_owners": {"0": str(self.world.guild_id)}, "context": 0,
+        }
+        if message is not None:
+            interaction["message"] = message
+        self.interactions[token] = interaction
+        await self.dispatch("INTERACTION_CREATE", interaction)
+        return interaction
+
+    def delete_webhook(self, channel_id: int) -> None:
+        """Someone deletes the channel's webhooks behind the bot's back (next use: 10015)."""
+        for hook_id in [i for i, h in self.webhooks.items() if h["channel_id"] == str(channel_id)]:
+            del self.webhooks[hook_id]
+
+
+def _tokenless(path: str) -> bool:
+    # Webhook execution and interaction callbacks are authorised by the token in their URL.
+    return path.startswith(("/webhooks/", "/interactions/"))
+
+
+async def _read_body(request: web.Request, call: RestCall) -> None:
+    """JSON bodies, and multipart ones (payload_json + files[n]) the way discord.py sends files."""
+    if request.content_type == "application/json":
+        call.json = await request.json()
+    elif request.content_type.startswith("multipart/"):
+        call.multipart = True
+        form = await request.post()
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                call.files.append(Upload(name, value.filename, value.content_type, value.file.read()))
+            elif name == "payload_json":
+                call.json = json.loads(value)
