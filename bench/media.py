@@ -7,22 +7,28 @@ Measures, on the models the settings name (the offline preset by default):
 
 The clip is spoken by the packaged piper voice, so both Whisper backends hear identical,
 real speech. ``bench/engine.py`` imports :func:`measure_media`; alone, run
-``.venv/bin/python bench/media.py``.
+``.venv/bin/python bench/media.py`` (or ``-m bench.media``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from engine.audio import SAMPLE_RATE, resample
-from engine.backends import images as image_backends
-from engine.backends import stt as stt_backends
-from engine.backends import tts as tts_backends
-from engine.registry import resolve_model
-from engine.settings import EngineSettings, load_settings
+# Run as a script, this folder comes first on sys.path and its engine.py (the benchmark)
+# would shadow the engine package: put the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.audio import SAMPLE_RATE, resample  # noqa: E402
+from engine.backends import images as image_backends  # noqa: E402
+from engine.backends import stt as stt_backends  # noqa: E402
+from engine.backends import tts as tts_backends  # noqa: E402
+from engine.registry import resolve_model  # noqa: E402
+from engine.settings import EngineSettings, load_settings  # noqa: E402
 
 CLIP_TEXT = (
     "The storm rolled in from the sea just after midnight. The old captain lit a lantern, "
