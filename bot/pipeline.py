@@ -242,10 +242,10 @@ class StoryPipeline:
         """Keep what the engine heard and saw on the user turn (shown to users, used in later prompts)."""
         heard = heard or [str(t.get("text", "")) for t in extras.get("transcripts", []) if isinstance(t, dict)]
         seen = [str(c.get("text", c) if isinstance(c, dict) else c) for c in extras.get("captions", [])]
-        if (heard or seen) and turn.attachments:
-            meta = annotate(turn.attachments, heard, seen)
+        if any(heard + seen) and turn.attachments:
+            meta = annotate(turn.attachments, heard, seen)  # by position: one per audio/image item
             await self.store.edit_turn(turn.id, turn.text, attachments=meta)
-        return heard, seen
+        return [h.strip() for h in heard if h.strip()], [c.strip() for c in seen if c.strip()]
 
     # ------------------------------------------------------------ swipes and continue
 

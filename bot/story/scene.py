@@ -16,7 +16,7 @@ from bot.story.prompt import TurnLike, render_turn
 
 SCENE_TURNS = 6  # turns of context the image prompt is written from
 SCENE_CHARS = 2400  # cap on the scene text sent (the newest text is kept)
-PROMPT_MAX_CHARS = 400  # diffusion text encoders read ~77 tokens; longer is wasted
+PROMPT_MAX_CHARS = 320  # CLIP text encoders read 77 tokens (~300 characters); longer is wasted
 SCENE_INSTRUCTION = (
     "You write prompts for an image generator. Describe the CURRENT scene of this role-play as one "
     "comma-separated line of visual details: who is there and what they look like, what they are doing, "
@@ -49,7 +49,21 @@ def clean_image_prompt(text: str, art_style: str = "") -> str:
     if line.lower().startswith("prompt:"):
         line = line[len("prompt:"):].strip().strip("\"'`").strip()
     line = re.sub(r"\s*,(\s*,)+", ",", ", ".join(p.strip() for p in line.splitlines() if p.strip()))
-    line = " ".join(line.split()).strip(" ,")
+    line = _without_repeats(" ".join(line.split()).strip(" ,"))
     if art_style and art_style.lower() not in line.lower():
         line = f"{art_style}, {line}" if line else art_style
     return line[:PROMPT_MAX_CHARS]
+
+
+def _without_repeats(line: str) -> str:
+    """Drop repeated phrases and stuttered words (small models loop: "noir noir noir")."""
+    phrases: list[str] = []
+    for phrase in line.split(","):
+        words: list[str] = []
+        for word in phrase.split():
+            if not words or word.lower() != words[-1].lower():
+                words.append(word)
+        text = " ".join(words)
+        if text and text.lower() not in (p.lower() for p in phrases):
+            phrases.append(text)
+    return ", ".join(phrases)

@@ -192,4 +192,5 @@ def test_scene_prompt_request_uses_style_appearance_and_recent_turns():
     assert "Art style: ink noir" in user and "grey fedora" in user
     assert "line 9" in user and "line 0" not in user
     assert clean_image_prompt('Prompt: "a wet street,\nneon"', "ink noir") == "ink noir, a wet street, neon"
-    assert len(clean_image_prompt("word " * 500)) == PROMPT_MAX_CHARS
+    assert len(clean_image_prompt(" ".join(f"word{i}" for i in range(500)))) == PROMPT_MAX_CHARS
+    assert clean_image_prompt("a noir noir Noir street, rain, a noir street, rain") == "a noir street, rain"
