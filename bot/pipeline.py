@@ -203,6 +203,8 @@ class StoryPipeline:
         if before is not None:
             turns = [t for t in turns if t.position < before]
         summary = await self.store.latest_summary(story_id)
+        if summary is not None:  # the summary stands in for the turns it covers
+            turns = [t for t in turns if t.position > summary.through_position]
         card = persona_card(persona)
         messages = build_messages(PromptParts(
             card=card, user_name=user_name or DEFAULT_USER_NAME, turns=turns, media=media,

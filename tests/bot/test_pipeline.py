@@ -258,3 +258,13 @@ async def test_a_deleted_persona_gives_a_clear_story_error(pipeline):
     assert story.persona_id is None
     with pytest.raises(StoryError, match="persona"):
         await pipeline.reply(CHANNEL, GUILD, said("hello"), Collector())
+
+
+async def test_a_summary_stands_in_for_the_turns_it_covers(pipeline, fake_engine):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    await pipeline.reply(CHANNEL, GUILD, said("the butler did it"), Collector())
+    await pipeline.store.add_summary(story.id, through_position=3, text="Ann accused the butler.")
+    await pipeline.reply(CHANNEL, GUILD, said("what now?"), Collector())
+    messages = chats(fake_engine)[-1]["messages"]
+    assert "The story so far: Ann accused the butler." in messages[0]["content"]
+    assert "the butler did it" not in str(messages) and "what now?" in str(messages)
