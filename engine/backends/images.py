@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,9 @@ class DiffusersImages:
         self.default_steps = default_steps
         self.guidance_scale = guidance_scale
         self.has_checker = getattr(pipe, "safety_checker", None) is not None
+        # A pipeline call mutates its scheduler (set_timesteps): one call at a time, even
+        # when the role is given several worker threads.
+        self._lock = threading.Lock()
         self._unchecked = pipe
         if self.has_checker:
             # from_pipe shares every module with `pipe`: no second copy of the weights.
@@ -139,7 +143,7 @@ class DiffusersImages:
         if self.guidance_scale is not None:
             kwargs["guidance_scale"] = self.guidance_scale
         pipe = self.pipe if safety else self._unchecked
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             output = pipe(**kwargs)
         flagged = getattr(output, "nsfw_content_detected", None)
         if safety and flagged and any(flagged):

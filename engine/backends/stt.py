@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,8 @@ class OpenAIWhisperSTT:
         self.multilingual = bool(self.model.is_multilingual)
         self.fp16 = device == "cuda"
         self.vad = vad
+        # Decoding installs kv-cache hooks on the shared model: one transcription at a time.
+        self._lock = threading.Lock()
 
     def transcribe(
         self,
@@ -159,16 +162,17 @@ class OpenAIWhisperSTT:
         duration = len(audio) / SAMPLE_RATE
         if self.vad and not has_speech(audio):
             return _empty(language, duration)
-        result: dict[str, Any] = self.model.transcribe(
-            audio,
-            language=language,
-            temperature=temperature,
-            initial_prompt=prompt or None,
-            fp16=self.fp16,
-            condition_on_previous_text=False,
-            no_speech_threshold=NO_SPEECH_THRESHOLD,
-            verbose=None,
-        )
+        with self._lock:
+            result: dict[str, Any] = self.model.transcribe(
+                audio,
+                language=language,
+                temperature=temperature,
+                initial_prompt=prompt or None,
+                fp16=self.fp16,
+                condition_on_previous_text=False,
+                no_speech_threshold=NO_SPEECH_THRESHOLD,
+                verbose=None,
+            )
         segments = [
             Segment(
                 id=i, start=float(s["start"]), end=float(s["end"]), text=s["text"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -102,6 +103,20 @@ def test_seeds_make_images_reproducible(tiny_pipe) -> None:
     assert first.seeds == [41, 42]
     assert first.images[1].tobytes() == again.images[0].tobytes()
     assert first.images[0].tobytes() != first.images[1].tobytes()
+
+
+def test_concurrent_calls_match_sequential_ones(tiny_pipe) -> None:
+    # Different step counts: without the backend's lock, one call's set_timesteps would
+    # change the other's schedule half way through.
+    backend = DiffusersImages(tiny_pipe, "cpu")
+    jobs = [("a tower", 3), ("a bridge", 7)] * 2
+    alone = [backend.generate(p, 32, 32, seed=1, steps=n).images[0].tobytes() for p, n in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(
+            lambda job: backend.generate(job[0], 32, 32, seed=1, steps=job[1]).images[0].tobytes(),
+            jobs,
+        ))
+    assert together == alone
 
 
 @pytest.mark.parametrize(("prompt", "found"), [
