@@ -59,18 +59,10 @@ async def transcribe_audio(engine: EngineClient, attachments: Sequence[InputAtta
     return [await engine.transcribe(a.data, a.filename, a.content_type) for a in attachments if a.kind == "audio"]
 
 
-def attachment_meta(attachments: Sequence[InputAttachment], heard: Sequence[str] = ()) -> list[dict]:
-    """What the store keeps about attachments (never the bytes): kind, name, url, type, size, transcript."""
-    out, spoken = [], iter(heard)
-    for item in attachments:
-        meta = {"kind": item.kind, "filename": item.filename, "url": item.url,
-                "content_type": item.content_type, "size": len(item.data)}
-        if item.kind == "audio":
-            transcript = next(spoken, "")
-            if transcript:
-                meta["transcript"] = transcript
-        out.append(meta)
-    return out
+def attachment_meta(attachments: Sequence[InputAttachment]) -> list[dict]:
+    """What the store keeps about attachments (never the bytes): kind, name, url, type, size."""
+    return [{"kind": a.kind, "filename": a.filename, "url": a.url, "content_type": a.content_type,
+             "size": len(a.data)} for a in attachments]
 
 
 def annotate(meta: list[dict], heard: Sequence[str], seen: Sequence[str]) -> list[dict]:

@@ -174,26 +174,28 @@ class StoryPipeline:
 
     async def _reply_locked(self, story: Story, persona: Persona, user: UserInput, sink: ReplySink) -> ReplyResult:
         async with self._lock(self._story_locks, story.id):
-            user_turn, parts, heard = await self._store_user_turn(story, user)
+            user_turn = await self.store.add_turn(story.id, NewTurn(
+                AuthorKind.USER, user.text, author_id=user.author_id, author_name=user.author_name,
+                attachments=attachment_meta(user.attachments), token_count=estimate_tokens(user.text),
+                message_ids=[user.message_id] if user.message_id else []))
             try:
+                parts, heard = await self._media_in(user_turn, user.attachments)
                 text, extras = await self._generate(story.id, persona, user.author_name, parts, sink)
             except EngineError as exc:
-                exc.turn_id = user_turn.id
+                exc.turn_id = user_turn.id  # the turn is kept; a retry regenerates from it
                 raise
             persona_turn = await self._store_reply(story.id, persona, text, sink)
             heard, seen = await self._record_media(user_turn, extras, heard)
         return ReplyResult(user_turn, persona_turn, heard, seen)
 
-    async def _store_user_turn(self, story: Story, user: UserInput) -> tuple[Turn, list[dict], list[str]]:
-        # Transcribe first when the engine cannot take audio parts itself (vLLM, OpenAI).
+    async def _media_in(self, turn: Turn, attachments: Sequence[InputAttachment]) -> tuple[list[dict], list[str]]:
+        """Content parts for the engine; audio is transcribed first when the engine cannot hear (vLLM, OpenAI)."""
         native_audio = self.engine.speaks_masque()
-        heard = [] if native_audio else await transcribe_audio(self.engine, user.attachments)
-        meta = attachment_meta(user.attachments, heard)
-        turn = await self.store.add_turn(story.id, NewTurn(
-            AuthorKind.USER, user.text, author_id=user.author_id, author_name=user.author_name,
-            attachments=meta, token_count=estimate_tokens(user.text),
-            message_ids=[user.message_id] if user.message_id else []))
-        return turn, media_parts(user.attachments, with_audio=native_audio), heard
+        heard = [] if native_audio else await transcribe_audio(self.engine, attachments)
+        if any(heard):
+            turn.attachments = annotate(turn.attachments, heard, [])
+            await self.store.edit_turn(turn.id, turn.text, attachments=turn.attachments)
+        return media_parts(attachments, with_audio=native_audio), heard
 
     async def _generate(self, story_id: int, persona: Persona, user_name: str, media: list[dict],
                         sink: ReplySink, before: int | None = None, instruction: str = "",

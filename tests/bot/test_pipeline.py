@@ -225,6 +225,18 @@ async def test_audio_is_transcribed_first_for_an_engine_without_masque_extras(pi
     assert last == f"Ann: listen\n[voice message: {engine.transcript}]"
 
 
+async def test_a_failed_transcription_keeps_the_user_turn(pipeline, fake_engine):
+    fake_engine.masque = False
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    await fake_engine.set_mode("error", paths=("/v1/audio/transcriptions",))
+    voice = InputAttachment("audio", "note.wav", "audio/wav", b"RIFF fake")
+    with pytest.raises(EngineUnavailable) as caught:
+        await pipeline.reply(CHANNEL, GUILD, said("listen", attachments=[voice]), Collector())
+    turn = await pipeline.store.get_turn(caught.value.turn_id)
+    assert turn.story_id == story.id and turn.text == "listen" and turn.attachments[0]["filename"] == "note.wav"
+    assert not chats(fake_engine)
+
+
 async def test_a_restart_resumes_the_story_from_sql(tmp_path: Path, fake_engine, script):
     engine, url = fake_engine, fake_engine.url
     db = f"sqlite+aiosqlite:///{tmp_path / 'resume.db'}"
