@@ -108,7 +108,7 @@ class EngineClient:
 
     def __init__(self, urls: list[str], api_key: str | None = None, *, timeout_s: float = 120.0,
                  connect_timeout_s: float = 5.0, retries: int = 1, unhealthy_s: float = 30.0,
-                 models: EngineModels | None = None):
+                 models: EngineModels | None = None, image_timeout_s: float | None = None):
         if not urls:
             raise ValueError("EngineClient needs at least one engine URL")
         timeout = openai.Timeout(timeout_s, connect=connect_timeout_s)
@@ -118,6 +118,7 @@ class EngineClient:
             for url in urls
         ]
         self._next = 0
+        self._image_timeout = openai.Timeout(image_timeout_s or timeout_s, connect=connect_timeout_s)
         self._unhealthy_s = unhealthy_s
         self._api_key = api_key
         self.models = models or EngineModels()
@@ -130,7 +131,8 @@ class EngineClient:
                               settings.engine_embedding_model, settings.engine_transcription_model)
         return cls(parse_urls(url or settings.engine_url), key, timeout_s=settings.engine_timeout_s,
                    connect_timeout_s=settings.engine_connect_timeout_s, retries=settings.engine_retries,
-                   unhealthy_s=settings.engine_unhealthy_s, models=models)
+                   unhealthy_s=settings.engine_unhealthy_s, models=models,
+                   image_timeout_s=settings.engine_image_timeout_s)
 
     @property
     def urls(self) -> list[str]:
@@ -259,7 +261,8 @@ class EngineClient:
 
         async def call(endpoint: _Endpoint) -> bytes:
             result = await endpoint.client.images.generate(
-                model=self.models.image, prompt=prompt, n=1, response_format="b64_json", extra_body=extra)
+                model=self.models.image, prompt=prompt, n=1, response_format="b64_json", extra_body=extra,
+                timeout=self._image_timeout)
             if not result.data or not result.data[0].b64_json:
                 raise EngineBadResponse("the image response has no b64_json data")
             try:

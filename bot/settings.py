@@ -29,6 +29,8 @@ class BotSettings(BaseSettings):
     engine_transcription_model: str = Field(default="masque-whisper",
                                             validation_alias="MASQUE_ENGINE_TRANSCRIPTION_MODEL")
     engine_timeout_s: float = Field(default=180.0, gt=0, validation_alias="MASQUE_ENGINE_TIMEOUT_S")
+    # Painting a picture on a CPU takes far longer than a chat reply.
+    engine_image_timeout_s: float = Field(default=600.0, gt=0, validation_alias="MASQUE_ENGINE_IMAGE_TIMEOUT_S")
     engine_connect_timeout_s: float = Field(default=5.0, gt=0, validation_alias="MASQUE_ENGINE_CONNECT_TIMEOUT_S")
     engine_retries: int = Field(default=1, ge=0, validation_alias="MASQUE_ENGINE_RETRIES")
     engine_unhealthy_s: float = Field(default=30.0, ge=0, validation_alias="MASQUE_ENGINE_UNHEALTHY_S")

@@ -155,3 +155,12 @@ def test_health_url_sits_beside_v1():
 def test_a_client_needs_a_url():
     with pytest.raises(ValueError):
         EngineClient([])
+
+
+async def test_images_get_their_own_longer_timeout(fake_engine: FakeEngine):
+    fake_engine.latency = 1.0
+    client = EngineClient([fake_engine.url], retries=0, timeout_s=0.3, image_timeout_s=10)
+    with pytest.raises(EngineTimeout):
+        await client.chat(HELLO)
+    assert await client.generate_image("a slow lighthouse", size="32x32")
+    await client.close()
