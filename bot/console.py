@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -29,14 +30,38 @@ HELP = ("Type to speak. Commands: /swipe (next reply), /back (previous reply), /
 
 
 class Lines:
-    """Lines from a text stream without blocking the event loop; None at end of input."""
+    """Lines from a text stream without blocking the event loop; None at end of input.
+
+    A daemon thread does the blocking reads, so Ctrl+C ends the program at once
+    instead of waiting for a read that only Enter would finish.
+    """
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self._queue: asyncio.Queue[str | None] | None = None
+
+    def _start(self) -> asyncio.Queue[str | None]:
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def pump() -> None:
+            try:
+                for line in iter(self.stream.readline, ""):
+                    loop.call_soon_threadsafe(queue.put_nowait, line.rstrip("\r\n"))
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except RuntimeError:  # the loop closed while we waited for input: the program is ending
+                return
+
+        threading.Thread(target=pump, name="console-stdin", daemon=True).start()
+        return queue
 
     async def read(self) -> str | None:
-        line = await asyncio.to_thread(self.stream.readline)
-        return line.rstrip("\r\n") if line else None
+        if self._queue is None:
+            self._queue = self._start()
+        line = await self._queue.get()
+        if line is None:
+            self._queue.put_nowait(None)  # stay at end of input for later reads
+        return line
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -76,6 +77,20 @@ async def test_console_engine_down_keeps_the_turn_and_a_restart_resumes_and_retr
         assert chats(fake)[-1]["messages"][-1]["content"].startswith("Traveller: hello?")
         code, out, _ = await masque_bot(tmp_path, url, "", "--console", "--persona", "Wren Halloway", "--new")
     assert "(resumed)" not in out and "Wren: *The door rattles" in out
+
+
+async def test_ctrl_c_ends_the_console_while_it_waits_for_input(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    async with FakeEngine() as fake:
+        env.update(MASQUE_ENGINE_URL=fake.url, MASQUE_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "--console", "--persona", "wren", cwd=tmp_path, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert process.stdout is not None
+        while b"Wren: " not in await asyncio.wait_for(process.stdout.readline(), RUN_TIMEOUT_S):
+            pass
+        process.send_signal(signal.SIGINT)  # stdin stays open: the reader is blocked
+        assert await asyncio.wait_for(process.wait(), 15) == 130
 
 
 async def test_console_unknown_persona_exits_2(tmp_path: Path):
