@@ -172,7 +172,7 @@ class EngineClient:
                     raise mapped from exc
                 self._mark_down(endpoint, mapped)
                 last = mapped
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 # The body was not the JSON object the API promises (an HTML error page, a proxy's text).
                 raise EngineBadResponse(f"{what}: the engine's answer is not OpenAI-shaped JSON ({exc})") from exc
         assert last is not None
@@ -199,7 +199,7 @@ class EngineClient:
                     yield event
         except openai.OpenAIError as exc:
             raise _map_error("chat", exc) from exc
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EngineBadResponse(f"chat: the engine streamed something that is not a chunk ({exc})") from exc
         finally:
             await stream.close()
@@ -224,9 +224,7 @@ class EngineClient:
             extras = (completion.model_extra or {}).get("masque")
             if isinstance(extras, dict):
                 endpoint.speaks_masque = True
-            if not completion.choices:
-                raise EngineBadResponse("the engine's reply has no choices")
-            text = completion.choices[0].message.content or ""
+            text = _field(_first(completion, "choices"), "message", "content", kind=str) or ""
             return ChatResult(text, extras if isinstance(extras, dict) else {})
         return await self._call("chat", call)
 
@@ -263,10 +261,11 @@ class EngineClient:
             result = await endpoint.client.images.generate(
                 model=self.models.image, prompt=prompt, n=1, response_format="b64_json", extra_body=extra,
                 timeout=self._image_timeout)
-            if not result.data or not result.data[0].b64_json:
+            data = _field(_first(result, "data"), "b64_json", kind=str)
+            if not data:
                 raise EngineBadResponse("the image response has no b64_json data")
             try:
-                return base64.b64decode(result.data[0].b64_json, validate=True)
+                return base64.b64decode(data, validate=True)
             except ValueError as exc:
                 raise EngineBadResponse("the image is not valid base64") from exc
         return await self._call("images", call)
@@ -276,7 +275,11 @@ class EngineClient:
         async def call(endpoint: _Endpoint) -> list[list[float]]:
             result = await endpoint.client.embeddings.create(
                 model=self.models.embedding, input=texts, encoding_format="float")
-            vectors = [d.embedding for d in sorted(result.data, key=lambda d: d.index)]
+            items = getattr(result, "data", None)
+            if not isinstance(items, list):
+                raise EngineBadResponse("the embeddings response has no data list")
+            ordered = sorted(items, key=lambda d: _field(d, "index", kind=int) or 0)
+            vectors = [_field(d, "embedding", kind=list) for d in ordered]
             if len(vectors) != len(texts) or not all(isinstance(v, list) and v for v in vectors):
                 raise EngineBadResponse("the embeddings response does not match the input")
             return vectors
@@ -307,8 +310,8 @@ async def _probe(session: aiohttp.ClientSession, url: str) -> bool:
 
 def _chunk_event(chunk: Any) -> StreamEvent:
     extras = (getattr(chunk, "model_extra", None) or {}).get("masque")
-    choices = getattr(chunk, "choices", None) or []
-    text = (choices[0].delta.content or "") if choices else ""
+    choices = getattr(chunk, "choices", None)
+    text = (_field(choices[0], "delta", "content", kind=str) or "") if isinstance(choices, list) and choices else ""
     return StreamEvent(text, extras if isinstance(extras, dict) else None)
 
 
@@ -327,3 +330,20 @@ def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
 
 def _short(exc: openai.APIStatusError, limit: int = 300) -> str:
     return str(exc.message)[:limit]
+
+
+def _first(obj: Any, name: str) -> Any:
+    """`obj.<name>[0]`, or EngineBadResponse when that is not a non-empty list."""
+    items = getattr(obj, name, None)
+    if not isinstance(items, list) or not items:
+        raise EngineBadResponse(f"the engine's answer has no {name!r} list")
+    return items[0]
+
+
+def _field(obj: Any, *path: str, kind: type) -> Any:
+    """Follow attribute `path` from `obj`; the end must be `kind` or None, else EngineBadResponse."""
+    for name in path:
+        obj = getattr(obj, name, None)
+    if obj is not None and not isinstance(obj, kind):
+        raise EngineBadResponse(f"the engine's {'.'.join(path)} is not a {kind.__name__}")
+    return obj
