@@ -24,7 +24,7 @@ from bot.settings import BotSettings
 from bot.store import SceneArt, Store, Story, Turn
 from bot.story.scene import clean_image_prompt, scene_prompt_messages
 
-SCENE_PROMPT_MAX_TOKENS = 120
+SCENE_PROMPT_MAX_TOKENS = 60  # CLIP reads 77 tokens and the art style comes first
 SCENE_PROMPT_TEMPERATURE = 0.4  # a steady description, not a creative one
 SAFE_NEGATIVE = "nsfw, nudity, gore"
 BASE_NEGATIVE = "lowres, blurry, watermark, text"
