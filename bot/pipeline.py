@@ -29,7 +29,8 @@ from bot.story.prompt import clean_reply, may_become_name_prefix, stop_sequences
 log = logging.getLogger(__name__)
 
 DEFAULT_USER_NAME = "User"
-HISTORY_TURNS = 200  # turns read from SQL per prompt; the token budget then trims them
+HISTORY_TURNS = 200  # most turns read from SQL per prompt; the token budget then trims them
+FIRST_PAGE_TURNS = 32  # read first: usually enough to fill the budget, and far cheaper than 200
 
 
 class StoryError(Exception):
@@ -201,9 +202,7 @@ class StoryPipeline:
                         sink: ReplySink, before: int | None = None, instruction: str = "",
                         prefix: str = "") -> tuple[str, dict]:
         """Build the prompt from the stored turns (those before position `before`) and stream a reply."""
-        turns = await self.store.recent_turns(story_id, HISTORY_TURNS)
-        if before is not None:
-            turns = [t for t in turns if t.position < before]
+        turns = await self._prompt_turns(story_id, before)
         summary = await self.store.latest_summary(story_id)
         if summary is not None:  # the summary stands in for the turns it covers
             turns = [t for t in turns if t.position > summary.through_position]
@@ -213,6 +212,16 @@ class StoryPipeline:
             summary=summary.text if summary else "", seed=story_id,
             budget=self.settings.prompt_token_budget, instruction=instruction))
         return await self._stream(messages, card, turns, user_name, sink, prefix)
+
+    async def _prompt_turns(self, story_id: int, before: int | None) -> list[Turn]:
+        """The turns a prompt may use (those before position `before`), reading no more than needed."""
+        if before is not None:  # regenerate/continue of an older turn: rare, read the lot
+            return [t for t in await self.store.recent_turns(story_id, HISTORY_TURNS) if t.position < before]
+        turns = await self.store.recent_turns(story_id, FIRST_PAGE_TURNS)
+        if len(turns) == FIRST_PAGE_TURNS and sum(estimate_tokens(t.text) for t in turns) < \
+                self.settings.prompt_token_budget:
+            turns = await self.store.recent_turns(story_id, HISTORY_TURNS)
+        return turns
 
     async def _stream(self, messages: list[dict], card: Card, turns: Sequence[Turn], user_name: str,
                       sink: ReplySink, prefix: str) -> tuple[str, dict]:
@@ -233,14 +242,13 @@ class StoryPipeline:
         return _joined(prefix, reply), extras
 
     async def _store_reply(self, story_id: int, persona: Persona, text: str, sink: ReplySink) -> Turn:
-        # Stored before it is shown: a failed post must not lose the story's reply.
-        turn = await self.store.add_turn(story_id, NewTurn(
-            AuthorKind.PERSONA, text, author_name=persona_card(persona).display_name,
-            persona_id=persona.id, token_count=estimate_tokens(text)))
+        # Shown first, then stored with the ids of the messages that show it (one write): the
+        # story keeps what people saw, and no database write delays the reply. If showing fails,
+        # the user turn is still there and a retry answers it.
         ids = await sink.finish(text)
-        if ids:
-            await self.store.set_turn_messages(turn.id, ids)
-        return await self.store.get_turn(turn.id) or turn
+        return await self.store.add_turn(story_id, NewTurn(
+            AuthorKind.PERSONA, text, author_name=persona_card(persona).display_name,
+            persona_id=persona.id, token_count=estimate_tokens(text), message_ids=ids))
 
     async def _record_media(self, turn: Turn, extras: dict, heard: list[str]) -> tuple[list[str], list[str]]:
         """Keep what the engine heard and saw on the user turn (shown to users, used in later prompts)."""
