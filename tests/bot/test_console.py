@@ -155,3 +155,14 @@ async def test_a_configured_engine_url_starts_no_child():
     url = f"http://127.0.0.1:{free_port()}/v1"
     async with engine_urls(BotSettings(MASQUE_ENGINE_URL=url)) as used:
         assert used == url
+
+
+async def test_a_bad_setting_is_named_and_exits_2(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    env.update(MASQUE_PROMPT_TOKEN_BUDGET="lots", MASQUE_ENGINE_URL="http://127.0.0.1:9/v1")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--console", cwd=tmp_path, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT_S)
+    assert process.returncode == 2
+    assert b"bad setting" in err and b"MASQUE_PROMPT_TOKEN_BUDGET" in err
