@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import discord
 import pytest
@@ -36,21 +37,17 @@ async def discord_server() -> AsyncIterator[FakeDiscord]:
         yield server
 
 
-@pytest.fixture
-async def bot(discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
-              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MasqueBot]:
-    """The app's bot, started for real against the fake Discord and ready (guild received)."""
-    # apply_endpoints sets process-wide discord.py state: let monkeypatch put it back afterwards.
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
-    settings = BotSettings(DISCORD_TOKEN=discord_server.token, MASQUE_ENGINE_URL=fake_engine.url,
-                           MASQUE_DATABASE_URL=sqlite_url, DISCORD_API_BASE=discord_server.api_base,
-                           DISCORD_GATEWAY_URL=discord_server.gateway_url, _env_file=None)
+@asynccontextmanager
+async def running_bot(server: FakeDiscord, engine_url: str, store: Store,
+                      database_url: str) -> AsyncIterator[MasqueBot]:
+    """The app's bot, started for real against the fake Discord and ready (guild received); closed after."""
+    settings = BotSettings(DISCORD_TOKEN=server.token, MASQUE_ENGINE_URL=engine_url,
+                           MASQUE_DATABASE_URL=database_url, DISCORD_API_BASE=server.api_base,
+                           DISCORD_GATEWAY_URL=server.gateway_url, _env_file=None)
     apply_endpoints(settings)
     engine = EngineClient.from_settings(settings)
     client = MasqueBot(settings, store, engine)
-    runner = asyncio.create_task(client.start(discord_server.token))
+    runner = asyncio.create_task(client.start(server.token))
     try:
         await asyncio.wait_for(client.wait_until_ready(), READY_S)
         yield client
@@ -58,6 +55,17 @@ async def bot(discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store
         await client.close()
         await asyncio.wait_for(runner, READY_S)
         await engine.close()
+
+
+@pytest.fixture
+async def bot(discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MasqueBot]:
+    # apply_endpoints sets process-wide discord.py state: let monkeypatch put it back afterwards.
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    async with running_bot(discord_server, fake_engine.url, store, sqlite_url) as client:
+        yield client
 
 
 def persona_posts(server: FakeDiscord, since: int = 0) -> list[RestCall]:
@@ -243,3 +251,50 @@ async def test_an_engine_that_is_down_gets_a_clear_message_and_keeps_the_turn(
     assert any(":retry:" in b for b in buttons(note.json))
     turn = await bot.store.turn_by_message(int(said["id"]))
     assert turn is not None and turn.text == "Hello? Anyone?"  # the user's turn is never lost
+
+
+async def test_a_voice_message_is_heard_and_quoted(bot: MasqueBot, discord_server: FakeDiscord,
+                                                   fake_engine: FakeEngine) -> None:
+    await start_story(discord_server)
+    fake_engine.transcript = "open the gate before the tide turns"
+    said = await discord_server.user_says("", attachments=[Attachment("voice-message.ogg", "audio/ogg",
+                                                                      b"OggS fake opus", voice=True)])
+    quote = await discord_server.wait_for_call(
+        lambda c: c.method == "POST" and c.path == f"/channels/{said['channel_id']}/messages", wait_s=20)
+    assert "open the gate before the tide turns" in quote.json["content"]
+    assert quote.json["allowed_mentions"]["parse"] == []
+    # The audio reached the engine: as an input_audio part, or (before the client has seen that the engine
+    # speaks `masque`) through /v1/audio/transcriptions first, and then as text.
+    audio = base64.b64encode(b"OggS fake opus").decode()
+    parts = [p for r in fake_engine.requests_to("/v1/chat/completions") for m in r.json["messages"]
+             if isinstance(m["content"], list) for p in m["content"] if p["type"] == "input_audio"]
+    uploads = [r.form["file"]["data"] for r in fake_engine.requests_to("/v1/audio/transcriptions")]
+    assert [p["input_audio"]["data"] for p in parts] == [audio] or uploads == [b"OggS fake opus"]
+    assert "open the gate before the tide turns" in str(fake_engine.requests_to("/v1/chat/completions")[-1].json)
+    turn = await bot.store.turn_by_message(int(said["id"]))
+    assert turn is not None and turn.attachments[0]["transcript"] == "open the gate before the tide turns"
+
+
+async def test_a_restarted_bot_resumes_the_story_from_sql(
+        bot: MasqueBot, discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str) -> None:
+    await start_story(discord_server)
+    since = len(discord_server.calls)
+    await discord_server.user_says("My name is Captain Marlow.")
+    await discord_server.wait_for_call(
+        lambda c: c.method == "PATCH" and c in discord_server.webhook_calls() and buttons(c.json or {}) != [],
+        since=since, wait_s=20)
+    await bot.close()  # the process goes away; the story stays in SQLite
+
+    restarted_store = Store(sqlite_url)
+    await restarted_store.upgrade()
+    try:
+        async with running_bot(discord_server, fake_engine.url, restarted_store, sqlite_url) as again:
+            since = len(discord_server.calls)
+            await discord_server.user_says("Do you remember my name?")
+            await discord_server.wait_for_call(
+                lambda c: c.method == "POST" and c in discord_server.webhook_calls(), since=since, wait_s=20)
+            prompt = str(fake_engine.requests_to("/v1/chat/completions")[-1].json["messages"])
+            assert "My name is Captain Marlow." in prompt and "Do you remember my name?" in prompt
+            assert len(discord_server.identifies) == 2 and again.user.id == discord_server.world.bot_id
+    finally:
+        await restarted_store.close()
