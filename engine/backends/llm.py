@@ -29,6 +29,8 @@ KNOWN_SHA256 = {
 }
 HASH_CHUNK = 1 << 20
 DONE_MARKER = "masque-converted.json"
+# Bump when the conversion changes, so stale caches are converted again.
+CONVERSION_VERSION = 2
 
 
 def sha256_file(path: Path) -> str:
@@ -46,13 +48,17 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     expected = KNOWN_SHA256.get(gguf.name)
     if expected is not None and digest != expected:
         raise ValueError(f"{gguf} has sha256 {digest}, expected {expected}")
-    out = cache_dir / "converted" / f"{gguf.stem}-{digest[:16]}"
+    out = cache_dir / "converted" / f"{gguf.stem}-{digest[:16]}-v{CONVERSION_VERSION}"
     if (out / DONE_MARKER).is_file():
         return out
     log.info("Converting %s to a transformers checkpoint in %s (once)", gguf.name, out)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # the weights are plain tensors now; save them as such
+    # The weights are plain float tensors now: save them as an ordinary checkpoint, without
+    # the GGUF quantization config that would route later loads through the GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
