@@ -298,3 +298,26 @@ async def test_a_restarted_bot_resumes_the_story_from_sql(
             assert len(discord_server.identifies) == 2 and again.user.id == discord_server.world.bot_id
     finally:
         await restarted_store.close()
+
+
+async def test_two_messages_at_once_in_one_channel_are_answered_in_order(
+        bot: MasqueBot, discord_server: FakeDiscord, fake_engine: FakeEngine) -> None:
+    await start_story(discord_server)
+    fake_engine.latency = 0.2  # the first reply is still being written when the second message arrives
+    since = len(discord_server.calls)
+    first = await discord_server.user_says("First: I light the lantern.")
+    second = await discord_server.user_says("Second: I open the door.", user_id=discord_server.world.admin_id)
+    await discord_server.wait_for_call(lambda _: len(sealed(discord_server, since)) >= 2, since=since, wait_s=20)
+    chats = [r.json["messages"] for r in fake_engine.requests_to("/v1/chat/completions")]
+    assert "First: I light the lantern." in str(chats[-2][-1]) and "Second" not in str(chats[-2])
+    assert "First: I light the lantern." in str(chats[-1]) and "Second: I open the door." in str(chats[-1][-1])
+    assert "You said: Uma_User: First: I light the lantern." in str(chats[-1])  # the first reply, in the history
+    first_turn = await bot.store.turn_by_message(int(first["id"]))
+    second_turn = await bot.store.turn_by_message(int(second["id"]))
+    assert first_turn is not None and second_turn is not None and first_turn.position < second_turn.position
+
+
+def sealed(server: FakeDiscord, since: int) -> list[RestCall]:
+    """Final persona edits (the ones that put the buttons on) from call index `since`."""
+    return [c for c in server.calls[since:]
+            if c.method == "PATCH" and c in server.webhook_calls() and buttons(c.json or {}) != []]
