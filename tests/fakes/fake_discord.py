@@ -40,7 +40,7 @@ AUTH_FAILED_CLOSE = 4004
 class Upload:
     """One file of a multipart request."""
 
-    field: str
+    part: str  # the form field, e.g. files[0]
     filename: str
     content_type: str
     data: bytes

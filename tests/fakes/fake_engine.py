@@ -182,6 +182,8 @@ class FakeEngine:
         same port.
         """
         mode = FailureMode(mode)
+        if mode is FailureMode.DOWN and times is not None:
+            raise ValueError("DOWN lasts until set_mode('ok'): a closed socket counts no requests")
         was_down = self.mode is FailureMode.DOWN
         self.mode, self._fail_left, self._fail_paths = mode, times, paths
         if mode is FailureMode.DOWN and not was_down and self._site is not None:
