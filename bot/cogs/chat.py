@@ -8,8 +8,10 @@ their turn.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import weakref
 
 import discord
 from discord.ext import commands
@@ -49,18 +51,29 @@ class Chat(commands.Cog):
         self.replies: ReplyService = bot.replies  # type: ignore[attr-defined]
         self._cooldowns: dict[float, commands.CooldownMapping] = {}
         self._since_art: dict[int, int] = {}  # channel id -> replies since the last scene image
+        self._queues: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         if not self.is_story_candidate(message):
             return
+        # Taken before the first await: asyncio locks are fair, so a channel's
+        # messages are handled (and answered) in the order they arrived.
+        lock = self._queues.get(message.channel.id)
+        if lock is None:
+            lock = self._queues[message.channel.id] = asyncio.Lock()
+        async with lock:
+            await self.handle(message)
+
+    async def handle(self, message: discord.Message) -> None:
+        """Answer one story-channel message if the server's reply mode and cooldown allow."""
         story = await self.store.active_story(message.channel.id)
         if story is None:
             return
         prefs = await guild_prefs(self.store, message.guild.id)
         if not await self.addressed(message, prefs):
             return
-        if self.cooldown(prefs).update_rate_limit(message):
+        if prefs.cooldown_s > 0 and self.cooldown(prefs).update_rate_limit(message):
             await message.add_reaction(COOLDOWN_EMOJI)
             return
         try:
