@@ -205,7 +205,8 @@ def bench_audio(settings: EngineSettings) -> dict[str, float]:
 
 def report(chat: dict, llama: float | None, audio: dict[str, float], args: argparse.Namespace,
            wall: float) -> None:
-    engine = f"transformers, {args.dtype}" if args.backend == "llm" else "llama.cpp backend"
+    engine = {"llm": f"transformers, {args.dtype}", "llamacpp": "llama.cpp backend",
+              "hybrid": f"hybrid: llama.cpp alone, transformers {args.dtype} batch"}[args.backend]
     print(f"\nChat: SmolLM2-135M-Instruct ({engine}, {args.threads or 'default'} threads), "
           f"max_tokens={args.max_tokens}, greedy")
     print(f"{'concurrent':>10} | {'batched tok/s':>13} | {'one-at-a-time tok/s':>19} | "
@@ -243,7 +244,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default=default_dtype(), choices=["float32", "bfloat16"],
                         help="transformers weights (default: bfloat16 where the CPU has it)")
-    parser.add_argument("--backend", default="llm", choices=["llm", "llamacpp"],
+    parser.add_argument("--backend", default="llm", choices=["llm", "llamacpp", "hybrid"],
                         help="chat backend behind the server (llamacpp needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--skip-audio", action="store_true")

@@ -37,6 +37,7 @@ CHAT_MODULES = {
     "llm": "engine.backends.llm",
     "omni": "engine.backends.omni",
     "llamacpp": "engine.backends.llamacpp",
+    "hybrid": "engine.backends.hybrid",
 }
 
 DISABLED, PENDING, LOADING, READY, FAILED = "disabled", "pending", "loading", "ready", "failed"

@@ -49,8 +49,9 @@ class ChatSettings(RoleSettings):
     """The fusion model behind /v1/chat/completions."""
 
     # llm: transformers + dynamic batching (composed fusion); omni: native fusion;
-    # llamacpp: a GGUF through llama-cpp-python (composed fusion, one request at a time)
-    backend: Literal["llm", "omni", "llamacpp"] = "llm"
+    # llamacpp: a GGUF through llama-cpp-python (composed fusion, one request at a time);
+    # hybrid: llama.cpp for a lone request, the transformers batch when several run at once
+    backend: Literal["llm", "omni", "llamacpp", "hybrid"] = "llm"
     served_name: str = "masque-chat"  # the id clients pass as `model`; the model path also works
     gguf_file: str = ""  # when `model` is a folder holding several GGUF files
     # omni: the transformers class to load; "" = Qwen2_5OmniThinkerForConditionalGeneration
