@@ -54,10 +54,6 @@ class RunningEngine:
     def metrics(self) -> Any:
         return self.app[METRICS]
 
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        """Run a coroutine on the server's loop (e.g. to inspect it) and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
 
 def _serve(settings: EngineSettings, started: dict[str, Any], ready: threading.Event) -> None:
     loop = asyncio.new_event_loop()
