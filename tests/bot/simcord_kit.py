@@ -65,7 +65,10 @@ async def world(bot: MasqueBot, settle_timeout: float = SETTLE_TIMEOUT_S) -> Asy
         player = guild.add_member(env.create_user("pip", global_name="Pip"))
         await bot.store.update_guild_settings(guild.id, cooldown_s=0)  # tests send fast; cooldowns tested alone
         await env.settle()
-        yield World(env, bot, guild, channel, admin, player)
+        try:
+            yield World(env, bot, guild, channel, admin, player)
+        finally:
+            await env.bot.engine.close()
 
 
 async def start_story(w: World, persona: str = BUILTIN) -> simcord.InteractionResult:
