@@ -194,3 +194,16 @@ async def test_deleted_webhook_is_recreated(bot_settings, store, fake_engine):
         await w.player.send(w.channel, "Hello?")
         reply = w.persona_messages()[-1]
         assert reply.content == "Still here." and reply.webhook_id != first
+
+
+async def test_scene_art_follows_replies_when_the_server_turns_it_on(bot_settings, store, fake_engine):
+    async with world(make_bot(bot_settings, store)) as w:
+        await start_story(w)
+        await store.update_guild_settings(w.guild.id, scene_art=True, scene_art_every=2)
+        fake_engine.reply = "The storm breaks over the harbour."
+        await w.player.send(w.channel, "I step outside.")
+        assert not any(m.attachments for m in w.persona_messages())
+        await w.player.send(w.channel, "I run for the boats.")
+        art = w.persona_messages()[-1]
+        assert art.attachments and art.attachments[0].filename == "scene.png"
+        assert len(fake_engine.requests_to("/v1/images/generations")) == 1
