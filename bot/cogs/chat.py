@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 MAX_AUDIO_BYTES = 25 * 1024 * 1024
 COOLDOWN_EMOJI = "⏳"
+MISSING_PERMISSIONS = ("I cannot speak as the persona here: I need the Manage Webhooks permission in this "
+                       "channel. Ask a server admin, then write your message again.")
 OOC_PREFIXES = ("//", "((")  # out-of-character chatter the persona does not answer
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
@@ -83,6 +85,10 @@ class Chat(commands.Cog):
                 await self.maybe_illustrate(message.channel, prefs)
         except StoryError as exc:
             await message.reply(str(exc), allowed_mentions=NO_MENTIONS, mention_author=False)
+        except discord.Forbidden:
+            # The turn is stored; an admin can fix the permission and press regenerate / write again.
+            log.warning("missing permissions to answer in channel %s", message.channel.id)
+            await message.reply(MISSING_PERMISSIONS, allowed_mentions=NO_MENTIONS, mention_author=False)
 
     def is_story_candidate(self, message: discord.Message) -> bool:
         """A human's ordinary message in a server channel (never a bot, a webhook or ourselves)."""

@@ -64,7 +64,7 @@ class ReplyService:
             view = retry_view(exc.turn_id) if exc.turn_id else discord.utils.MISSING
             await message.reply(exc.user_message, view=view, allowed_mentions=NO_MENTIONS, mention_author=False)
             return None
-        await sink.seal(self.view_for(result.persona_turn))
+        await self._seal(sink, result.persona_turn)
         if line := heard_line(result.heard):
             await message.reply(line, allowed_mentions=NO_MENTIONS, mention_author=False)
         return result.persona_turn
@@ -73,7 +73,8 @@ class ReplyService:
         """Post the story's greeting as the persona (alternate greetings are its swipes)."""
         sink = WebhookReplySink(self.poster, channel, identity_of(persona))
         turn = await self.pipeline.show_greeting(story, sink)
-        await sink.seal(self.view_for(turn) if turn else None)
+        if turn is not None:
+            await self._seal(sink, turn)
         return turn
 
     async def post_image(self, channel: WebhookChannel, image: SceneImage, caption: str = "") -> discord.Message:
@@ -89,6 +90,12 @@ class ReplyService:
             if turn.author_kind == AuthorKind.PERSONA:
                 for shown in turn.messages:
                     await self.poster.delete(channel, identity_of(persona), shown.message_id)
+
+    async def _seal(self, sink: WebhookReplySink, turn: Turn) -> None:
+        """Finish the reply's last message with its buttons, and record where the turn now shows."""
+        await sink.seal(self.view_for(turn))
+        if sink.message_ids != [m.message_id for m in turn.messages]:
+            await self.store.set_turn_messages(turn.id, sink.message_ids)
 
     def view_for(self, turn: Turn) -> discord.ui.View:
         return reply_view(turn.id, swipe=turn.selected_swipe, swipes=max(len(turn.swipes), 1))
@@ -148,9 +155,8 @@ class ReplyService:
             new = await self.pipeline.continue_turn(turn_id, sink)
         else:
             new = await self.pipeline.swipe(turn_id, -1 if action == Action.PREVIOUS else 1)
-            ids = await sink.finish(new.text)
-            await self.store.set_turn_messages(new.id, ids)
-        await sink.seal(self.view_for(new))
+            await sink.finish(new.text)
+        await self._seal(sink, new)
 
     async def _illustrate(self, channel: WebhookChannel, interaction: discord.Interaction) -> None:
         image = await self.pipeline.illustrate(channel.id, force=True, safe=not is_nsfw_channel(channel))

@@ -72,16 +72,15 @@ class WebhookReplySink:
         """Write the final text of the last message with the buttons under it."""
         if not self._ids:
             return
-        last = self._ids[-1]
         text = self._final[-1] if self._final else (self._shown[-1] or "").removesuffix(STREAM_CURSOR)
         if view is None or self._poster.components_ok is False:
-            await self._edit(len(self._ids) - 1, text)
+            if self._shown[-1] != text:
+                await self._edit(len(self._ids) - 1, text)
             if view is not None:
                 await self._post_controls(view)
             return
         try:
-            await self._poster.edit(self._channel, self._who, last, text, view=view)
-            self.edits += 1
+            await self._edit(len(self._ids) - 1, text, view)
             self._poster.components_ok = True
         except discord.HTTPException as exc:
             if exc.code != INVALID_FORM_BODY:
@@ -89,7 +88,8 @@ class WebhookReplySink:
             # This webhook host refuses buttons on webhook messages: the bot posts them itself.
             log.info("webhook messages cannot carry buttons here; posting them from the bot")
             self._poster.components_ok = False
-            await self._edit(len(self._ids) - 1, text)
+            if self._shown[-1] != text:
+                await self._edit(len(self._ids) - 1, text)
             await self._post_controls(view)
 
     async def discard(self) -> None:
@@ -111,8 +111,13 @@ class WebhookReplySink:
                 self._ids.append(message.id)
                 self._shown.append(content)
 
-    async def _edit(self, index: int, text: str) -> None:
-        await self._poster.edit(self._channel, self._who, self._ids[index], text)
+    async def _edit(self, index: int, text: str, view: discord.ui.View | None = None) -> None:
+        try:
+            await self._poster.edit(self._channel, self._who, self._ids[index], text, view=view)
+        except discord.NotFound:
+            # Deleted by someone, or posted by an earlier webhook of this channel: post it anew.
+            message = await self._poster.send(self._channel, self._who, text, view=view)
+            self._ids[index] = message.id
         self.edits += 1
         self._shown[index] = text
 

@@ -68,7 +68,8 @@ async def world(bot: MasqueBot, settle_timeout: float = SETTLE_TIMEOUT_S) -> Asy
         try:
             yield World(env, bot, guild, channel, admin, player)
         finally:
-            await env.bot.engine.close()
+            for engine in {id(b.engine): b.engine for b in (bot, env.bot)}.values():
+                await engine.close()  # an unclosed HTTP client would close itself in a later test's loop
 
 
 async def start_story(w: World, persona: str = BUILTIN) -> simcord.InteractionResult:

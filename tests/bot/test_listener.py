@@ -207,3 +207,13 @@ async def test_scene_art_follows_replies_when_the_server_turns_it_on(bot_setting
         art = w.persona_messages()[-1]
         assert art.attachments and art.attachments[0].filename == "scene.png"
         assert len(fake_engine.requests_to("/v1/images/generations")) == 1
+
+
+async def test_missing_manage_webhooks_is_explained(bot_settings, store, fake_engine):
+    async with world(make_bot(bot_settings, store)) as w:
+        await start_story(w)
+        w.env.inject_error("POST", "/webhooks/*", status=403, code=50013, message="Missing Permissions", times=None)
+        await w.player.send(w.channel, "Hello?")
+        assert "Manage Webhooks" in w.channel.last_message.content
+        story = await store.active_story(w.channel.id)
+        assert (await store.recent_turns(story.id))[1].text == "Hello?"  # the user's turn is kept
