@@ -33,7 +33,6 @@ class StoryCog(commands.Cog, name="Story"):
     @story.command()
     @app_commands.describe(persona="Who plays the story (see /persona list)")
     @app_commands.autocomplete(persona=persona_autocomplete)
-    @app_commands.checks.cooldown(1, 10.0, key=lambda i: i.channel_id)
     async def start(self, interaction: discord.Interaction, persona: str) -> None:
         """Start a new story in this channel with a persona (the old one is archived)."""
         await interaction.response.defer(ephemeral=True, thinking=True)
