@@ -10,8 +10,10 @@ output must never ping anyone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -67,6 +69,8 @@ class WebhookPoster:
     def __init__(self, client: discord.Client):
         self._client = client
         self._hooks: dict[int, discord.Webhook] = {}  # parent channel id -> webhook
+        # One lookup/creation at a time per channel, so a reply and a button press never make two webhooks.
+        self._setup_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Discord lets application-owned webhooks carry buttons; some proxies and
         # test servers refuse them. None until the first try tells us.
         self.components_ok: bool | None = None
@@ -105,16 +109,18 @@ class WebhookPoster:
         """The parent channel's webhook, dressed as `who` (created or replaced when needed)."""
         parent = _parent(channel)
         hook = self._hooks.get(parent.id)
-        if hook is None:
-            hook = await self._find_own(parent)
-        if hook is not None and hook.name != who.webhook_name:
-            await _delete_quietly(hook)
-            hook = None
-        if hook is None:
-            hook = await parent.create_webhook(name=who.webhook_name, avatar=who.avatar,
-                                               reason="Masque: speak as the channel's persona")
-        self._hooks[parent.id] = hook
-        return hook
+        if hook is not None and hook.name == who.webhook_name:
+            return hook
+        async with self._setup_locks[parent.id]:
+            hook = self._hooks.get(parent.id) or await self._find_own(parent)
+            if hook is not None and hook.name != who.webhook_name:
+                await _delete_quietly(hook)
+                hook = None
+            if hook is None:
+                hook = await parent.create_webhook(name=who.webhook_name, avatar=who.avatar,
+                                                   reason="Masque: speak as the channel's persona")
+            self._hooks[parent.id] = hook
+            return hook
 
     def forget(self, channel: WebhookChannel) -> None:
         """Drop the cached webhook (it was deleted)."""
