@@ -82,7 +82,7 @@ class Chat(commands.Cog):
             user = await self.user_input(message)
             turn = await self.replies.answer(message, user)
             if turn is not None:
-                await self.maybe_illustrate(message.channel, prefs)
+                await self.maybe_illustrate(message.channel, prefs, turn.id)
         except StoryError as exc:
             await message.reply(str(exc), allowed_mentions=NO_MENTIONS, mention_author=False)
         except discord.Forbidden:
@@ -138,7 +138,7 @@ class Chat(commands.Cog):
         return UserInput(text=message.content, author_id=message.author.id,
                          author_name=message.author.display_name, message_id=message.id, attachments=parts)
 
-    async def maybe_illustrate(self, channel: discord.abc.Messageable, prefs: GuildPrefs) -> None:
+    async def maybe_illustrate(self, channel: discord.abc.Messageable, prefs: GuildPrefs, turn_id: int) -> None:
         """Post scene art now and then, when the server turned it on and the scene changed."""
         if not prefs.scene_art:
             return
@@ -148,7 +148,7 @@ class Chat(commands.Cog):
             return
         image = await self.pipeline.illustrate(channel.id, safe=not is_nsfw_channel(channel))
         if image is not None:
-            await self.replies.post_image(channel, image)
+            await self.replies.post_image(channel, image, turn_id=turn_id)
             self._since_art[channel.id] = 0
 
     @commands.Cog.listener()

@@ -48,6 +48,9 @@ class ReplyService:
 
     def __init__(self, pipeline: StoryPipeline, poster: WebhookPoster):
         self.pipeline, self.poster, self.store = pipeline, poster, pipeline.store
+        # persona turn id -> the scene-art message posted for it, so regenerate can redo both.
+        # Kept in memory: after a restart, regenerate redoes the text only.
+        self._art_messages: dict[int, int] = {}
 
     # ------------------------------------------------------------ replies
 
@@ -77,11 +80,15 @@ class ReplyService:
             await self._seal(sink, turn)
         return turn
 
-    async def post_image(self, channel: WebhookChannel, image: SceneImage, caption: str = "") -> discord.Message:
-        """Post scene art as the channel's persona."""
+    async def post_image(self, channel: WebhookChannel, image: SceneImage, caption: str = "",
+                         turn_id: int | None = None) -> discord.Message:
+        """Post scene art as the channel's persona (`turn_id`: the reply it illustrates)."""
         persona = await self.channel_persona(channel.id)
         file = discord.File(io.BytesIO(image.png), filename=ART_FILENAME, description=image.prompt[:1000])
-        return await self.poster.send(channel, identity_of(persona), caption, files=[file])
+        posted = await self.poster.send(channel, identity_of(persona), caption, files=[file])
+        if turn_id is not None:
+            self._art_messages[turn_id] = posted.id
+        return posted
 
     async def delete_messages(self, channel: WebhookChannel, turns: Sequence[Turn]) -> None:
         """Remove the persona messages of turns taken out of the story (users' own messages stay)."""
@@ -127,7 +134,7 @@ class ReplyService:
         channel = interaction.channel
         try:
             if action == Action.ILLUSTRATE:
-                await self._illustrate(channel, interaction)
+                await self._illustrate(channel, interaction, turn_id)
             else:
                 await self._rewrite(channel, action, turn_id, interaction)
         except EngineError as exc:
@@ -151,6 +158,9 @@ class ReplyService:
                 await interaction.message.delete()  # the error note with the retry button
         elif action == Action.REGENERATE:
             new = await self.pipeline.regenerate(turn_id, sink)
+            await self._seal(sink, new)
+            await self._repaint(channel, persona, new)
+            return
         elif action == Action.CONTINUE:
             new = await self.pipeline.continue_turn(turn_id, sink)
         else:
@@ -158,10 +168,20 @@ class ReplyService:
             await sink.finish(new.text)
         await self._seal(sink, new)
 
-    async def _illustrate(self, channel: WebhookChannel, interaction: discord.Interaction) -> None:
+    async def _repaint(self, channel: WebhookChannel, persona: Persona, turn: Turn) -> None:
+        """Regenerate redoes text and image together: a reply that had scene art gets a fresh picture."""
+        old_art = self._art_messages.pop(turn.id, None)
+        if old_art is None:
+            return
+        image = await self.pipeline.illustrate(channel.id, force=True, fresh=True, safe=not is_nsfw_channel(channel))
+        if image is not None:
+            await self.poster.delete(channel, identity_of(persona), old_art)
+            await self.post_image(channel, image, turn_id=turn.id)
+
+    async def _illustrate(self, channel: WebhookChannel, interaction: discord.Interaction, turn_id: int) -> None:
         image = await self.pipeline.illustrate(channel.id, force=True, safe=not is_nsfw_channel(channel))
         if image is not None:
-            await self.post_image(channel, image)
+            await self.post_image(channel, image, turn_id=turn_id)
         else:
             await interaction.followup.send("Nothing new to illustrate yet.", ephemeral=True)
 

@@ -51,6 +51,27 @@ async def test_regenerate_continue_and_illustrate(bot_settings, store, fake_engi
         assert fake_engine.requests_to("/v1/images/generations")
 
 
+async def test_regenerate_redoes_the_text_and_the_scene_art_together(bot_settings, store, fake_engine):
+    async with world(make_bot(bot_settings, store)) as w:
+        await start_story(w)
+        await store.update_guild_settings(w.guild.id, scene_art=True, scene_art_every=1)
+        fake_engine.reply = "The storm breaks over the harbour."
+        await w.player.send(w.channel, "I step outside.")
+        old_art = w.persona_messages()[-1]
+        assert old_art.attachments and old_art.attachments[0].filename == "scene.png"
+        reply = w.persona_messages()[-2]
+
+        fake_engine.reply = "The harbour lies still under the stars."
+        await w.player.click(controls(w), label="Regenerate")
+        shown = w.persona_messages()
+        assert shown[-2].id == reply.id and shown[-2].content == "The harbour lies still under the stars."
+        new_art = shown[-1]
+        assert new_art.id != old_art.id and new_art.attachments[0].filename == "scene.png"
+        assert all(m.id != old_art.id for m in w.channel.history())  # the old picture is gone
+        # A fresh picture was painted, not the earlier one reused.
+        assert len(fake_engine.requests_to("/v1/images/generations")) == 2
+
+
 async def test_only_participants_may_press_the_buttons(bot_settings, store, fake_engine):
     async with world(make_bot(bot_settings, store)) as w:
         await start_story(w)

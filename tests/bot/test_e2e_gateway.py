@@ -39,11 +39,11 @@ async def discord_server() -> AsyncIterator[FakeDiscord]:
 
 @asynccontextmanager
 async def running_bot(server: FakeDiscord, engine_url: str, store: Store,
-                      database_url: str) -> AsyncIterator[MasqueBot]:
+                      database_url: str, **settings_env: str) -> AsyncIterator[MasqueBot]:
     """The app's bot, started for real against the fake Discord and ready (guild received); closed after."""
     settings = BotSettings(DISCORD_TOKEN=server.token, MASQUE_ENGINE_URL=engine_url,
                            MASQUE_DATABASE_URL=database_url, DISCORD_API_BASE=server.api_base,
-                           DISCORD_GATEWAY_URL=server.gateway_url, _env_file=None)
+                           DISCORD_GATEWAY_URL=server.gateway_url, _env_file=None, **settings_env)
     apply_endpoints(settings)
     engine = EngineClient.from_settings(settings)
     client = MasqueBot(settings, store, engine)
@@ -251,6 +251,33 @@ async def test_an_engine_that_is_down_gets_a_clear_message_and_keeps_the_turn(
     assert any(":retry:" in b for b in buttons(note.json))
     turn = await bot.store.turn_by_message(int(said["id"]))
     assert turn is not None and turn.text == "Hello? Anyone?"  # the user's turn is never lost
+
+
+@pytest.mark.parametrize("mode", ["slow", "stall"])
+async def test_a_slow_or_stalling_engine_times_out_with_a_clear_message_and_keeps_the_turn(
+        discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    # Real clock here (unlike SimCord's virtual one), so the engine client's own timeout fires.
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    async with running_bot(discord_server, fake_engine.url, store, sqlite_url,
+                           MASQUE_ENGINE_TIMEOUT_S="1", MASQUE_ENGINE_RETRIES="0") as bot:
+        await start_story(discord_server)
+        await fake_engine.set_mode(mode)
+        since = len(discord_server.calls)
+        said = await discord_server.user_says("Are you still there?")
+        note = await discord_server.wait_for_call(
+            lambda c: c.method == "POST" and c.path == f"/channels/{said['channel_id']}/messages", since=since,
+            wait_s=30)
+        assert str(note.json["message_reference"]["message_id"]) == said["id"]
+        assert "took too long" in note.json["content"] or "slow" in note.json["content"]
+        assert any(":retry:" in b for b in buttons(note.json))
+        turn = await bot.store.turn_by_message(int(said["id"]))
+        assert turn is not None and turn.text == "Are you still there?"
+        # Whatever the stream had shown of the reply is not left behind as if it were the answer.
+        posted = [int(c.response["id"]) for c in persona_posts(discord_server, since)]
+        assert not any(i in discord_server.messages for i in posted)
 
 
 async def test_a_voice_message_is_heard_and_quoted(bot: MasqueBot, discord_server: FakeDiscord,
