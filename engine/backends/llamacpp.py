@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from engine.backends.llm import locate_checkpoint
+from engine.backends.llm import locate_checkpoint, text_chat_ids
 from engine.batching import Delta, SamplingParams, SequenceHandle, TextStream
 from engine.queueing import Admission
 from engine.settings import ChatSettings, EngineSettings
@@ -47,12 +47,7 @@ class LlamaCppBackend:
 
     def prepare(self, messages: list[dict[str, Any]], images: list, audios: list) -> list[int]:
         """Token ids of a text-only chat through the model's own chat template."""
-        if images or audios:
-            raise ValueError("a text-only model cannot take images or audio")
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text_chat_ids(self.tokenizer, messages, images, audios)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
         """Queue one generation; 503 when the queue is full."""

@@ -89,6 +89,16 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def text_chat_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], images: list[Any], audios: list[Any]
+) -> list[int]:
+    """Token ids of a text-only chat, through the tokenizer's own chat template."""
+    if images or audios:
+        raise ValueError("a text-only model cannot take images or audio")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class LLMBackend:
     """A text-only chat model behind the batcher."""
 
@@ -107,17 +117,8 @@ class LLMBackend:
     def prepare(
         self, messages: list[dict[str, Any]], images: list[Any], audios: list[Any]
     ) -> list[int]:
-        """Token ids of a text-only chat, through the tokenizer's own chat template.
-
-        Composed fusion has already turned media into text, so ``images`` and ``audios`` are
-        empty here.
-        """
-        if images or audios:
-            raise ValueError("a text-only model cannot take images or audio")
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of a text-only chat (composed fusion has turned media into text)."""
+        return text_chat_ids(self.tokenizer, messages, images, audios)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
         """Start generating; iterate the handle for deltas."""
