@@ -40,7 +40,10 @@ def masque_intents() -> discord.Intents:
 def apply_endpoints(settings: BotSettings) -> None:
     """Point discord.py's REST and gateway at DISCORD_API_BASE / DISCORD_GATEWAY_URL when set."""
     if settings.discord_api_base:
-        discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+        base = yarl.URL(settings.discord_api_base.rstrip("/"))
+        if base.path in ("", "/"):  # a bare proxy address: Discord's API lives under /api/v10
+            base = base.with_path(f"/api/v{discord.http.INTERNAL_API_VERSION}")
+        discord.http.Route.BASE = str(base).rstrip("/")
     if settings.discord_gateway_url:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
 

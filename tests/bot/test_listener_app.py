@@ -26,6 +26,9 @@ def test_api_base_and_gateway_can_point_at_a_proxy(bot_settings):
                                                         "discord_gateway_url": "ws://127.0.0.1:8081/"}))
         assert discord.http.Route("GET", "/users/@me").url == "http://127.0.0.1:8080/api/v10/users/@me"
         assert str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY) == "ws://127.0.0.1:8081/"
+        # A bare proxy address (as nirn-proxy is often given) gets Discord's API path.
+        apply_endpoints(bot_settings.model_copy(update={"discord_api_base": "http://127.0.0.1:8080"}))
+        assert discord.http.Route("GET", "/users/@me").url == "http://127.0.0.1:8080/api/v10/users/@me"
     finally:
         discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = route_base, gateway
 
