@@ -19,6 +19,9 @@ import numpy as np
 from engine.backends import digests
 
 log = logging.getLogger(__name__)
+# OpenAI's voice names: accepted and spoken by the default voice, so OpenAI clients work unchanged.
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                           "shimmer", "verse"})
 
 MIN_SPEED = 0.25  # OpenAI's range for `speed`
 MAX_SPEED = 4.0
@@ -107,14 +110,16 @@ class PiperTTS:
         return list(self._info.values())
 
     def has_voice(self, voice: str) -> bool:
-        """True when ``voice`` is a loaded voice id."""
-        return voice in self._voices
+        """True when ``voice`` is a loaded voice id, or one of OpenAI's (spoken by the default voice)."""
+        return voice in self._voices or voice in OPENAI_VOICES
 
     def synthesize(self, text: str, voice: str | None = None, speed: float = 1.0) -> Speech:
         """Speak ``text`` with ``voice`` (default voice when None) at ``speed`` (1.0 = normal)."""
         from piper import SynthesisConfig
 
         voice_id = voice or self.default_voice
+        if voice_id in OPENAI_VOICES and voice_id not in self._voices:
+            voice_id = self.default_voice  # OpenAI clients unchanged: "alloy" is our default voice
         if voice_id not in self._voices:
             raise UnknownVoice(voice_id)
         if not MIN_SPEED <= speed <= MAX_SPEED:

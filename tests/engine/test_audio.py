@@ -307,7 +307,8 @@ def test_speech_formats_and_speed(openai_client: openai.OpenAI) -> None:
     assert wav[:4] == b"RIFF" and wav[8:12] == b"WAVE"
     seconds = decode_audio(wav).size / SAMPLE_RATE
     pcm = speak("pcm")  # 16-bit mono at 24 kHz, no header
-    assert abs(len(pcm) / 2 / 24_000 - seconds) < 0.05
+    # Piper samples its phoneme durations (noise_w), so two takes of one line differ a little.
+    assert abs(len(pcm) / 2 / 24_000 - seconds) < 0.15 * seconds
     assert speak("mp3")[:3] in (b"ID3", b"\xff\xfb", b"\xff\xf3")
     fast = decode_audio(speak("wav", speed=2.0)).size / SAMPLE_RATE
     assert fast < 0.8 * seconds
@@ -316,7 +317,7 @@ def test_speech_formats_and_speed(openai_client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("body", "status", "param", "code"),
     [
-        ({"model": "tts-1", "voice": "alloy", "input": "hi"}, 400, "voice", "voice_not_found"),
+        ({"model": "tts-1", "voice": "nobody", "input": "hi"}, 400, "voice", "voice_not_found"),
         ({"model": "tts-1", "voice": VOICE, "input": ""}, 400, "input", None),
         ({"model": "tts-1", "voice": VOICE, "input": "   "}, 400, "input", None),
         ({"model": "tts-1", "voice": VOICE, "input": "x" * 5000}, 400, "input",
@@ -336,6 +337,14 @@ async def test_speech_bad_input(engine_url: str, body: dict, status: int, param:
     assert error["param"] == param
     if code:
         assert error["code"] == code
+
+
+def test_openai_voice_names_speak_with_the_default_voice(openai_client: openai.OpenAI) -> None:
+    alloy = openai_client.audio.speech.create(model="tts-1", voice="alloy", input=SPOKEN_LINE,
+                                              response_format="wav").read()
+    assert alloy[:4] == b"RIFF"
+    heard = openai_client.audio.transcriptions.create(model="whisper-1", file=("alloy.wav", alloy))
+    assert word_error_rate(SPOKEN_LINE, heard.text) < MAX_WER, heard.text
 
 
 def test_speech_error_through_the_client(openai_client: openai.OpenAI) -> None:
