@@ -22,7 +22,7 @@ from bot.engine_client import EngineBadResponse, EngineClient, EngineError, Stre
 from bot.media import annotate, attachment_meta, media_parts, transcribe_audio
 from bot.scene_art import SceneArtService, SceneImage
 from bot.settings import BotSettings
-from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Turn
+from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Summary, Turn
 from bot.story import PromptParts, build_messages, continue_instruction, estimate_tokens, format_transcript
 from bot.story.prompt import clean_reply, may_become_name_prefix, stop_sequences
 
@@ -202,10 +202,7 @@ class StoryPipeline:
                         sink: ReplySink, before: int | None = None, instruction: str = "",
                         prefix: str = "") -> tuple[str, dict]:
         """Build the prompt from the stored turns (those before position `before`) and stream a reply."""
-        turns = await self._prompt_turns(story_id, before)
-        summary = await self.store.latest_summary(story_id)
-        if summary is not None:  # the summary stands in for the turns it covers
-            turns = [t for t in turns if t.position > summary.through_position]
+        turns, summary = await self._prompt_history(story_id, before)
         card = persona_card(persona)
         messages = build_messages(PromptParts(
             card=card, user_name=user_name or DEFAULT_USER_NAME, turns=turns, media=media,
@@ -213,15 +210,13 @@ class StoryPipeline:
             budget=self.settings.prompt_token_budget, instruction=instruction))
         return await self._stream(messages, card, turns, user_name, sink, prefix)
 
-    async def _prompt_turns(self, story_id: int, before: int | None) -> list[Turn]:
-        """The turns a prompt may use (those before position `before`), reading no more than needed."""
-        if before is not None:  # regenerate/continue of an older turn: rare, read the lot
-            return [t for t in await self.store.recent_turns(story_id, HISTORY_TURNS) if t.position < before]
-        turns = await self.store.recent_turns(story_id, FIRST_PAGE_TURNS)
+    async def _prompt_history(self, story_id: int, before: int | None) -> tuple[list[Turn], Summary | None]:
+        """The latest summary and the turns after it a prompt may use, reading no more than needed."""
+        turns, summary = await self.store.prompt_history(story_id, FIRST_PAGE_TURNS, before)
         if len(turns) == FIRST_PAGE_TURNS and sum(estimate_tokens(t.text) for t in turns) < \
                 self.settings.prompt_token_budget:
-            turns = await self.store.recent_turns(story_id, HISTORY_TURNS)
-        return turns
+            turns, summary = await self.store.prompt_history(story_id, HISTORY_TURNS, before)
+        return turns, summary
 
     async def _stream(self, messages: list[dict], card: Card, turns: Sequence[Turn], user_name: str,
                       sink: ReplySink, prefix: str) -> tuple[str, dict]:

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from bot.cards import parse_card
@@ -159,3 +160,66 @@ async def test_state_survives_a_restart(database_url: str):
         assert [t.text for t in await second.recent_turns(active.id)] == ["remember me"]
     finally:
         await second.close()
+
+
+async def test_reads_do_not_wait_for_a_writer(store: Store):
+    story = await new_story(store)
+    await store.add_turn(story.id, NewTurn(AuthorKind.USER, "before"))
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_writer() -> None:
+        async with store.session() as session:  # holds the write lock (SQLite) / a row lock until released
+            await session.execute(update(Story).where(Story.id == story.id).values(title="busy"))
+            holding.set()
+            await release.wait()
+
+    writer = asyncio.create_task(slow_writer())
+    await holding.wait()
+    queued = asyncio.create_task(store.add_turn(story.id, NewTurn(AuthorKind.USER, "queued")))
+    # Readers see the last committed state at once instead of queueing behind the writers.
+    turns, summary = await asyncio.wait_for(store.prompt_history(story.id, 10), 5)
+    assert [t.text for t in turns] == ["before"] and summary is None
+    assert [t.text for t in await asyncio.wait_for(store.recent_turns(story.id), 5)] == ["before"]
+    assert await asyncio.wait_for(store.list_personas(GUILD), 5)
+    assert not queued.done()
+    release.set()
+    await writer
+    await queued
+    assert [t.text for t in await store.recent_turns(story.id)] == ["before", "queued"]
+
+
+async def test_prompt_history_skips_what_the_summary_covers(store: Store):
+    story = await new_story(store)
+    for i in range(6):
+        await store.add_turn(story.id, NewTurn(AuthorKind.USER, f"t{i}"))
+    await store.add_summary(story.id, through_position=2, text="earlier")
+    turns, summary = await store.prompt_history(story.id, 3)
+    assert summary.text == "earlier" and [t.text for t in turns] == ["t3", "t4", "t5"]
+    turns, _ = await store.prompt_history(story.id, 10, before=5)
+    assert [t.position for t in turns] == [3, 4]
+
+
+async def test_cached_rows_follow_every_change(store: Store):
+    ada = await store.create_persona(GUILD, parse_card(card_bytes("Ada"), "ada.json"))
+    assert (await store.get_persona_by_id(ada.id)).name == "Ada"
+    await store.update_persona(ada.id, card=parse_card(card_bytes("Ada Two"), "ada.json").card)
+    assert (await store.get_persona_by_id(ada.id)).name == "Ada Two"
+
+    assert await store.active_story(CHANNEL) is None
+    story = await store.start_story(CHANNEL, GUILD, ada.id)
+    assert (await store.active_story(CHANNEL)).persona_id == ada.id
+    assert await store.delete_persona(GUILD, "Ada Two")
+    assert await store.get_persona_by_id(ada.id) is None
+    assert (await store.active_story(CHANNEL)).persona_id is None  # SET NULL in the database
+    await store.end_story(CHANNEL)
+    assert await store.active_story(CHANNEL) is None
+    again = await new_story(store)
+    assert (await store.active_story(CHANNEL)).id == again.id != story.id
+
+    assert await store.guild_settings(GUILD) == {}
+    await store.update_guild_settings(GUILD, cooldown_s=3)
+    assert await store.guild_settings(GUILD) == {"cooldown_s": 3}
+    (await store.guild_settings(GUILD))["cooldown_s"] = 99  # callers get a copy
+    assert await store.guild_settings(GUILD) == {"cooldown_s": 3}
+    await store.forget_guild(GUILD)
+    assert await store.guild_settings(GUILD) == {}

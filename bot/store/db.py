@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -24,6 +28,9 @@ from sqlalchemy.ext.asyncio import (
 
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_S = 30
+READ_ONLY = "masque_read_only"  # execution option of the engine behind `Database.read()`
+CACHE_TTL_S = 60.0  # a bound on staleness should another process change a cached row
+T = TypeVar("T")
 
 
 def default_database_url() -> str:
@@ -64,13 +71,17 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA journal_mode=WAL")
+        # With WAL, NORMAL loses no committed data on an application crash and keeps the
+        # database consistent on power loss; it only skips the fsync on every commit.
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        # IMMEDIATE takes the write lock up front: two concurrent writers then
-        # queue on the busy timeout instead of one failing on lock upgrade.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front (IMMEDIATE): two concurrent writers then queue on
+        # the busy timeout instead of one failing on lock upgrade. Readers begin deferred, so with
+        # WAL they read a snapshot and never wait behind a writer.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -80,23 +91,78 @@ class Database:
         self.url = url or default_database_url()
         self.engine = make_engine(self.url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = async_sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+        self._sqlite = self.engine.dialect.name == "sqlite"
+        self._write_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
+            weakref.WeakKeyDictionary()
+        # Rows read on every message that change only through this process (a guild's channels
+        # and personas live on one shard): active stories, personas, guild settings. See `_cached`.
+        self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
+        self._cache_epoch = 0
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session in a transaction: committed on success, rolled back on error."""
-        async with self.sessions() as session, session.begin():
+        """A session in a transaction that may write: committed on success, rolled back on error."""
+        if not self._sqlite:
+            async with self.sessions() as session, session.begin():
+                yield session
+            return
+        # SQLite has one writer at a time. Queue this process's writers here, in arrival order,
+        # rather than in SQLite's busy handler, which sleeps in steps of up to 100 ms and so leaves
+        # the lock idle while writers wait (the busy timeout still covers other processes).
+        lock = self._write_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with asyncio.timeout(SQLITE_BUSY_TIMEOUT_S):
+            await lock.acquire()
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        finally:
+            lock.release()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A session in a read-only transaction (one snapshot; on SQLite it never waits for a writer)."""
+        async with self.read_sessions() as session, session.begin():
             yield session
+
+    async def _cached(self, kind: str, key: int, load: Callable[[], Awaitable[T]]) -> T:
+        """`load()`'s result, kept for CACHE_TTL_S. The writers of such rows call `forget` after
+        committing; a load that overlapped a `forget` is returned but not kept."""
+        entry = self._cache.get((kind, key))
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        epoch = self._cache_epoch
+        value = await load()
+        if epoch == self._cache_epoch:
+            self._cache[(kind, key)] = (time.monotonic() + CACHE_TTL_S, value)
+        return value
+
+    def forget(self, kind: str, key: int | None = None) -> None:
+        """Drop cached `kind` rows (all of them when `key` is None); call it after the change commits."""
+        self._cache_epoch += 1
+        if key is not None:
+            self._cache.pop((kind, key), None)
+        else:
+            for cached in [k for k in self._cache if k[0] == kind]:
+                del self._cache[cached]
+
+    def _forget_all(self) -> None:
+        self._cache_epoch += 1
+        self._cache.clear()
 
     async def upgrade(self, revision: str = "head") -> None:
         """Bring the schema to `revision` (the app calls this at start; no create_all)."""
         cfg = alembic_config(self.url)
         async with self.engine.begin() as conn:
             await conn.run_sync(_run_with_connection, cfg, command.upgrade, revision)
+        self._forget_all()
 
     async def downgrade(self, revision: str) -> None:
         cfg = alembic_config(self.url)
         async with self.engine.begin() as conn:
             await conn.run_sync(_run_with_connection, cfg, command.downgrade, revision)
+        self._forget_all()
 
     async def current_revision(self) -> str | None:
         async with self.engine.connect() as conn:

@@ -8,8 +8,10 @@ from sqlalchemy.exc import IntegrityError
 from bot.cards import Card, ParsedCard
 from bot.store.db import Database
 from bot.store.models import GLOBAL_GUILD, Persona, PersonaScope
+from bot.store.stories import ACTIVE_STORIES
 
 AUTOCOMPLETE_LIMIT = 25  # Discord shows at most 25 choices
+PERSONAS = "personas"  # cache kind: by id
 
 
 class PersonaExists(ValueError):
@@ -49,6 +51,7 @@ class PersonaRepo(Database):
                 elif row.card != fields["card"] or row.avatar != fields["avatar"]:
                     for key, value in fields.items():
                         setattr(row, key, value)
+        self.forget(PERSONAS)
 
     async def create_persona(self, guild_id: int, parsed: ParsedCard, author_id: int | None = None) -> Persona:
         """Store a new guild persona; raises PersonaExists when the name is taken in that guild."""
@@ -74,11 +77,13 @@ class PersonaRepo(Database):
                     persona.avatar, persona.avatar_mime = avatar, "image/png"
         except IntegrityError as exc:
             raise PersonaExists(f"a persona named {card.name!r} already exists here") from exc
+        finally:
+            self.forget(PERSONAS, persona_id)
         return persona
 
     async def get_persona(self, guild_id: int, name: str) -> Persona | None:
         """The guild's persona of that name, else the built-in one."""
-        async with self.session() as session:
+        async with self.read() as session:
             rows = await session.scalars(
                 select(Persona)
                 .where(Persona.name_key == _name_key(name), Persona.guild_id.in_((guild_id, GLOBAL_GUILD)))
@@ -87,7 +92,11 @@ class PersonaRepo(Database):
             return rows.first()
 
     async def get_persona_by_id(self, persona_id: int) -> Persona | None:
-        async with self.session() as session:
+        """The persona with that id (cached: read on every message; treat it as read-only)."""
+        return await self._cached(PERSONAS, persona_id, lambda: self._load_persona(persona_id))
+
+    async def _load_persona(self, persona_id: int) -> Persona | None:
+        async with self.read() as session:
             return await session.get(Persona, persona_id)
 
     async def list_personas(self, guild_id: int | None = None) -> list[Persona]:
@@ -95,13 +104,13 @@ class PersonaRepo(Database):
         query = select(Persona).order_by(Persona.guild_id, Persona.name_key)
         if guild_id is not None:
             query = query.where(Persona.guild_id.in_((guild_id, GLOBAL_GUILD)))
-        async with self.session() as session:
+        async with self.read() as session:
             return list(await session.scalars(query))
 
     async def persona_names(self, guild_id: int, prefix: str = "") -> list[str]:
         """Names for autocomplete: those containing `prefix`, guild ones first."""
         pattern = f"%{_name_key(prefix)}%"
-        async with self.session() as session:
+        async with self.read() as session:
             rows = await session.scalars(
                 select(Persona.name)
                 .where(Persona.guild_id.in_((guild_id, GLOBAL_GUILD)), Persona.name_key.like(pattern))
@@ -118,4 +127,7 @@ class PersonaRepo(Database):
             result = await session.execute(
                 delete(Persona).where(Persona.guild_id == guild_id, Persona.name_key == _name_key(name))
             )
-            return result.rowcount > 0
+        if result.rowcount > 0:
+            self.forget(PERSONAS)
+            self.forget(ACTIVE_STORIES)  # their persona_id is now NULL
+        return result.rowcount > 0

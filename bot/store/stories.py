@@ -41,8 +41,16 @@ class NewTurn:
     swipes: Sequence[str] = ()  # persona turns: the alternatives; `text` is swipes[0] when given
 
 
+ACTIVE_STORIES = "active_stories"  # cache kind: by channel id
+
+
 def _with_children(query):
     return query.options(selectinload(Turn.swipes), selectinload(Turn.messages))
+
+
+def _latest_summary(story_id: int):
+    return (select(Summary).where(Summary.story_id == story_id)
+            .order_by(Summary.through_position.desc(), Summary.id.desc()).limit(1))
 
 
 class StoryRepo(Database):
@@ -57,7 +65,7 @@ class StoryRepo(Database):
                 session.add(ChannelPersona(channel_id=channel.channel_id, persona_id=persona_id, position=position))
 
     async def channel_persona_ids(self, channel_id: int) -> list[int]:
-        async with self.session() as session:
+        async with self.read() as session:
             rows = await session.scalars(
                 select(ChannelPersona.persona_id)
                 .where(ChannelPersona.channel_id == channel_id)
@@ -66,7 +74,7 @@ class StoryRepo(Database):
             return list(rows)
 
     async def channel_settings(self, channel_id: int) -> dict[str, Any]:
-        async with self.session() as session:
+        async with self.read() as session:
             channel = await session.get(ChannelState, channel_id)
             return dict(channel.settings) if channel else {}
 
@@ -95,18 +103,29 @@ class StoryRepo(Database):
             story = Story(channel_id=channel_id, guild_id=guild_id, persona_id=persona_id,
                           title=title, status=StoryStatus.ACTIVE, turn_seq=0)
             session.add(story)
+        self.forget(ACTIVE_STORIES, channel_id)
         return story
 
     async def active_story(self, channel_id: int) -> Story | None:
-        async with self.session() as session:
+        """The channel's active story (cached: read on every message in every channel).
+
+        Its `turn_seq` and `updated_at` may be behind the database; everything else is current.
+        """
+        return await self._cached(ACTIVE_STORIES, channel_id, lambda: self._load_active_story(channel_id))
+
+    async def _load_active_story(self, channel_id: int) -> Story | None:
+        async with self.read() as session:
             return await session.scalar(
                 select(Story).where(Story.channel_id == channel_id, Story.status == StoryStatus.ACTIVE)
             )
 
     async def end_story(self, channel_id: int) -> Story | None:
         """Archive the active story; returns it, or None when there was none."""
-        async with self.session() as session:
-            return await self._archive(session, channel_id)
+        try:
+            async with self.session() as session:
+                return await self._archive(session, channel_id)
+        finally:
+            self.forget(ACTIVE_STORIES, channel_id)
 
     @staticmethod
     async def _archive(session: AsyncSession, channel_id: int) -> Story | None:
@@ -119,7 +138,7 @@ class StoryRepo(Database):
         return story
 
     async def stories(self, channel_id: int) -> list[Story]:
-        async with self.session() as session:
+        async with self.read() as session:
             return list(await session.scalars(
                 select(Story).where(Story.channel_id == channel_id).order_by(Story.id)
             ))
@@ -150,26 +169,42 @@ class StoryRepo(Database):
         return turn
 
     async def get_turn(self, turn_id: int) -> Turn | None:
-        async with self.session() as session:
+        async with self.read() as session:
             return await session.scalar(_with_children(select(Turn).where(Turn.id == turn_id)))
 
     async def turn_by_message(self, message_id: int) -> Turn | None:
         """The turn a Discord message shows (for edits, deletes and buttons)."""
-        async with self.session() as session:
+        async with self.read() as session:
             return await session.scalar(
                 _with_children(select(Turn).join(TurnMessage).where(TurnMessage.message_id == message_id))
             )
+
+    async def prompt_history(self, story_id: int, limit: int,
+                             before: int | None = None) -> tuple[list[Turn], Summary | None]:
+        """What a prompt reads, in one snapshot: the latest summary, and the last `limit` turns it
+        does not cover (before position `before` when given), oldest first, without their swipes
+        and messages."""
+        async with self.read() as session:
+            summary = await session.scalar(_latest_summary(story_id))
+            query = select(Turn).where(Turn.story_id == story_id)
+            if summary is not None:
+                query = query.where(Turn.position > summary.through_position)
+            if before is not None:
+                query = query.where(Turn.position < before)
+            turns = list(await session.scalars(query.order_by(Turn.position.desc()).limit(limit)))
+        turns.reverse()
+        return turns, summary
 
     async def recent_turns(self, story_id: int, limit: int | None = None) -> list[Turn]:
         """The story's last `limit` turns (all when None), oldest first."""
         query = _with_children(select(Turn).where(Turn.story_id == story_id).order_by(Turn.position.desc()))
         if limit is not None:
             query = query.limit(limit)
-        async with self.session() as session:
+        async with self.read() as session:
             return list(reversed(list(await session.scalars(query))))
 
     async def count_turns(self, story_id: int) -> int:
-        async with self.session() as session:
+        async with self.read() as session:
             return await session.scalar(select(func.count()).where(Turn.story_id == story_id)) or 0
 
     async def set_turn_messages(self, turn_id: int, message_ids: Sequence[int]) -> None:
@@ -244,11 +279,8 @@ class StoryRepo(Database):
         return summary
 
     async def latest_summary(self, story_id: int) -> Summary | None:
-        async with self.session() as session:
-            return await session.scalar(
-                select(Summary).where(Summary.story_id == story_id)
-                .order_by(Summary.through_position.desc(), Summary.id.desc()).limit(1)
-            )
+        async with self.read() as session:
+            return await session.scalar(_latest_summary(story_id))
 
     async def add_scene_art(self, art: SceneArt) -> SceneArt:
         async with self.session() as session:
@@ -257,7 +289,7 @@ class StoryRepo(Database):
 
     async def scene_art(self, story_id: int, limit: int = 200) -> list[SceneArt]:
         """The story's scene art, newest first (the bank searched for reuse)."""
-        async with self.session() as session:
+        async with self.read() as session:
             return list(await session.scalars(
                 select(SceneArt).where(SceneArt.story_id == story_id)
                 .order_by(SceneArt.id.desc()).limit(limit)
