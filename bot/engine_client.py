@@ -191,7 +191,7 @@ class EngineClient:
         shaped = 0  # chunks that look like chat chunks; a stream of none is not OpenAI-shaped
         try:
             async for chunk in stream:
-                shaped += 1 if isinstance(getattr(chunk, "choices", None), list) else 0
+                shaped += 1 if isinstance(chunk, dict) and isinstance(chunk.get("choices"), list) else 0
                 event = _chunk_event(chunk)
                 if event.extras is not None:
                     endpoint.speaks_masque = True
@@ -207,8 +207,13 @@ class EngineClient:
             raise EngineBadResponse("chat: the engine's stream carried no chat chunks")
 
     async def _open_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
-        stream = await endpoint.client.chat.completions.create(
-            model=self.models.chat, messages=messages, stream=True, **params)
+        # The low-level call with plain JSON both ways: the typed `chat.completions.create` walks
+        # every message through its TypedDict transform and builds a pydantic model per chunk,
+        # which cost more of the bot's CPU per reply than everything else it does. The client's
+        # retries, timeouts and error types are the same.
+        stream = await endpoint.client.post(
+            "/chat/completions", body={"model": self.models.chat, "messages": messages, "stream": True, **params},
+            cast_to=object, stream=True, stream_cls=openai.AsyncStream[object])
         content_type = stream.response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
             await stream.close()
@@ -309,10 +314,17 @@ async def _probe(session: aiohttp.ClientSession, url: str) -> bool:
 
 
 def _chunk_event(chunk: Any) -> StreamEvent:
-    extras = (getattr(chunk, "model_extra", None) or {}).get("masque")
-    choices = getattr(chunk, "choices", None)
-    text = (_field(choices[0], "delta", "content", kind=str) or "") if isinstance(choices, list) and choices else ""
-    return StreamEvent(text, extras if isinstance(extras, dict) else None)
+    """The text and masque extras of one streamed chunk (plain JSON); anything else carries neither."""
+    if not isinstance(chunk, dict):
+        return StreamEvent("", None)
+    extras = chunk.get("masque")
+    choices = chunk.get("choices")
+    delta = choices[0].get("delta") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
+        else None
+    text = delta.get("content") if isinstance(delta, dict) else None
+    if text is not None and not isinstance(text, str):
+        raise EngineBadResponse("the engine's delta.content is not a str")
+    return StreamEvent(text or "", extras if isinstance(extras, dict) else None)
 
 
 def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
