@@ -8,6 +8,8 @@ buttons under its last message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import logging
 from collections.abc import Sequence
@@ -59,14 +61,16 @@ class ReplyService:
         channel = message.channel
         persona = await self.channel_persona(channel.id)
         sink = WebhookReplySink(self.poster, channel, identity_of(persona))
+        typing = asyncio.create_task(keep_typing(channel))  # not awaited first: the engine starts at once
         try:
-            async with channel.typing():
-                result = await self.pipeline.reply(channel.id, message.guild.id, user, sink)
+            result = await self.pipeline.reply(channel.id, message.guild.id, user, sink)
         except EngineError as exc:
             await sink.discard()
             view = retry_view(exc.turn_id) if exc.turn_id else discord.utils.MISSING
             await message.reply(exc.user_message, view=view, allowed_mentions=NO_MENTIONS, mention_author=False)
             return None
+        finally:
+            typing.cancel()
         await self._seal(sink, result.persona_turn)
         if line := heard_line(result.heard):
             await message.reply(line, allowed_mentions=NO_MENTIONS, mention_author=False)
@@ -184,6 +188,13 @@ class ReplyService:
             await self.post_image(channel, image, turn_id=turn_id)
         else:
             await interaction.followup.send("Nothing new to illustrate yet.", ephemeral=True)
+
+
+async def keep_typing(channel: discord.abc.Messageable) -> None:
+    """Show "typing..." until cancelled (a failed typing call only costs the indicator)."""
+    with contextlib.suppress(discord.HTTPException):
+        async with channel.typing():
+            await asyncio.Event().wait()
 
 
 def is_nsfw_channel(channel: discord.abc.Messageable | None) -> bool:

@@ -17,8 +17,21 @@ from tests.fakes.fake_engine import FailureMode, FakeEngine, default_reply
 TINY_WAV = base64.b64encode(b"RIFF fake wav bytes").decode()
 
 
+_clients: list[openai.AsyncOpenAI] = []
+
+
 def client_for(engine: FakeEngine, timeout: float = 5.0) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=engine.url, api_key="test-key", timeout=timeout, max_retries=0)
+    client = openai.AsyncOpenAI(base_url=engine.url, api_key="test-key", timeout=timeout, max_retries=0)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients():
+    """Close each test's clients in its own event loop (else they close in a later test's, long gone)."""
+    yield
+    while _clients:
+        await _clients.pop().close()
 
 
 def media_messages() -> list[dict]:
