@@ -1,10 +1,12 @@
 """Chat backend pairing llama.cpp and transformers on the same GGUF: each where it is fastest.
 
-A request that arrives when the model is idle runs on llama.cpp, whose quantised kernels are
-the fastest way to serve one sequence on a CPU. Requests that arrive while others run join
-the transformers dynamic batch, which shares each forward pass among many sequences. Both
-load from the same GGUF file and use the same tokenizer and chat template. The two paths
-quantise differently, so greedy text may differ with the path a request took.
+A request that arrives while llama.cpp is free runs there: its quantised kernels are the
+fastest way to serve one sequence on a CPU, so a lone channel gets llama.cpp's speed. Requests
+that arrive while llama.cpp is busy join the transformers dynamic batch, which shares each
+forward pass among many sequences; the two run side by side (llama.cpp releases the GIL), so a
+crowd gets llama.cpp's sequence plus the batch's. Both load from the same GGUF file and use the
+same tokenizer and chat template. The two paths quantise differently, so greedy text may differ
+with the path a request took.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from engine.settings import ChatSettings, EngineSettings
 
 
 class HybridBackend:
-    """Routes each chat request to llama.cpp when idle, else to the batcher."""
+    """Routes each chat request to llama.cpp when it is free, else to the batcher."""
 
     fusion = "composed"
 
@@ -33,8 +35,8 @@ class HybridBackend:
         return self.batched.prepare(messages, images, audios)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
-        """llama.cpp when nothing else runs, the dynamic batch otherwise."""
-        if self.single.queue_depth() == 0 and self.batched.queue_depth() == 0:
+        """llama.cpp when it is free, the dynamic batch otherwise."""
+        if self.single.queue_depth() == 0:
             return self.single.submit(prompt, params)
         return self.batched.submit(prompt, params)
 
