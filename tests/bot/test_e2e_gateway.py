@@ -95,6 +95,24 @@ async def test_login_identify_and_command_sync(bot: MasqueBot, discord_server: F
     assert bot.application_id == discord_server.world.application_id
 
 
+async def test_a_refused_command_sync_does_not_stop_the_bot(
+        discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    discord_server.refuse_command_sync = True
+    async with running_bot(discord_server, fake_engine.url, store, sqlite_url) as bot:
+        assert discord_server.calls_to("PUT", f"/applications/{discord_server.world.application_id}/commands")
+        assert discord_server.commands == []
+        await bot.store.start_story(discord_server.world.story_channel_id, discord_server.world.guild_id,
+                                    (await bot.store.get_persona(discord_server.world.guild_id, PERSONA)).id)
+        said = await discord_server.user_says("Is anyone on watch?")
+        await discord_server.wait_for_call(lambda c: c.method == "POST" and c in discord_server.webhook_calls())
+        turn = await bot.store.turn_by_message(int(said["id"]))
+        assert turn is not None  # the story still plays without slash commands
+
+
 async def test_story_start_answers_the_interaction_and_greets_as_the_persona(
         bot: MasqueBot, discord_server: FakeDiscord) -> None:
     interaction = await discord_server.slash("story start", user_id=discord_server.world.admin_id, persona=PERSONA)

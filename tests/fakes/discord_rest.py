@@ -52,6 +52,7 @@ class RestRoutes:
     gateway_url: str
     token: str
     echo: bool
+    refuse_command_sync: bool
 
     def add_rest_routes(self, app: web.Application) -> None:
         add = app.router.add_route
@@ -162,7 +163,9 @@ class RestRoutes:
         return json_response(self.commands)
 
     async def _put_commands(self, request: web.Request) -> web.Response:
-        """Bulk overwrite: every command gets an id, like Discord answers."""
+        """Bulk overwrite: every command gets an id, like Discord answers (or 403 when told to refuse)."""
+        if self.refuse_command_sync:
+            return discord_error(403, 50001, "Missing Access")
         self.commands = [{**command, "id": str(self.world.ids.next()), "application_id": str(self.world.application_id),
                           "version": str(self.world.ids.next()), "default_member_permissions":
                           command.get("default_member_permissions")} for command in self._body(request)]

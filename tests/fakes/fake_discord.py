@@ -84,6 +84,7 @@ class FakeDiscord(RestRoutes):
         self.messages: dict[int, dict[str, Any]] = {}
         self.webhooks: dict[int, dict[str, Any]] = {}
         self.commands: list[dict[str, Any]] = []
+        self.refuse_command_sync = False  # answer the bulk command overwrite with 403 Missing Access
         self.interactions: dict[str, dict[str, Any]] = {}
         self.blobs: dict[str, tuple[str, bytes]] = {}
         self.calls: list[RestCall] = []
