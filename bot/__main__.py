@@ -56,9 +56,13 @@ async def run(args: argparse.Namespace, settings: BotSettings) -> int:
             try:
                 if args.console or settings.discord_token is None:
                     return await run_console(StoryPipeline(store, engine, settings), args.persona, args.name, args.new)
-                from bot.app import run_discord  # discord.py loads only when the bot is used
+                from bot.app import DiscordSetupError, run_discord  # discord.py loads only when the bot is used
 
-                await run_discord(settings, store, engine)
+                try:
+                    await run_discord(settings, store, engine)
+                except DiscordSetupError as exc:
+                    print(f"masque-bot: {exc}", file=sys.stderr)
+                    return EXIT_BAD_SETUP
                 return 0
             finally:
                 await engine.close()

@@ -114,11 +114,22 @@ async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
+class DiscordSetupError(Exception):
+    """Discord refused the bot's set-up (token, intents): a message for the admin, no traceback."""
+
+
 async def run_discord(settings: BotSettings, store: Store, engine: EngineClient) -> None:
     """Connect to Discord with DISCORD_TOKEN and run until stopped (the store is already upgraded)."""
     if settings.discord_token is None:
-        raise ValueError("DISCORD_TOKEN is not set")
+        raise DiscordSetupError("DISCORD_TOKEN is not set")
     apply_endpoints(settings)
     bot = MasqueBot(settings, store, engine)
-    async with bot:
-        await bot.start(settings.discord_token.get_secret_value())
+    try:
+        async with bot:
+            await bot.start(settings.discord_token.get_secret_value())
+    except discord.LoginFailure as exc:
+        raise DiscordSetupError("Discord refused DISCORD_TOKEN: copy the bot token again from the developer "
+                                "portal (Bot > Reset Token).") from exc
+    except discord.PrivilegedIntentsRequired as exc:
+        raise DiscordSetupError("Discord refused the Message Content intent: enable it in the developer "
+                                "portal (Bot > Privileged Gateway Intents).") from exc

@@ -18,7 +18,7 @@ import discord
 import pytest
 from PIL import Image
 
-from bot.app import MasqueBot, apply_endpoints
+from bot.app import DiscordSetupError, MasqueBot, apply_endpoints, run_discord
 from bot.cards import expand
 from bot.engine_client import EngineClient
 from bot.pipeline import persona_card
@@ -111,6 +111,25 @@ async def test_a_refused_command_sync_does_not_stop_the_bot(
         await discord_server.wait_for_call(lambda c: c.method == "POST" and c in discord_server.webhook_calls())
         turn = await bot.store.turn_by_message(int(said["id"]))
         assert turn is not None  # the story still plays without slash commands
+
+
+async def test_a_wrong_token_is_a_clear_set_up_error_that_does_not_show_the_token(
+        discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+    wrong = "not-the-token-" + "x" * 40
+    settings = BotSettings(DISCORD_TOKEN=wrong, MASQUE_ENGINE_URL=fake_engine.url, MASQUE_DATABASE_URL=sqlite_url,
+                           DISCORD_API_BASE=discord_server.api_base, DISCORD_GATEWAY_URL=discord_server.gateway_url,
+                           _env_file=None)
+    engine = EngineClient.from_settings(settings)
+    try:
+        with pytest.raises(DiscordSetupError) as refused:
+            await asyncio.wait_for(run_discord(settings, store, engine), READY_S)
+    finally:
+        await engine.close()
+    assert "DISCORD_TOKEN" in str(refused.value) and wrong not in str(refused.value)
 
 
 async def test_story_start_answers_the_interaction_and_greets_as_the_persona(
