@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from engine.app import create_app
 from engine.settings import load_settings
+
+EXIT_BAD_SETUP = 2
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -27,8 +31,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Start the engine and serve until interrupted."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the engine and serve until interrupted; a bad set-up is one line and exit code 2."""
     args = parse_args(argv)
     overrides: dict[str, Any] = {
         key: value
@@ -38,13 +42,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         }.items()
         if value is not None
     }
-    settings = load_settings(args.config, **overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    app = create_app(settings)
-    # handler_cancellation: a client that hangs up cancels its handler, which stops generation.
-    web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
-                print=logging.getLogger("engine").info)
-
+    try:
+        settings = load_settings(args.config, **overrides)
+        logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+        app = create_app(settings)
+        # handler_cancellation: a client that hangs up cancels its handler, which stops generation.
+        web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
+                    print=logging.getLogger("engine").info)
+    except (ValidationError, ValueError, OSError) as exc:  # bad settings, no key off loopback, port taken
+        print(f"masque-engine: {exc}", file=sys.stderr)
+        return EXIT_BAD_SETUP
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

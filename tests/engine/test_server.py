@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,3 +206,25 @@ def test_api_key_is_never_in_the_settings_repr(tmp_path: Path) -> None:
     settings = EngineSettings(api_key="super-secret", cache_dir=tmp_path)
     assert "super-secret" not in repr(settings)
     assert "super-secret" not in json.dumps(settings.model_dump(mode="json"))
+
+
+def test_bad_set_ups_exit_2_with_one_line(tmp_path: Path) -> None:
+    """`masque-engine` as a user runs it: no key off loopback, a taken port, a bad setting, a missing file."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    env = {**os.environ, "MASQUE_CACHE_DIR": str(tmp_path)}
+    cases = [
+        (["--host", "0.0.0.0", "--preset", "none"], {}, "API key"),
+        (["--port", str(taken.getsockname()[1]), "--preset", "none"], {}, "address already in use"),
+        (["--preset", "none"], {"MASQUE_ENGINE_CHAT__MAX_BATCH": "many"}, "max_batch"),
+        (["--preset", "none", "--config", str(tmp_path / "missing.toml")], {}, "missing.toml"),
+    ]
+    try:
+        for args, extra_env, says in cases:
+            done = subprocess.run([sys.executable, "-m", "engine", *args], env={**env, **extra_env},
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2, (args, done.stderr)
+            assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+    finally:
+        taken.close()
