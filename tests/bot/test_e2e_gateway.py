@@ -58,12 +58,16 @@ async def running_bot(server: FakeDiscord, engine_url: str, store: Store,
 
 
 @pytest.fixture
-async def bot(discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
-              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MasqueBot]:
-    # apply_endpoints sets process-wide discord.py state: let monkeypatch put it back afterwards.
+def endpoints_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply_endpoints sets process-wide discord.py state: put it back after the test."""
     monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
     monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
                         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+
+
+@pytest.fixture
+async def bot(discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
+              endpoints_restored: None) -> AsyncIterator[MasqueBot]:
     async with running_bot(discord_server, fake_engine.url, store, sqlite_url) as client:
         yield client
 
@@ -97,10 +101,7 @@ async def test_login_identify_and_command_sync(bot: MasqueBot, discord_server: F
 
 async def test_a_refused_command_sync_does_not_stop_the_bot(
         discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+        endpoints_restored: None) -> None:
     discord_server.refuse_command_sync = True
     async with running_bot(discord_server, fake_engine.url, store, sqlite_url) as bot:
         assert discord_server.calls_to("PUT", f"/applications/{discord_server.world.application_id}/commands")
@@ -115,10 +116,7 @@ async def test_a_refused_command_sync_does_not_stop_the_bot(
 
 async def test_a_wrong_token_is_a_clear_set_up_error_that_does_not_show_the_token(
         discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
+        endpoints_restored: None) -> None:
     wrong = "not-the-token-" + "x" * 40
     settings = BotSettings(DISCORD_TOKEN=wrong, MASQUE_ENGINE_URL=fake_engine.url, MASQUE_DATABASE_URL=sqlite_url,
                            DISCORD_API_BASE=discord_server.api_base, DISCORD_GATEWAY_URL=discord_server.gateway_url,
@@ -278,11 +276,8 @@ async def test_a_normal_user_cannot_delete_a_persona(bot: MasqueBot, discord_ser
                                              ("stall", "took too long")])
 async def test_an_engine_that_is_down_slow_or_stalling_gets_a_clear_message_and_keeps_the_turn(
         discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
-        monkeypatch: pytest.MonkeyPatch, mode: str, words: str) -> None:
+        endpoints_restored: None, mode: str, words: str) -> None:
     # Real clock here (unlike SimCord's virtual one), so the engine client's own timeout fires.
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
     async with running_bot(discord_server, fake_engine.url, store, sqlite_url,
                            MASQUE_ENGINE_TIMEOUT_S="1", MASQUE_ENGINE_RETRIES="0") as bot:
         await start_story(discord_server)
