@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from engine.app import create_app
 from engine.settings import load_settings
@@ -49,10 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # handler_cancellation: a client that hangs up cancels its handler, which stops generation.
         web.run_app(app, host=settings.host, port=settings.port, handler_cancellation=True,
                     print=logging.getLogger("engine").info)
-    except (ValidationError, ValueError, OSError) as exc:  # bad settings, no key off loopback, port taken
+    except (ValueError, OSError) as exc:  # bad settings (ValidationError), no key off loopback, port taken
         print(f"masque-engine: {exc}", file=sys.stderr)
         return EXIT_BAD_SETUP
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -162,15 +162,14 @@ class ReplyService:
                 await interaction.message.delete()  # the error note with the retry button
         elif action == Action.REGENERATE:
             new = await self.pipeline.regenerate(turn_id, sink)
-            await self._seal(sink, new)
-            await self._repaint(channel, persona, new)
-            return
         elif action == Action.CONTINUE:
             new = await self.pipeline.continue_turn(turn_id, sink)
         else:
             new = await self.pipeline.swipe(turn_id, -1 if action == Action.PREVIOUS else 1)
             await sink.finish(new.text)
         await self._seal(sink, new)
+        if action == Action.REGENERATE:
+            await self._repaint(channel, persona, new)
 
     async def _repaint(self, channel: WebhookChannel, persona: Persona, turn: Turn) -> None:
         """Regenerate redoes text and image together: a reply that had scene art gets a fresh picture."""

@@ -109,17 +109,21 @@ class PiperTTS:
         """Every loaded voice, the default first."""
         return list(self._info.values())
 
+    def _voice_id(self, voice: str | None) -> str:
+        """The loaded voice that speaks ``voice``: the default for None and for OpenAI's names."""
+        if voice is None or (voice in OPENAI_VOICES and voice not in self._voices):
+            return self.default_voice
+        return voice
+
     def has_voice(self, voice: str) -> bool:
         """True when ``voice`` is a loaded voice id, or one of OpenAI's (spoken by the default voice)."""
-        return voice in self._voices or voice in OPENAI_VOICES
+        return self._voice_id(voice) in self._voices
 
     def synthesize(self, text: str, voice: str | None = None, speed: float = 1.0) -> Speech:
         """Speak ``text`` with ``voice`` (default voice when None) at ``speed`` (1.0 = normal)."""
         from piper import SynthesisConfig
 
-        voice_id = voice or self.default_voice
-        if voice_id in OPENAI_VOICES and voice_id not in self._voices:
-            voice_id = self.default_voice  # OpenAI clients unchanged: "alloy" is our default voice
+        voice_id = self._voice_id(voice or None)
         if voice_id not in self._voices:
             raise UnknownVoice(voice_id)
         if not MIN_SPEED <= speed <= MAX_SPEED:
