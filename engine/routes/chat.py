@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from engine.errors import APIError, invalid_request, not_found, read_json
 from engine.fusion import compose, native_messages, native_report, parse_media
 from engine.protocol.chat import (
     ChatCompletionRequest,
+    ChatMessage,
     chunk_body,
     chunk_choice,
     completion_body,
@@ -61,11 +63,16 @@ def check_model(name: str, role: ChatSettings) -> None:
 
 
 def token_budget(body: ChatCompletionRequest, role: ChatSettings, prompt: int, ctx: int) -> int:
-    """The completion's max_tokens, or a 400 when the prompt or the ask does not fit."""
+    """The completion's max_tokens, or a 400 when the prompt or the ask does not fit.
+
+    Both messages say "maximum context length", as vLLM's and OpenAI's do, so a client that
+    recognises their wording (or the ``context_length_exceeded`` code) recognises ours.
+    """
     room = ctx - prompt
     if room <= 0:
         raise invalid_request(
-            f"The messages are {prompt} tokens; this model's context is {ctx} tokens.",
+            f"The messages are {prompt} tokens; this model's maximum context length is "
+            f"{ctx} tokens.",
             "messages", "context_length_exceeded",
         )
     asked = body.requested_max_tokens()
@@ -74,7 +81,8 @@ def token_budget(body: ChatCompletionRequest, role: ChatSettings, prompt: int, c
     if asked > role.max_new_tokens or asked > room:
         raise invalid_request(
             f"max_tokens is {asked}, but at most {min(role.max_new_tokens, room)} fit "
-            f"({prompt} prompt tokens, context {ctx}, limit {role.max_new_tokens}).",
+            f"({prompt} prompt tokens, maximum context length {ctx}, "
+            f"limit {role.max_new_tokens}).",
             "max_tokens", "context_length_exceeded",
         )
     return asked
@@ -91,6 +99,41 @@ def sampling(body: ChatCompletionRequest, max_tokens: int, choice: int) -> Sampl
     )
 
 
+@dataclass
+class FusedChat:
+    """The messages as the chat template will see them, the media for the model's own encoders
+    (native fusion only) and the masque report."""
+
+    messages: list[dict[str, Any]]
+    images: list[Any]
+    audios: list[Any]
+    masque: dict[str, Any]
+
+
+async def fuse(request: web.Request, backend: Any, messages: list[ChatMessage]) -> FusedChat:
+    """Check and decode the media, then fuse them the backend's way (see engine.fusion)."""
+    registry, settings = request.app[REGISTRY], request.app[SETTINGS]
+    parsed = await parse_media(messages, settings.limits)
+    if backend.fusion == "native":
+        return FusedChat(
+            native_messages(parsed), [item.value for item in parsed.images],
+            [item.value for item in parsed.audios], native_report(),
+        )
+    composed, masque = await compose(parsed, registry)
+    return FusedChat(composed, [], [], masque)
+
+
+async def prepare_prompt(backend: Any, fused: FusedChat) -> Any:
+    """The backend's prompt for the fused chat (``len()`` is its token count)."""
+    try:
+        return await asyncio.to_thread(backend.prepare, fused.messages, fused.images, fused.audios)
+    except TemplateError as exc:  # e.g. a template that insists on alternating roles
+        raise invalid_request(
+            f"The model's chat template refused these messages: {exc}", "messages",
+            "invalid_messages",
+        ) from None
+
+
 async def start_job(request: web.Request, body: ChatCompletionRequest) -> Job:
     """Validate, fuse the media, tokenize and start the sequences."""
     registry, settings = request.app[REGISTRY], request.app[SETTINGS]
@@ -99,23 +142,10 @@ async def start_job(request: web.Request, body: ChatCompletionRequest) -> Job:
     if body.n > role.max_n:
         raise invalid_request(f"n is {body.n}; this server allows at most {role.max_n}.", "n")
     backend = registry.get("chat")
-    parsed = await parse_media(body.messages, settings.limits)
-    if backend.fusion == "native":
-        messages, masque = native_messages(parsed), native_report()
-        images = [item.value for item in parsed.images]
-        audios = [item.value for item in parsed.audios]
-    else:
-        messages, masque = await compose(parsed, registry)
-        images, audios = [], []
-    try:
-        prompt = await asyncio.to_thread(backend.prepare, messages, images, audios)
-    except TemplateError as exc:  # e.g. a template that insists on alternating roles
-        raise invalid_request(
-            f"The model's chat template refused these messages: {exc}", "messages",
-            "invalid_messages",
-        ) from None
+    fused = await fuse(request, backend, body.messages)
+    prompt = await prepare_prompt(backend, fused)
     max_tokens = token_budget(body, role, len(prompt), backend.context_tokens)
-    job = Job(role.served_name, len(prompt), masque)
+    job = Job(role.served_name, len(prompt), fused.masque)
     try:
         for choice in range(body.n):
             job.handles.append(backend.submit(prompt, sampling(body, max_tokens, choice)))

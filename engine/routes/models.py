@@ -18,8 +18,14 @@ OWNER = "masque"
 CREATED = int(time.time())
 
 
-def served_models(settings: EngineSettings, loaded: set[str]) -> list[dict[str, Any]]:
-    """The model objects of every loaded role (chat by its served name, others by theirs)."""
+def served_models(
+    settings: EngineSettings, loaded: set[str], chat_context: int | None = None
+) -> list[dict[str, Any]]:
+    """The model objects of every loaded role (chat by its served name, others by theirs).
+
+    The chat model carries ``max_model_len``, its context window (prompt + completion), at the
+    top level of the object where vLLM reports it, so clients size their prompts to fit.
+    """
     models = []
     for role in ROLES:
         if role not in loaded:
@@ -29,30 +35,33 @@ def served_models(settings: EngineSettings, loaded: set[str]) -> list[dict[str, 
             getattr(role_settings, "served_name", role)
         ]
         for name in names:
-            models.append(
-                {"id": name, "object": "model", "created": CREATED, "owned_by": OWNER,
-                 "masque": {"role": role}}
-            )
+            model: dict[str, Any] = {"id": name, "object": "model", "created": CREATED,
+                                     "owned_by": OWNER}
+            if role == "chat" and chat_context is not None:
+                model["max_model_len"] = chat_context
+            model["masque"] = {"role": role}
+            models.append(model)
     return models
 
 
-def _loaded(request: web.Request) -> set[str]:
+def _models(request: web.Request) -> list[dict[str, Any]]:
     registry = request.app[REGISTRY]
-    return {role for role in ROLES if registry.has(role)}
+    loaded = {role for role in ROLES if registry.has(role)}
+    context = registry.get("chat").context_tokens if "chat" in loaded else None
+    return served_models(request.app[SETTINGS], loaded, context)
 
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     """The models this server answers to (OpenAI list shape)."""
-    data = served_models(request.app[SETTINGS], _loaded(request))
-    return web.json_response({"object": "list", "data": data})
+    return web.json_response({"object": "list", "data": _models(request)})
 
 
 @routes.get("/v1/models/{model}")
 async def get_model(request: web.Request) -> web.Response:
     """One model object, or 404."""
     name = request.match_info["model"]
-    for model in served_models(request.app[SETTINGS], _loaded(request)):
+    for model in _models(request):
         if model["id"] == name:
             return web.json_response(model)
     raise not_found(f"The model {name!r} does not exist.", "model", "model_not_found")
