@@ -148,10 +148,14 @@ class FakeEngine:
         app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        self._add_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await self._listen()
         return self.url
+
+    def _add_routes(self, app: web.Application) -> None:
+        """Where a subclass adds routes of its own (see `tests.fakes.fake_vllm`)."""
 
     async def stop(self) -> None:
         """Stop listening and end any request left hanging by SLOW/STALL."""
@@ -296,11 +300,15 @@ class FakeEngine:
             "model": body["model"], "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                          "logprobs": None, "finish_reason": finish}],
-            "usage": usage(body, text),
+            "usage": self._usage(body, text),
         }
         if masque is not None:
             completion["masque"] = masque
         return completion
+
+    def _usage(self, body: dict, text: str) -> dict[str, int]:
+        """The `usage` object of a reply to `body` (a subclass may count tokens its own way)."""
+        return usage(body, text)
 
     async def _chat_stream(self, request: web.Request, body: dict, tokens: list[str], finish: str,
                            masque: dict | None) -> web.StreamResponse:
@@ -336,7 +344,7 @@ class FakeEngine:
             if (body.get("stream_options") or {}).get("include_usage"):
                 await sse.send(json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
                                            "model": body["model"], "choices": [],
-                                           "usage": usage(body, "".join(tokens))}))
+                                           "usage": self._usage(body, "".join(tokens))}))
             await sse.send("[DONE]")
         return sse
 
