@@ -273,3 +273,92 @@ def test_round_trip_keeps_everything(name, greetings, extensions, extras, keys):
     for key, value in extras.items():
         assert v3[key] == value and v3["data"][key] == value
         assert v3["data"]["character_book"]["entries"][0][key] == value
+
+
+# ------------------------------------------------------------------ SillyTavern world info
+
+
+def _world(**entry) -> bytes:
+    base = {"uid": 7, "key": ["dragon"], "keysecondary": [], "content": "Dragons nest here.", "order": 100}
+    return json.dumps({"entries": {"7": {**base, **entry}}}).encode()
+
+
+def _bad_lorebook(blob: bytes, source: str = "world.json") -> CardError:
+    with pytest.raises(CardError) as info:
+        parse_lorebook(blob, source)
+    return info.value
+
+
+def test_eldoria_converts_with_its_positions_depths_and_logic(shared_cards: Path):
+    from bot.story.lorebook import activate, book_problems
+
+    book = load_lorebook(shared_cards / "Eldoria.lorebook.json")
+    assert book.name == "Eldoria" and book_problems(book) == []
+    assert [e.extensions["position"] for e in book.entries] == [0, 0, 0, 0]
+    assert all(e.position == "before_char" and e.selective is False for e in book.entries)
+    once = activate([book], ["User: tell me about the forest"], turn=1, budget=10_000, max_recursion=1)
+    assert [(h.position, h.book, h.uid, h.depth, h.role) for h in once.hits] == [
+        ("before_char", "Eldoria", "0", 4, "system")]
+    # its entries name each other (Shadowfangs, beasts...), so recursion brings in the whole book
+    result = activate([book], ["User: tell me about the forest"], turn=1, budget=10_000)
+    assert sorted(h.uid for h in result.hits) == ["0", "1", "2", "3"]
+
+
+def test_world_info_fields_become_sillytaverns_embedded_form():
+    blob = _world(position=4, depth=2, role=1, selectiveLogic=3, selective=True, keysecondary=["fire"],
+                  excludeRecursion=True, preventRecursion=False, delayUntilRecursion=2, probability=50,
+                  useProbability=True, group="beasts", groupOverride=True, groupWeight=30, useGroupScoring=None,
+                  scanDepth=3, caseSensitive=True, matchWholeWords=False, sticky=2, cooldown=1, delay=4,
+                  disable=True, constant=False, comment="Dragon", characterFilter={"names": []})
+    entry = parse_lorebook(blob, "w.json").entries[0]
+    assert (entry.id, entry.keys, entry.secondary_keys, entry.insertion_order) == (7, ["dragon"], ["fire"], 100)
+    assert entry.enabled is False and entry.position == "after_char" and entry.comment == "Dragon"
+    assert entry.extensions == {
+        "position": 4, "depth": 2, "role": 1, "selectiveLogic": 3, "exclude_recursion": True,
+        "prevent_recursion": False, "delay_until_recursion": 2, "probability": 50, "useProbability": True,
+        "group": "beasts", "group_override": True, "group_weight": 30, "use_group_scoring": None, "scan_depth": 3,
+        "case_sensitive": True, "match_whole_words": False, "sticky": 2, "cooldown": 1, "delay": 4,
+        "characterFilter": {"names": []},  # unknown fields are kept as they are
+    }
+
+
+def test_world_info_at_depth_reaches_the_matcher():
+    from bot.story.lorebook import activate
+
+    book = parse_lorebook(_world(position=4, depth=1, role=2), "w.json")
+    hit = activate([book], ["a dragon"], turn=0).hits[0]
+    assert (hit.position, hit.depth, hit.role, hit.book) == ("at_depth", 1, "assistant", "w")
+
+
+def test_malformed_world_info_names_the_file_the_entry_and_the_field():
+    assert "invalid JSON" in _bad_lorebook(b'{"entries": {"0": {', "broken.json").reason
+    err = _bad_lorebook(_world(key=5), "types.json")
+    assert (err.source, err.field) == ("types.json", "entries.7.key") and "list of strings" in err.reason
+    err = _bad_lorebook(_world(probability="x"))
+    assert err.field == "entries.7.probability" and "number" in err.reason
+    err = _bad_lorebook(_world(constant="yes"))
+    assert err.field == "entries.7.constant"
+    err = _bad_lorebook(json.dumps({"entries": {"0": {"key": ["a"], "content": "c"}, "1": ["not", "an", "entry"]}})
+                        .encode())
+    assert err.field == "entries.1" and "object" in err.reason
+    err = _bad_lorebook(_world(content="x" * 300_000))
+    assert err.field == "entries.7.content"  # the entry's key in the file, not its place in our list
+    assert "types.json" in str(_bad_lorebook(_world(key=5), "types.json"))
+
+
+def test_world_info_numbers_may_be_numeric_strings_and_nulls_mean_unset():
+    entry = parse_lorebook(_world(order="5", depth=None, scanDepth=None), "w.json").entries[0]
+    assert entry.insertion_order == 5 and entry.extensions == {"depth": None, "scan_depth": None}
+
+
+def test_world_info_over_the_size_limit():
+    err = _bad_lorebook(b'{"entries": {}, "pad": "' + b"x" * (20 * 1024 * 1024) + b'"}', "huge.json")
+    assert err.source == "huge.json" and "limit" in err.reason
+
+
+def test_a_regex_key_that_does_not_compile_is_accepted_and_reported():
+    from bot.story.lorebook import book_problems
+
+    book = parse_lorebook(_world(key=["/[a-/i", "dragon"], comment="Dragon"), "w.json")
+    assert book.entries[0].keys == ["/[a-/i", "dragon"]
+    assert book_problems(book)[0].startswith('entry 7 (Dragon): key "/[a-/i" is not a valid regex')

@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,44 +175,121 @@ def parse_lorebook(blob: bytes, source: str) -> Lorebook:
         return _validate(Lorebook, obj["data"], source, prefix="data")
     entries = obj.get("entries")
     if isinstance(entries, dict):
-        return _validate(Lorebook, _from_world_info(obj, source), source)
+        try:
+            return _validate(Lorebook, _from_world_info(obj, source), source)
+        except CardError as exc:  # name the entry by its key in the file, not its place in our list
+            raise CardError(source, _world_info_field(exc.field, list(entries)), exc.reason) from exc
     if isinstance(entries, list):
         return _validate(Lorebook, obj, source)
     raise CardError(source, "entries", "not a lorebook: expected `spec: lorebook_v3` or an `entries` list/object")
 
 
-# SillyTavern world-info entry key -> V3 lorebook entry key.
-_WORLD_INFO_KEYS = {
-    "uid": "id", "key": "keys", "keysecondary": "secondary_keys", "content": "content",
-    "comment": "comment", "constant": "constant", "selective": "selective",
-    "order": "insertion_order", "caseSensitive": "case_sensitive",
+# SillyTavern world-info entry field -> (its place in a V3 entry, its type). "ext." fields go into the
+# entry's `extensions` under the snake_case names SillyTavern itself writes when it embeds a book in a
+# card (convertWorldInfoToCharacterBook), so one matcher reads both. Unknown fields go to `extensions` as they are.
+_WORLD_INFO_KEYS: dict[str, tuple[str, str]] = {
+    "uid": ("id", "id"), "key": ("keys", "strings"), "keysecondary": ("secondary_keys", "strings"),
+    "content": ("content", "text"), "comment": ("comment", "text"), "constant": ("constant", "flag"),
+    "selective": ("selective", "flag"), "order": ("insertion_order", "number"), "disable": ("enabled", "flag"),
+    "position": ("ext.position", "number"), "depth": ("ext.depth", "number"), "role": ("ext.role", "number"),
+    "selectiveLogic": ("ext.selectiveLogic", "number"), "displayIndex": ("ext.display_index", "number"),
+    "excludeRecursion": ("ext.exclude_recursion", "flag"), "preventRecursion": ("ext.prevent_recursion", "flag"),
+    "delayUntilRecursion": ("ext.delay_until_recursion", "level"), "probability": ("ext.probability", "number"),
+    "useProbability": ("ext.useProbability", "flag"), "group": ("ext.group", "text"),
+    "groupOverride": ("ext.group_override", "flag"), "groupWeight": ("ext.group_weight", "number"),
+    "useGroupScoring": ("ext.use_group_scoring", "flag"), "scanDepth": ("ext.scan_depth", "number"),
+    "caseSensitive": ("ext.case_sensitive", "flag"), "matchWholeWords": ("ext.match_whole_words", "flag"),
+    "automationId": ("ext.automation_id", "text"), "vectorized": ("ext.vectorized", "flag"),
+    "sticky": ("ext.sticky", "number"), "cooldown": ("ext.cooldown", "number"), "delay": ("ext.delay", "number"),
+    "ignoreBudget": ("ext.ignore_budget", "flag"),
 }
-_WORLD_INFO_POSITIONS = {0: "before_char", 1: "after_char"}
+_WORLD_INFO_TYPES = {"id": "a number or a string", "strings": "a list of strings", "text": "a string",
+                     "flag": "true or false", "number": "a number", "level": "true, false or a number"}
 
 
 def _from_world_info(obj: dict[str, Any], source: str) -> dict[str, Any]:
-    """SillyTavern world info -> lorebook dict; its other fields go to entry extensions,
-    as SillyTavern itself does when it embeds world info in a card."""
+    """SillyTavern world info -> lorebook dict, in the form SillyTavern gives a book it embeds in a card."""
     raw_entries = obj["entries"]
     if len(raw_entries) > MAX_LOREBOOK_ENTRIES:
         raise CardError(source, "entries", f"{len(raw_entries)} entries, over the limit of {MAX_LOREBOOK_ENTRIES}")
     entries = []
     for uid, raw in raw_entries.items():
         if not isinstance(raw, dict):
-            raise CardError(source, f"entries.{uid}", "expected an object")
-        entry: dict[str, Any] = {"extensions": {}}
-        for key, value in raw.items():
-            if key in _WORLD_INFO_KEYS and value is not None:
-                entry[_WORLD_INFO_KEYS[key]] = value
-            elif key == "disable":
-                entry["enabled"] = not value
-            else:
-                entry["extensions"][key] = value
-        if raw.get("position") in _WORLD_INFO_POSITIONS:
-            entry["position"] = _WORLD_INFO_POSITIONS[raw["position"]]
-        entries.append(entry)
+            raise CardError(source, f"entries.{uid}", f"expected an object, got {_json_type(raw)}")
+        entries.append(_world_info_entry(raw, source, f"entries.{uid}"))
     rest = {k: v for k, v in obj.items() if k != "entries"}
-    return {**rest, "entries": entries}
+    name = Path(source).name.split(".")[0]  # SillyTavern names a world by its file
+    return {**({"name": name} if name else {}), **rest, "entries": entries}
+
+
+def _world_info_entry(raw: dict[str, Any], source: str, where: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"extensions": {}}
+    for key, value in raw.items():
+        if key not in _WORLD_INFO_KEYS:
+            entry["extensions"][key] = value
+            continue
+        target, kind = _WORLD_INFO_KEYS[key]
+        if value is None:  # SillyTavern's "not set": keep it where it means "use the default"
+            if target.startswith("ext."):
+                entry["extensions"][target[4:]] = None
+            continue
+        value = _world_info_value(value, kind, source, f"{where}.{key}")
+        if key == "disable":
+            value = not value
+        if target.startswith("ext."):
+            entry["extensions"][target[4:]] = value
+        else:
+            entry[target] = value
+    position = entry["extensions"].get("position")
+    if position is not None:  # SillyTavern's own V3 mirror: anything but 0 is after the card
+        entry["position"] = "before_char" if position == 0 else "after_char"
+    return entry
+
+
+def _world_info_value(value: Any, kind: str, source: str, field: str) -> Any:
+    """The value if it has the field's type (numbers may come as numeric strings); else a CardError."""
+    ok = {
+        "id": isinstance(value, (int, str)) and not isinstance(value, bool),
+        "strings": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "text": isinstance(value, str),
+        "flag": isinstance(value, bool) or value in (0, 1) and isinstance(value, int),
+        "number": _number(value) is not None,
+        "level": isinstance(value, bool) or _number(value) is not None,
+    }[kind]
+    if not ok:
+        raise CardError(source, field, f"expected {_WORLD_INFO_TYPES[kind]}, got {_json_type(value)} {value!r:.40}")
+    if kind == "flag":
+        return bool(value)
+    if kind in ("number", "level") and not isinstance(value, bool):
+        return _number(value)
+    return value
+
+
+def _number(value: Any) -> int | float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return (int(number) if number.is_integer() else number) if math.isfinite(number) else None
+    return None
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def _world_info_field(field: str | None, uids: list[str]) -> str | None:
+    """entries.3.content (our list index) -> entries.<the key of that entry in the file>.content."""
+    parts = (field or "").split(".")
+    if len(parts) > 1 and parts[0] == "entries" and parts[1].isdigit() and int(parts[1]) < len(uids):
+        parts[1] = uids[int(parts[1])]
+    return ".".join(parts) or None
 
 
 # ---------------------------------------------------------------- writing
