@@ -14,7 +14,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from bot.store.db import default_database_url, make_engine
-from bot.store.models import Base
+from bot.store.models import Base, include_in_schema_compare
 
 config = context.config
 target_metadata = Base.metadata
@@ -28,6 +28,7 @@ def _configure(connection: Connection | None = None, url: str | None = None) -> 
         target_metadata=target_metadata,
         render_as_batch=dialect.startswith("sqlite"),  # SQLite cannot ALTER most things
         compare_type=True,
+        include_object=include_in_schema_compare,
     )
 
 

@@ -10,13 +10,14 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from bot.store import Store
-from bot.store.models import Base
+from bot.store.models import Base, include_in_schema_compare
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _diff(connection) -> list:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    opts = {"compare_type": True, "include_object": include_in_schema_compare}
+    context = MigrationContext.configure(connection, opts=opts)
     return compare_metadata(context, Base.metadata)
 
 

@@ -7,11 +7,14 @@ transaction and returns detached rows (`expire_on_commit=False`).
 
 from bot.store.db import Database, default_database_url
 from bot.store.guilds import GuildRepo
+from bot.store.memory import MAX_FACT_CHARS, MAX_FACTS
 from bot.store.models import (
     GLOBAL_GUILD,
     AuthorKind,
+    LorebookRecord,
     Persona,
     PersonaScope,
+    PinnedFact,
     SceneArt,
     Story,
     StoryStatus,
@@ -28,6 +31,7 @@ class Store(PersonaRepo, StoryRepo, GuildRepo, Database):
 
 
 __all__ = [
-    "GLOBAL_GUILD", "AuthorKind", "Database", "NewTurn", "Persona", "PersonaExists", "PersonaScope",
+    "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "LorebookRecord", "NewTurn",
+    "Persona", "PersonaExists", "PersonaScope", "PinnedFact",
     "SceneArt", "Store", "Story", "StoryStatus", "Summary", "Swipe", "Turn", "default_database_url",
 ]

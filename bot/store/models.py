@@ -1,4 +1,5 @@
-"""SQL tables: guild settings, personas, channels, stories, turns, swipes, summaries, scene art.
+"""SQL tables: guild settings, personas, channels, stories, turns, swipes, summaries, scene art,
+and the memory layers (pinned facts, turn embeddings for recall, lorebooks).
 
 The schema is owned by alembic (`migrations/`); these models are its
 `target_metadata`, and a test proves the two agree.
@@ -26,6 +27,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 # Stable constraint names, so migrations behave the same on SQLite and PostgreSQL.
 NAMING = {
@@ -62,6 +64,40 @@ class StoryStatus(enum.StrEnum):
 class PersonaScope(enum.StrEnum):
     BUILTIN = "builtin"
     GUILD = "guild"
+
+
+class EmbeddingVector(TypeDecorator):
+    """A float vector: pgvector's `vector` on PostgreSQL (searched in SQL), float32 bytes elsewhere
+    (searched in the bot with numpy). Values are lists of floats either way."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name == "postgresql":
+            from pgvector.sqlalchemy import VECTOR  # the `postgres` extra installs it
+
+            return dialect.type_descriptor(VECTOR())
+        return dialect.type_descriptor(LargeBinary())
+
+    def process_bind_param(self, value, dialect):
+        if value is None or dialect.name == "postgresql":
+            return value
+        import numpy as np
+
+        return np.asarray(value, dtype=np.float32).tobytes()
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        import numpy as np
+
+        if dialect.name == "postgresql":
+            return [float(x) for x in value]
+        return np.frombuffer(value, dtype=np.float32).tolist()
+
+
+HNSW_DIM = 384  # the offline embedding model's size (MiniLM); PostgreSQL's HNSW index covers this size
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -144,6 +180,11 @@ class Story(Timestamps, Base):
     # is atomic on both databases, so concurrent turns never share a position.
     turn_seq: Mapped[int] = mapped_column(Integer, default=0)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The author's note (/story note), inserted `author_note_depth` messages from the end.
+    author_note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    author_note_depth: Mapped[int] = mapped_column(Integer, default=4, server_default="4")
+    # Lore's timed effects (sticky, cooldown) between prompts: {"book/uid": {...}}.
+    lore_state: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
 
 class Turn(Timestamps, Base):
@@ -226,3 +267,52 @@ class SceneArt(Base):
     width: Mapped[int] = mapped_column(Integer, default=0)
     height: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PinnedFact(Base):
+    """A fact always in the story's prompt (/memory add)."""
+
+    __tablename__ = "pinned_facts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    story_id: Mapped[int] = mapped_column(ForeignKey("stories.id", ondelete="CASCADE"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    author_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TurnEmbedding(Base):
+    """A turn's embedding, for recall. Made in the background; deleted when the turn's text changes."""
+
+    __tablename__ = "turn_embeddings"
+    __table_args__ = (Index("ix_turn_embeddings_story_position", "story_id", "position"),)
+
+    turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), primary_key=True,
+                                         autoincrement=False)
+    story_id: Mapped[int] = mapped_column(ForeignKey("stories.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(100), default="")
+    dim: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[list[Any]] = mapped_column(EmbeddingVector())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LorebookRecord(Timestamps, Base):
+    """A standalone lorebook (/lore import): the guild's (story_id None) or one story's."""
+
+    __tablename__ = "lorebooks"
+    __table_args__ = (UniqueConstraint("guild_id", "scope_key", "name_key", name="uq_lorebooks_scope_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    guild_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    story_id: Mapped[int | None] = mapped_column(ForeignKey("stories.id", ondelete="CASCADE"), index=True)
+    scope_key: Mapped[int] = mapped_column(BigInteger, default=0)  # story_id, or 0 for guild-wide (unique)
+    name: Mapped[str] = mapped_column(String(100))
+    name_key: Mapped[str] = mapped_column(String(100))
+    book: Mapped[dict[str, Any]]  # the V3 lorebook, unknown keys kept
+
+
+def include_in_schema_compare(obj: Any, name: str | None, kind: str, reflected: bool, compare_to: Any) -> bool:
+    """Alembic's `include_object`: the HNSW index exists only on PostgreSQL, made by the migration
+    (an expression index on a pgvector cast that the models cannot describe portably)."""
+    return not (kind == "index" and name == "ix_turn_embeddings_hnsw")

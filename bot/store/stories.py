@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
-from bot.store.db import Database
+from bot.store.memory import ACTIVE_STORIES, MemoryRepo
 from bot.store.models import (
     AuthorKind,
     ChannelPersona,
@@ -21,6 +21,7 @@ from bot.store.models import (
     Summary,
     Swipe,
     Turn,
+    TurnEmbedding,
     TurnMessage,
     utcnow,
 )
@@ -41,8 +42,6 @@ class NewTurn:
     swipes: Sequence[str] = ()  # persona turns: the alternatives; `text` is swipes[0] when given
 
 
-ACTIVE_STORIES = "active_stories"  # cache kind: by channel id
-
 
 def _with_children(query):
     return query.options(selectinload(Turn.swipes), selectinload(Turn.messages))
@@ -53,7 +52,7 @@ def _latest_summary(story_id: int):
             .order_by(Summary.through_position.desc(), Summary.id.desc()).limit(1))
 
 
-class StoryRepo(Database):
+class StoryRepo(MemoryRepo):
     # ------------------------------------------------------------ channels
 
     async def bind_personas(self, channel_id: int, guild_id: int, persona_ids: Sequence[int]) -> None:
@@ -118,6 +117,10 @@ class StoryRepo(Database):
             return await session.scalar(
                 select(Story).where(Story.channel_id == channel_id, Story.status == StoryStatus.ACTIVE)
             )
+
+    async def get_story(self, story_id: int) -> Story | None:
+        async with self.read() as session:
+            return await session.get(Story, story_id)
 
     async def end_story(self, channel_id: int) -> Story | None:
         """Archive the active story; returns it, or None when there was none."""
@@ -227,6 +230,7 @@ class StoryRepo(Database):
                 turn.attachments = attachments
             if turn.swipes:
                 turn.swipes[turn.selected_swipe].text = text
+            await self._text_changed(session, turn)
         return turn
 
     async def add_swipe(self, turn_id: int, text: str, token_count: int = 0, select_it: bool = True) -> Turn:
@@ -241,6 +245,7 @@ class StoryRepo(Database):
             turn.swipes.append(Swipe(index=index, text=text, token_count=token_count))
             if select_it:
                 turn.selected_swipe, turn.text, turn.token_count = index, text, token_count
+                await self._text_changed(session, turn)
         return turn
 
     async def select_swipe(self, turn_id: int, index: int) -> Turn:
@@ -252,12 +257,21 @@ class StoryRepo(Database):
             index = max(0, min(index, len(turn.swipes) - 1))
             swipe = turn.swipes[index]
             turn.selected_swipe, turn.text, turn.token_count = index, swipe.text, swipe.token_count
+            await self._text_changed(session, turn)
         return turn
 
     async def delete_turn(self, turn_id: int) -> bool:
         async with self.session() as session:
+            story_id = await session.scalar(select(Turn.story_id).where(Turn.id == turn_id))
             result = await session.execute(delete(Turn).where(Turn.id == turn_id))
-            return result.rowcount > 0
+        if story_id is not None:
+            self.forget_recall(story_id)
+        return result.rowcount > 0
+
+    async def _text_changed(self, session: AsyncSession, turn: Turn) -> None:
+        """A turn's text changed: its embedding is stale (the memory worker makes a new one)."""
+        await session.execute(delete(TurnEmbedding).where(TurnEmbedding.turn_id == turn.id))
+        self.forget_recall(turn.story_id)
 
     async def rewind(self, story_id: int, turns: int) -> list[Turn]:
         """Delete the story's last `turns` turns; returns them (their messages may be cleaned up)."""
@@ -268,7 +282,12 @@ class StoryRepo(Database):
             ))
             if doomed:
                 await session.execute(delete(Turn).where(Turn.id.in_([t.id for t in doomed])))
-            return doomed
+                # A summary that covered a removed turn tells of events that no longer happened.
+                first = min(t.position for t in doomed)
+                await session.execute(delete(Summary).where(Summary.story_id == story_id,
+                                                            Summary.through_position >= first))
+        self.forget_recall(story_id)
+        return doomed
 
     # ------------------------------------------------------------ memory and art
 

@@ -1,0 +1,236 @@
+"""The memory layers' storage: pinned facts, turn embeddings and recall, summaries, lorebooks, the author's note.
+
+Recall is one interface on both databases: `recall(story_id, vector, before, k)`.
+PostgreSQL searches in SQL with pgvector (cosine distance; an HNSW index covers
+the offline model's size). SQLite keeps each story's vectors as one normalised
+numpy matrix in memory (loaded once, appended as embeddings are written) and
+searches it by brute force: a 10,000-turn story is a ~15 MB matrix and a
+millisecond matrix-vector product. SQLite runs in one process, so the matrix
+cannot go stale behind our back; every write here keeps it right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import cast, delete, select, update
+
+from bot.store.db import Database
+from bot.store.models import LorebookRecord, PinnedFact, Story, Summary, Turn, TurnEmbedding
+
+MAX_FACTS = 50
+MAX_FACT_CHARS = 500
+ACTIVE_STORIES = "active_stories"  # cache kind: active stories by channel id (read in bot/store/stories.py)
+
+
+@dataclass
+class _Bank:
+    """One story's vectors on SQLite: turn ids, positions and unit-length rows, by dimension."""
+
+    ids: np.ndarray
+    positions: np.ndarray
+    matrix: np.ndarray  # float32, rows normalised
+
+
+class MemoryRepo(Database):
+    def __init__(self, url: str | None = None):
+        super().__init__(url)
+        self._recall_banks: dict[tuple[int, int], _Bank | None] = {}  # SQLite: (story, dim) -> vectors
+
+    # ------------------------------------------------------------ pinned facts
+
+    async def add_fact(self, story_id: int, text: str, author_id: int | None = None) -> PinnedFact:
+        text = " ".join(text.split())
+        if not text:
+            raise ValueError("A pinned fact needs some text.")
+        if len(text) > MAX_FACT_CHARS:
+            raise ValueError(f"A pinned fact is at most {MAX_FACT_CHARS} characters (this one is {len(text)}).")
+        async with self.session() as session:
+            count = len(list(await session.scalars(select(PinnedFact.id).where(PinnedFact.story_id == story_id))))
+            if count >= MAX_FACTS:
+                raise ValueError(f"This story already has {MAX_FACTS} pinned facts; remove one first.")
+            fact = PinnedFact(story_id=story_id, text=text, author_id=author_id)
+            session.add(fact)
+        return fact
+
+    async def facts(self, story_id: int) -> list[PinnedFact]:
+        async with self.read() as session:
+            return list(await session.scalars(
+                select(PinnedFact).where(PinnedFact.story_id == story_id).order_by(PinnedFact.id)))
+
+    async def remove_fact(self, story_id: int, fact_id: int) -> PinnedFact | None:
+        async with self.session() as session:
+            fact = await session.get(PinnedFact, fact_id)
+            if fact is None or fact.story_id != story_id:
+                return None
+            await session.delete(fact)
+            return fact
+
+    # ------------------------------------------------------------ author's note and lore state
+
+    async def set_author_note(self, story_id: int, text: str, depth: int) -> None:
+        async with self.session() as session:
+            await session.execute(update(Story).where(Story.id == story_id)
+                                  .values(author_note=text.strip(), author_note_depth=depth))
+        self.forget(ACTIVE_STORIES)
+
+    async def set_lore_state(self, story_id: int, state: dict[str, Any]) -> None:
+        async with self.session() as session:
+            await session.execute(update(Story).where(Story.id == story_id).values(lore_state=state))
+        self.forget(ACTIVE_STORIES)
+
+    # ------------------------------------------------------------ summaries
+
+    async def summaries(self, story_id: int) -> list[Summary]:
+        async with self.read() as session:
+            return list(await session.scalars(
+                select(Summary).where(Summary.story_id == story_id).order_by(Summary.through_position, Summary.id)))
+
+    async def clear_summaries(self, story_id: int) -> int:
+        """Drop the story's summaries (an admin asked for a new one: the worker writes it again)."""
+        async with self.session() as session:
+            result = await session.execute(delete(Summary).where(Summary.story_id == story_id))
+            return result.rowcount or 0
+
+    # ------------------------------------------------------------ embeddings and recall
+
+    async def turns_to_embed(self, story_id: int, limit: int) -> list[Turn]:
+        """The story's turns that have no embedding yet, oldest first."""
+        async with self.read() as session:
+            return list(await session.scalars(
+                select(Turn).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
+                .where(Turn.story_id == story_id, TurnEmbedding.turn_id.is_(None))
+                .order_by(Turn.position).limit(limit)))
+
+    async def turns_between(self, story_id: int, after: int, before: int) -> list[Turn]:
+        """The story's turns with `after` < position < `before`, oldest first (what a summary folds in)."""
+        async with self.read() as session:
+            return list(await session.scalars(
+                select(Turn).where(Turn.story_id == story_id, Turn.position > after, Turn.position < before)
+                .order_by(Turn.position)))
+
+    async def add_embeddings(self, story_id: int, items: Sequence[tuple[int, int, list[float]]],
+                             model: str = "") -> None:
+        """Store (turn id, position, vector) triples. A turn deleted meanwhile is skipped."""
+        if not items:
+            return
+        async with self.session() as session:
+            alive = set(await session.scalars(select(Turn.id).where(Turn.id.in_([i[0] for i in items]))))
+            known = set(await session.scalars(
+                select(TurnEmbedding.turn_id).where(TurnEmbedding.turn_id.in_([i[0] for i in items]))))
+            fresh = [i for i in items if i[0] in alive and i[0] not in known]
+            session.add_all(TurnEmbedding(turn_id=t, story_id=story_id, position=p, model=model, dim=len(v),
+                                          embedding=list(v)) for t, p, v in fresh)
+        self._bank_append(story_id, fresh)
+
+    async def recall(self, story_id: int, vector: Sequence[float], before: int, k: int) -> list[Turn]:
+        """The `k` turns before position `before` closest to `vector` (cosine), in story order."""
+        if k <= 0 or before <= 1 or not vector:
+            return []
+        ids = await (self._recall_sql(story_id, vector, before, k) if not self._sqlite
+                     else self._recall_bank(story_id, vector, before, k))
+        if not ids:
+            return []
+        async with self.read() as session:
+            return list(await session.scalars(select(Turn).where(Turn.id.in_(ids)).order_by(Turn.position)))
+
+    async def _recall_sql(self, story_id: int, vector: Sequence[float], before: int, k: int) -> list[int]:
+        from pgvector.sqlalchemy import VECTOR
+
+        dim = len(vector)
+        distance = cast(TurnEmbedding.embedding, VECTOR(dim)).cosine_distance(list(vector))
+        async with self.read() as session:
+            return list(await session.scalars(
+                select(TurnEmbedding.turn_id)
+                .where(TurnEmbedding.story_id == story_id, TurnEmbedding.dim == dim,
+                       TurnEmbedding.position < before)
+                .order_by(distance).limit(k)))
+
+    async def _recall_bank(self, story_id: int, vector: Sequence[float], before: int, k: int) -> list[int]:
+        bank = await self._bank(story_id, len(vector))
+        if bank is None:
+            return []
+        query = np.asarray(vector, dtype=np.float32)
+        query /= np.linalg.norm(query) or 1.0
+        scores = bank.matrix @ query
+        scores[bank.positions >= before] = -np.inf
+        count = int(np.count_nonzero(bank.positions < before))
+        if count == 0:
+            return []
+        top = np.argpartition(-scores, min(k, count) - 1)[: min(k, count)]
+        return [int(bank.ids[i]) for i in top]
+
+    async def _bank(self, story_id: int, dim: int) -> _Bank | None:
+        banks = self._recall_banks
+        if (story_id, dim) not in banks:
+            async with self.read() as session:
+                rows = (await session.execute(
+                    select(TurnEmbedding.turn_id, TurnEmbedding.position, TurnEmbedding.embedding)
+                    .where(TurnEmbedding.story_id == story_id, TurnEmbedding.dim == dim))).all()
+            banks[(story_id, dim)] = _make_bank([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                                                dim)
+        return banks[(story_id, dim)]
+
+    def _bank_append(self, story_id: int, items: Sequence[tuple[int, int, list[float]]]) -> None:
+        banks = self._recall_banks
+        for dim in {len(v) for _, _, v in items}:
+            if (story_id, dim) not in banks:
+                continue  # loaded whole on first use
+            rows = [i for i in items if len(i[2]) == dim]
+            new = _make_bank([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], dim)
+            old = banks[(story_id, dim)]
+            banks[(story_id, dim)] = new if old is None else _Bank(
+                np.concatenate([old.ids, new.ids]), np.concatenate([old.positions, new.positions]),
+                np.concatenate([old.matrix, new.matrix]))
+
+    def forget_recall(self, story_id: int) -> None:
+        """Drop a story's in-memory vectors (turns were deleted or changed); reloaded on next use."""
+        for key in [k for k in self._recall_banks if k[0] == story_id]:
+            del self._recall_banks[key]
+
+    # ------------------------------------------------------------ lorebooks
+
+    async def save_lorebook(self, guild_id: int, story_id: int | None, name: str,
+                            book: dict[str, Any]) -> LorebookRecord:
+        """Add a book, or replace the one of that name in the same scope."""
+        key = name.casefold()
+        async with self.session() as session:
+            record = await session.scalar(select(LorebookRecord).where(
+                LorebookRecord.guild_id == guild_id, LorebookRecord.scope_key == (story_id or 0),
+                LorebookRecord.name_key == key))
+            if record is None:
+                record = LorebookRecord(guild_id=guild_id, story_id=story_id, scope_key=story_id or 0,
+                                        name=name, name_key=key, book=book)
+                session.add(record)
+            else:
+                record.name, record.book = name, book
+        return record
+
+    async def lorebooks(self, guild_id: int, story_id: int | None) -> list[LorebookRecord]:
+        """The books a story reads: its own, then the guild's (by name within each)."""
+        scopes = [0] + ([story_id] if story_id else [])
+        async with self.read() as session:
+            rows = list(await session.scalars(select(LorebookRecord).where(
+                LorebookRecord.guild_id == guild_id, LorebookRecord.scope_key.in_(scopes))))
+        return sorted(rows, key=lambda r: (r.scope_key == 0, r.name_key))
+
+    async def remove_lorebook(self, guild_id: int, story_id: int | None, name: str) -> LorebookRecord | None:
+        """Remove the story's book of that name, else the guild's."""
+        for record in await self.lorebooks(guild_id, story_id):
+            if record.name_key == name.casefold():
+                async with self.session() as session:
+                    await session.execute(delete(LorebookRecord).where(LorebookRecord.id == record.id))
+                return record
+        return None
+
+
+def _make_bank(ids: list[int], positions: list[int], vectors: list[list[float]], dim: int) -> _Bank | None:
+    if not ids:
+        return None
+    matrix = np.asarray(vectors, dtype=np.float32).reshape(len(ids), dim)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix /= np.where(norms == 0, 1.0, norms)
+    return _Bank(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), matrix)
