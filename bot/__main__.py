@@ -55,7 +55,11 @@ async def run(args: argparse.Namespace, settings: BotSettings) -> int:
             engine = EngineClient.from_settings(settings, url)
             try:
                 if args.console or settings.discord_token is None:
-                    return await run_console(StoryPipeline(store, engine, settings), args.persona, args.name, args.new)
+                    pipeline = StoryPipeline(store, engine, settings)
+                    try:
+                        return await run_console(pipeline, args.persona, args.name, args.new)
+                    finally:
+                        await pipeline.close()
                 from bot.app import DiscordSetupError, run_discord  # discord.py loads only when the bot is used
 
                 try:

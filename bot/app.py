@@ -75,6 +75,10 @@ class MasqueBot(commands.Bot):
         else:
             log.info("synced %d slash commands", len(synced))
 
+    async def close(self) -> None:
+        await self.pipeline.close()
+        await super().close()
+
     async def on_app_command_error(self, interaction: discord.Interaction,
                                    error: app_commands.AppCommandError) -> None:
         """The one place command errors become short ephemeral messages that say what to do next."""

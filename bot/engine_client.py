@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEALTH_TIMEOUT_S = 5.0
+COUNT_TIMEOUT_S = 10.0  # counting tokens is quick; a server that stalls on it is estimated instead
 
 
 class EngineError(Exception):
@@ -54,6 +56,20 @@ class EngineBadResponse(EngineError):
     """The engine answered, but not with something usable (garbage, an empty reply, a 4xx)."""
 
     user_message = "The story engine sent back something unusable. Try regenerating."
+
+
+class EngineContextLength(EngineBadResponse):
+    """The engine refused a prompt as too long for its context (our wording or vLLM's).
+
+    The bot shrinks the prompt and retries; a user sees this only if that fails too.
+    """
+
+    user_message = ("The story engine's context is too small for this story's prompt. "
+                    "Ask an admin to check MASQUE_CONTEXT_WINDOW and MASQUE_REPLY_MAX_TOKENS.")
+
+    def __init__(self, message: str, prompt_tokens: int | None = None):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens  # what the server counted, when its message says
 
 
 @dataclass
@@ -88,6 +104,17 @@ class _Endpoint:
     client: openai.AsyncOpenAI
     unhealthy_until: float = 0.0
     speaks_masque: bool | None = None  # None until a chat response tells us
+    can_tokenize: bool | None = None  # None until /tokenize answered or 404'd
+
+
+# Phrases a server uses when a prompt does not fit: ours, vLLM's ("This model's maximum context length
+# is ..."), OpenAI's ("context_length_exceeded"), llama.cpp's ("exceeds the available context size").
+_LENGTH_PHRASES = ("maximum context length", "context_length_exceeded", "context length", "context size",
+                   "too many tokens", "prompt is too long")
+# Where a length refusal says how many prompt tokens the server counted (vLLM's current and older
+# wordings, ours, llama.cpp's "request (N tokens)").
+_PROMPT_COUNT = re.compile(r"has (\d+) input tokens|\((\d+) in the messages|\((\d+) prompt tokens|"
+                           r"messages are (\d+) tokens|request \((\d+) tokens\)")
 
 
 def parse_urls(value: str) -> list[str]:
@@ -95,12 +122,15 @@ def parse_urls(value: str) -> list[str]:
     return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
 
 
+def server_root(base_url: str) -> str:
+    """`http://h:p/v1` -> `http://h:p` (where /health and vLLM's /tokenize live)."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
 def health_url(base_url: str) -> str:
     """`http://h:p/v1` -> `http://h:p/health` (the engine serves /health beside /v1)."""
-    root = base_url.rstrip("/")
-    if root.endswith("/v1"):
-        root = root[: -len("/v1")]
-    return f"{root}/health"
+    return f"{server_root(base_url)}/health"
 
 
 class EngineClient:
@@ -141,6 +171,11 @@ class EngineClient:
     def speaks_masque(self) -> bool:
         """True when a healthy engine has shown our `masque` extras (it transcribes audio parts itself)."""
         return any(e.speaks_masque for e in self._endpoints if e.unhealthy_until <= time.monotonic())
+
+    def counts_tokens(self) -> bool | None:
+        """Whether a server counts tokens for us (`/tokenize`); None until one was asked."""
+        known = [e.can_tokenize for e in self._endpoints if e.can_tokenize is not None]
+        return any(known) if known else None
 
     async def close(self) -> None:
         for endpoint in self._endpoints:
@@ -232,6 +267,53 @@ class EngineClient:
             text = _field(_first(completion, "choices"), "message", "content", kind=str) or ""
             return ChatResult(text, extras if isinstance(extras, dict) else {})
         return await self._call("chat", call)
+
+    # ------------------------------------------------------------ context window and token counts
+
+    async def context_window(self) -> int | None:
+        """The chat model's context window as the server reports it (`max_model_len` in /v1/models,
+        as vLLM and our engine do; `context_length`/`context_window` as some others do); None when
+        no server says."""
+        async def call(endpoint: _Endpoint) -> int | None:
+            listing = await endpoint.client.get("/models", cast_to=object)
+            models = listing.get("data") if isinstance(listing, dict) else None
+            if not isinstance(models, list):
+                return None
+            ours = [m for m in models if isinstance(m, dict) and m.get("id") == self.models.chat]
+            for model in ours or [m for m in models if isinstance(m, dict)]:
+                for key in ("max_model_len", "context_length", "context_window"):
+                    value = model.get(key)
+                    if isinstance(value, int) and value > 0:
+                        return value
+            return None
+        try:
+            return await self._call("models", call)
+        except EngineError:
+            return None  # a server without /v1/models (or an odd one): the caller uses its setting
+
+    async def count_tokens(self, messages: list[dict[str, Any]]) -> int | None:
+        """The prompt tokens `messages` make on the server, by vLLM's `POST /tokenize` (our engine
+        serves it too); None when no server has it."""
+        async def call(endpoint: _Endpoint) -> int | None:
+            if endpoint.can_tokenize is False:
+                return None
+            try:
+                answer = await endpoint.client.post(
+                    f"{server_root(endpoint.base_url)}/tokenize", cast_to=object,
+                    body={"model": self.models.chat, "messages": messages, "add_generation_prompt": True},
+                    options={"timeout": COUNT_TIMEOUT_S})
+            except openai.NotFoundError:
+                endpoint.can_tokenize = False
+                return None
+            except (openai.BadRequestError, openai.UnprocessableEntityError):
+                return None  # e.g. content parts this server cannot tokenize: estimate instead
+            count = answer.get("count") if isinstance(answer, dict) else None
+            endpoint.can_tokenize = isinstance(count, int)
+            return count if isinstance(count, int) else None
+        try:
+            return await self._call("tokenize", call)
+        except EngineError:
+            return None  # the chat call that follows reports a down or broken engine properly
 
     # ------------------------------------------------------------ media
 
@@ -336,8 +418,20 @@ def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
     if isinstance(exc, openai.APIStatusError):
         if exc.status_code >= 500 or exc.status_code == 429:
             return EngineUnavailable(f"{what}: the engine answered {exc.status_code}: {_short(exc)}")
-        return EngineBadResponse(f"{what}: the engine refused the request ({exc.status_code}): {_short(exc)}")
+        message = f"{what}: the engine refused the request ({exc.status_code}): {_short(exc)}"
+        if exc.status_code in (400, 413, 422) and _is_length_error(exc):
+            found = _PROMPT_COUNT.search(str(exc.message))
+            count = next((int(g) for g in found.groups() if g), None) if found else None
+            return EngineContextLength(message, count)
+        return EngineBadResponse(message)
     return EngineBadResponse(f"{what}: unusable engine response ({exc.__class__.__name__}: {exc})")
+
+
+def _is_length_error(exc: openai.APIStatusError) -> bool:
+    body = exc.body if isinstance(exc.body, dict) else {}
+    code = str(body.get("code") or getattr(exc, "code", "") or "")
+    text = f"{exc.message} {code}".lower()
+    return any(phrase in text for phrase in _LENGTH_PHRASES)
 
 
 def _short(exc: openai.APIStatusError, limit: int = 300) -> str:

@@ -13,43 +13,28 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from bot.cards import Card, expand
-from bot.engine_client import EngineBadResponse, EngineClient, EngineError, StreamEvent
+from bot.engine_client import EngineBadResponse, EngineClient, EngineContextLength, EngineError, StreamEvent
+from bot.errors import NoStory, StoryError, UnknownPersona, UnknownTurn
 from bot.media import annotate, attachment_meta, media_parts, transcribe_audio
+from bot.memory import StoryMemory
+from bot.prompt_fit import Fitted, PromptFitter
 from bot.scene_art import SceneArtService, SceneImage
 from bot.settings import BotSettings
 from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Summary, Turn
-from bot.story import PromptParts, build_messages, continue_instruction, estimate_tokens, format_transcript
+from bot.story import PromptParts, continue_instruction, estimate_tokens, format_transcript
 from bot.story.prompt import clean_reply, may_become_name_prefix, stop_sequences
 
 log = logging.getLogger(__name__)
+__all__ = ["NoStory", "StoryError", "StoryPipeline", "UnknownPersona", "UnknownTurn", "UserInput"]
 
 DEFAULT_USER_NAME = "User"
 HISTORY_TURNS = 200  # most turns read from SQL per prompt; the token budget then trims them
 FIRST_PAGE_TURNS = 32  # read first: usually enough to fill the budget, and far cheaper than 200
-
-
-class StoryError(Exception):
-    """A story command that cannot be done; the message is safe to show the user."""
-
-
-class NoStory(StoryError):
-    def __init__(self) -> None:
-        super().__init__("There is no story in this channel. Start one with /story start.")
-
-
-class UnknownPersona(StoryError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"There is no persona named {name!r}. See /persona list.")
-
-
-class UnknownTurn(StoryError):
-    def __init__(self) -> None:
-        super().__init__("That message is no longer part of the story.")
 
 
 @dataclass
@@ -89,6 +74,16 @@ class ReplyResult:
 
 
 @dataclass
+class PreparedPrompt:
+    """A fitted prompt and what it was built from."""
+
+    story: Story
+    turns: list[Turn]
+    fitted: Fitted
+    query: asyncio.Task | None  # the recall query, still running or done
+
+
+@dataclass
 class StoryStatusInfo:
     story: Story
     persona_name: str
@@ -103,10 +98,17 @@ class StoryPipeline:
     def __init__(self, store: Store, engine: EngineClient, settings: BotSettings):
         self.store, self.engine, self.settings = store, engine, settings
         self.art = SceneArtService(store, engine, settings)
+        self.fitter = PromptFitter(engine, settings)
+        self._replying = 0  # replies being made now: background memory work waits for none
+        self.memory = StoryMemory(store, engine, settings, self.fitter, busy=lambda: self._replying > 0)
         # Replies take their channel's lock before any await, so they run in arrival order (asyncio
         # locks are FIFO); every story change then takes the story's lock (buttons know only the turn).
         self._channel_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._story_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def channel_lock(self, channel_id: int) -> asyncio.Lock:
+        """The lock replies in a channel take (anything that replaces the channel's story takes it too)."""
+        return self._lock(self._channel_locks, channel_id)
 
     @staticmethod
     def _lock(table: weakref.WeakValueDictionary[int, asyncio.Lock], key: int) -> asyncio.Lock:
@@ -115,6 +117,10 @@ class StoryPipeline:
             lock = asyncio.Lock()
             table[key] = lock
         return lock
+
+    async def close(self) -> None:
+        """Stop the background memory work (what it had not done yet is done after the next start)."""
+        await self.memory.close()
 
     # ------------------------------------------------------------ starting and ending
 
@@ -158,7 +164,7 @@ class StoryPipeline:
 
     async def reset(self, channel_id: int) -> tuple[Story, list[str]]:
         """Start the channel's story over with the same persona; returns the new story and greetings."""
-        story = await self._story(channel_id)
+        story = await self.story_of(channel_id)
         persona = await self._persona(story)
         new = await self.store.start_story(channel_id, story.guild_id, persona.id, title=persona.name)
         user_name = await self._last_user_name(story.id)
@@ -169,7 +175,7 @@ class StoryPipeline:
     async def reply(self, channel_id: int, guild_id: int, user: UserInput, sink: ReplySink) -> ReplyResult:
         """Answer a user's turn as the channel's persona (see the module docstring for the steps)."""
         async with self._lock(self._channel_locks, channel_id):
-            story = await self._story(channel_id)
+            story = await self.story_of(channel_id)
             persona = await self._persona(story)
             return await self._reply_locked(story, persona, user, sink)
 
@@ -181,7 +187,8 @@ class StoryPipeline:
                 message_ids=[user.message_id] if user.message_id else []))
             try:
                 parts, heard = await self._media_in(user_turn, user.attachments)
-                text, extras = await self._generate(story.id, persona, user.author_name, parts, sink)
+                text, extras = await self._generate(story.id, persona, user.author_name, parts, sink,
+                                                    query_turn=user_turn)
             except EngineError as exc:
                 exc.turn_id = user_turn.id  # the turn is kept; a retry regenerates from it
                 raise
@@ -200,29 +207,65 @@ class StoryPipeline:
 
     async def _generate(self, story_id: int, persona: Persona, user_name: str, media: list[dict],
                         sink: ReplySink, before: int | None = None, instruction: str = "",
-                        prefix: str = "") -> tuple[str, dict]:
-        """Build the prompt from the stored turns (those before position `before`) and stream a reply."""
+                        prefix: str = "", query_turn: Turn | None = None) -> tuple[str, dict]:
+        """Build the prompt from the stored turns (those before position `before`) and memory, and stream a reply.
+
+        A length refusal shrinks the prompt and retries once; then memory work goes to the worker.
+        """
+        self._replying += 1
+        try:
+            ready = await self.prepare_prompt(story_id, persona, user_name, media, before, instruction, query_turn)
+            fitted, card = ready.fitted, persona_card(persona)
+            try:
+                result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
+                                            fitted.max_tokens)
+            except EngineContextLength as exc:
+                # The server counts differently from what it told us (or not at all): shrink and retry once.
+                log.warning("the engine refused a prompt as too long (it counted %s tokens); retrying shorter",
+                            exc.prompt_tokens or "?")
+                fitted = await self.fitter.refit(fitted, exc.prompt_tokens)
+                result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
+                                            fitted.max_tokens)
+            await self.memory.after_prompt(ready.story, fitted.prompt, ready.turns, ready.query, query_turn)
+            return result
+        finally:
+            self._replying -= 1
+
+    async def prepare_prompt(self, story_id: int, persona: Persona, user_name: str, media: list[dict] = (),
+                             before: int | None = None, instruction: str = "",
+                             query_turn: Turn | None = None) -> PreparedPrompt:
+        """The prompt of the story's next reply. Steps: 1 read the story, its recent turns and memory
+        (the recall query runs beside); 2 fit the prompt to the server's window; 3 recall older turns
+        from before that window and fit again."""
+        story = await self.store.get_story(story_id)
+        if story is None:
+            raise NoStory()
+        query = self.memory.start_query(story, query_turn)
         turns, summary = await self._prompt_history(story_id, before)
-        card = persona_card(persona)
-        messages = build_messages(PromptParts(
-            card=card, user_name=user_name or DEFAULT_USER_NAME, turns=turns, media=media,
-            summary=summary.text if summary else "", seed=story_id,
-            budget=self.settings.prompt_token_budget, instruction=instruction))
-        return await self._stream(messages, card, turns, user_name, sink, prefix)
+        memory, books = await self.memory.layers(story, summary)
+        parts = PromptParts(card=persona_card(persona), user_name=user_name or DEFAULT_USER_NAME, turns=turns,
+                            media=list(media), seed=story_id, instruction=instruction, memory=memory, books=books,
+                            turn_number=story.turn_seq)
+        fitted = await self.fitter.fit(parts)
+        if query is not None and fitted.prompt.window_start < len(turns):
+            recalled = await self.memory.recalled(story_id, query, turns[fitted.prompt.window_start].position)
+            if recalled:
+                fitted = await self.fitter.fit(replace(parts, memory=replace(memory, recalled=recalled)))
+        return PreparedPrompt(story, turns, fitted, query)
 
     async def _prompt_history(self, story_id: int, before: int | None) -> tuple[list[Turn], Summary | None]:
         """The latest summary and the turns after it a prompt may use, reading no more than needed."""
         turns, summary = await self.store.prompt_history(story_id, FIRST_PAGE_TURNS, before)
-        if len(turns) == FIRST_PAGE_TURNS and sum(estimate_tokens(t.text) for t in turns) < \
-                self.settings.prompt_token_budget:
+        if len(turns) == FIRST_PAGE_TURNS and \
+                sum(self.fitter.counter.message(t.text) for t in turns) < await self.fitter.window():
             turns, summary = await self.store.prompt_history(story_id, HISTORY_TURNS, before)
         return turns, summary
 
     async def _stream(self, messages: list[dict], card: Card, turns: Sequence[Turn], user_name: str,
-                      sink: ReplySink, prefix: str) -> tuple[str, dict]:
+                      sink: ReplySink, prefix: str, max_tokens: int) -> tuple[str, dict]:
         text, extras = "", {}
         stream = self.engine.chat_stream(
-            messages, max_tokens=self.settings.reply_max_tokens, temperature=self.settings.temperature,
+            messages, max_tokens=max_tokens, temperature=self.settings.temperature,
             stop=stop_sequences(turns, user_name))
         async for event in stream:
             extras = _merge_extras(extras, event)
@@ -301,7 +344,7 @@ class StoryPipeline:
 
         `fresh` skips reusing an earlier image (regenerate redoes text and image together).
         """
-        story = await self._story(channel_id)
+        story = await self.story_of(channel_id)
         persona = await self._persona(story)
         turns = await self.store.recent_turns(story.id, HISTORY_TURNS)
         return await self.art.illustrate(story, persona_card(persona), turns, force=force, safe=safe, fresh=fresh)
@@ -319,18 +362,18 @@ class StoryPipeline:
     async def rewind(self, channel_id: int, turns: int) -> list[Turn]:
         """Remove the story's last `turns` turns; returns them (so their messages can be deleted)."""
         async with self._lock(self._channel_locks, channel_id):
-            story = await self._story(channel_id)
+            story = await self.story_of(channel_id)
             async with self._lock(self._story_locks, story.id):
                 return await self.store.rewind(story.id, turns)
 
     async def transcript(self, channel_id: int) -> str:
         """The whole story as plain text, for /story export."""
-        story = await self._story(channel_id)
+        story = await self.story_of(channel_id)
         turns = await self.store.recent_turns(story.id)
         return format_transcript(story, turns)
 
     async def status(self, channel_id: int) -> StoryStatusInfo:
-        story = await self._story(channel_id)
+        story = await self.story_of(channel_id)
         persona = await self._persona(story)
         recent = await self.store.recent_turns(story.id, 1)
         return StoryStatusInfo(
@@ -352,11 +395,16 @@ class StoryPipeline:
 
     # ------------------------------------------------------------ lookups
 
-    async def _story(self, channel_id: int) -> Story:
+    async def story_of(self, channel_id: int) -> Story:
+        """The channel's active story, or NoStory."""
         story = await self.store.active_story(channel_id)
         if story is None:
             raise NoStory()
         return story
+
+    async def persona_of_story(self, story: Story) -> Persona:
+        """The persona that plays `story`, or a StoryError when it was deleted."""
+        return await self._persona(story)
 
     async def _persona(self, story: Story) -> Persona:
         persona = await self.store.get_persona_by_id(story.persona_id) if story.persona_id else None

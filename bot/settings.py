@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -38,7 +40,16 @@ class BotSettings(BaseSettings):
     engine_start_timeout_s: float = Field(default=900.0, gt=0, validation_alias="MASQUE_ENGINE_START_TIMEOUT_S")
     engine_preset: str = Field(default="offline", validation_alias="MASQUE_ENGINE_PRESET")
     # Story pipeline (bot/pipeline.py, bot/story/).
-    prompt_token_budget: int = Field(default=3072, ge=256, validation_alias="MASQUE_PROMPT_TOKEN_BUDGET")
+    # "auto": the context window less the reply and a margin (bot/prompt_fit.py); a number caps it.
+    prompt_token_budget: Annotated[int, Field(ge=256)] | Literal["auto"] = Field(
+        default="auto", validation_alias="MASQUE_PROMPT_TOKEN_BUDGET")
+    # The context window when the server does not report one (vLLM and our engine do, in /v1/models);
+    # when both say, the smaller wins.
+    context_window: int | None = Field(default=None, ge=512, validation_alias="MASQUE_CONTEXT_WINDOW")
+    # Memory (bot/memory/): recalled older turns per prompt, and how the rolling summary is written.
+    recall_turns: int = Field(default=4, ge=0, le=20, validation_alias="MASQUE_RECALL_TURNS")
+    summary_min_turns: int = Field(default=8, ge=2, validation_alias="MASQUE_SUMMARY_MIN_TURNS")
+    summary_max_tokens: int = Field(default=250, ge=32, validation_alias="MASQUE_SUMMARY_MAX_TOKENS")
     reply_max_tokens: int = Field(default=300, ge=1, validation_alias="MASQUE_REPLY_MAX_TOKENS")
     temperature: float = Field(default=0.8, ge=0, le=2, validation_alias="MASQUE_TEMPERATURE")
     # Scene art (bot/scene_art.py): cosine similarity at or above which an earlier image is reused.

@@ -1,10 +1,13 @@
-"""Prompt building: a persona card and the story so far -> OpenAI chat messages.
+"""Prompt building: a persona card, the story so far and its memory -> OpenAI chat messages.
 
 Layout (the SillyTavern convention most cards are written for):
   system: system prompt, lore (before), description, personality, scenario,
-          lore (after), story summary, example dialogue (when it fits)
-  history: recent turns within the token budget, users as "Name: text"
+          lore (after), pinned facts, story summary, recalled older turns,
+          lore (examples top), example dialogue (when it fits), lore (examples bottom)
+  history: recent turns within the token budget, users as "Name: text", with
+          the author's note and at-depth lore inserted at their depths
   last user message: the new turn, its media parts, then post-history instructions
+Each memory layer has a capped share of the budget (bot/story/memory.py).
 Consecutive messages of one role are merged, so strict chat templates that
 demand alternating roles accept the result.
 """
@@ -16,9 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bot.cards import Card, LoreEntry, expand
-from bot.story.lorebook import triggered_entries
-from bot.story.tokens import message_tokens
+from bot.cards import Card, Lorebook, expand
+from bot.story import memory as layers
+from bot.story.lorebook import LoreResult, activate
+from bot.story.memory import DepthNote, Memory
+from bot.story.tokens import TokenCounter
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are {{char}} in an ongoing role-play with {{user}} and others on Discord. "
@@ -26,7 +31,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "Never write for {{user}} or the other people in the scene."
 )
 CONTINUE_INSTRUCTION = "[Continue your last reply exactly where it stopped. Do not repeat what you already wrote.]"
-EXAMPLES_SHARE = 0.25  # at most this share of the budget goes to example dialogue
 MAX_STOP_NAMES = 3  # OpenAI allows four stop strings
 _PART_KINDS = {"image_url": "image", "input_audio": "audio"}
 
@@ -47,11 +51,24 @@ class PromptParts:
     card: Card
     user_name: str  # who `{{user}}` is: the person speaking now
     turns: Sequence[TurnLike]  # oldest first; normally ends with the new user turn
-    summary: str = ""
     seed: int = 0  # stabilises `{{pick}}` per story
     budget: int = 3072  # tokens for the whole prompt (the reply's tokens are not counted here)
     media: list[dict[str, Any]] = field(default_factory=list)  # image_url/input_audio parts for the last turn
     instruction: str = ""  # an extra final instruction (continue)
+    memory: Memory = field(default_factory=Memory)
+    books: Sequence[Lorebook] = ()  # story and guild books; the card's own book is added first
+    turn_number: int = 0  # the story's turn counter, for lore's timed effects
+    counter: TokenCounter = field(default_factory=TokenCounter)
+
+
+@dataclass
+class Prompt:
+    """A built prompt: the messages, and what the caller keeps from building it."""
+
+    messages: list[dict[str, Any]]
+    window_start: int  # index in `parts.turns` of the oldest turn in the history
+    lore: LoreResult
+    tokens: int  # the counter's estimate of the whole prompt
 
 
 def render_turn(turn: TurnLike, skip_kinds: Sequence[str] = ()) -> str:
@@ -73,22 +90,45 @@ def render_turn(turn: TurnLike, skip_kinds: Sequence[str] = ()) -> str:
     return "\n".join(p for p in [turn.text.strip(), *notes] if p)
 
 
+def speaker_line(turn: TurnLike) -> str:
+    """A turn as one "Name: text" line (lore scanning, recall quotes)."""
+    return f"{turn.author_name or str(turn.author_kind).capitalize()}: {render_turn(turn)}"
+
+
 def build_messages(parts: PromptParts) -> list[dict[str, Any]]:
     """The chat messages for `parts`, within `parts.budget` tokens (the newest turn is always kept)."""
-    card, ex = parts.card, _expander(parts)
-    lore = triggered_entries(card.data.character_book, [render_turn(t) for t in parts.turns])
-    system = _system_text(card, lore, parts.summary, ex)
+    return build_prompt(parts).messages
+
+
+def build_prompt(parts: PromptParts) -> Prompt:
+    """Build the prompt: 1 trigger lore, 2 the system text with each memory layer in its share,
+    3 the recent turns in what is left, 4 author's note and at-depth lore, 5 post-history instructions."""
+    card, ex, count, budget = parts.card, _expander(parts), parts.counter.tokens, parts.budget
+    books = [b for b in [card.data.character_book, *parts.books] if b is not None]
+    lore = activate(books, [speaker_line(t) for t in parts.turns], turn=parts.turn_number,
+                    timed=parts.memory.lore_timed, budget=int(budget * layers.LORE_SHARE), count_tokens=count)
+    system = _system_text(card, lore, parts.memory, budget, count, ex)
+    recall = layers.recall_block(parts.memory.recalled, int(budget * layers.RECALL_SHARE), count)
     post = "\n\n".join(p for p in [ex(card.data.post_history_instructions).strip(), parts.instruction] if p)
-    left = parts.budget - message_tokens(system) - message_tokens(post)
-    examples = _examples(card, ex)
-    if examples and message_tokens(examples) <= min(left, parts.budget * EXAMPLES_SHARE):
+    notes = _depth_notes(parts.memory, lore, ex)
+    fixed = parts.counter.message(system) + (parts.counter.message(post) if post else 0) + \
+        sum(parts.counter.message(n.text) for n in notes)
+    # Recall's share is always held back, so the window is the same with or without recalled turns
+    # (the caller picks the window first, then recalls what lies before it).
+    left = budget - fixed - int(budget * layers.RECALL_SHARE)
+    if recall:
+        system = f"{system}\n\n{recall}"
+    examples = _examples(card, lore, ex)
+    if examples and parts.counter.message(examples) <= min(left, budget * layers.EXAMPLES_SHARE):
         system = f"{system}\n\n{examples}"
-        left -= message_tokens(examples)
-    history = _history(parts, left)
-    messages = [{"role": "system", "content": system}, *history]
+        left -= parts.counter.message(examples)
+    history, start = _history(parts, left)
+    messages = [{"role": "system", "content": system}, *layers.insert_at_depth(history, notes)]
     if post:
         messages.append({"role": "user", "content": post})
-    return _merge_roles(messages)
+    merged = _merge_roles(messages)
+    tokens = sum(parts.counter.message(_plain(m["content"])) for m in merged)
+    return Prompt(merged, start, lore, tokens)
 
 
 def stop_sequences(turns: Sequence[TurnLike], user_name: str) -> list[str]:
@@ -118,45 +158,59 @@ def _expander(parts: PromptParts) -> Callable[[str], str]:
     return lambda text: expand(text, char=char, user=user, seed=parts.seed)
 
 
-def _system_text(card: Card, lore: list[LoreEntry], summary: str, ex: Callable[[str], str]) -> str:
+def _system_text(card: Card, lore: LoreResult, memory: Memory, budget: int, count: Callable[[str], int],
+                 ex: Callable[[str], str]) -> str:
     data = card.data
     base = data.system_prompt.replace("{{original}}", DEFAULT_SYSTEM_PROMPT) if data.system_prompt.strip() \
         else DEFAULT_SYSTEM_PROMPT
-    before = [e.content for e in lore if e.position == "before_char"]
-    after = [e.content for e in lore if e.position != "before_char"]
     sections = [
-        base, *before, data.description,
+        base, *lore.at("before_char"), data.description,
         f"{{{{char}}}}'s personality: {data.personality}" if data.personality.strip() else "",
         f"Scenario: {data.scenario}" if data.scenario.strip() else "",
-        *after,
-        f"The story so far: {summary}" if summary.strip() else "",
+        *lore.at("after_char"),
+        layers.facts_block(memory.facts, int(budget * layers.FACTS_SHARE), count),
+        layers.summary_block(memory.summary, int(budget * layers.SUMMARY_SHARE), count),
     ]
     return "\n\n".join(ex(s).strip() for s in sections if s and s.strip())
 
 
-def _examples(card: Card, ex: Callable[[str], str]) -> str:
+def _examples(card: Card, lore: LoreResult, ex: Callable[[str], str]) -> str:
     raw = card.data.mes_example.strip()
-    if not raw:
+    blocks = [b.strip() for b in re.split(r"<START>", raw, flags=re.IGNORECASE) if b.strip()] if raw else []
+    if not blocks:
         return ""
-    blocks = [b.strip() for b in re.split(r"<START>", raw, flags=re.IGNORECASE) if b.strip()]
-    return ex("Examples of how {{char}} speaks:\n\n" + "\n\n".join(blocks))
+    body = "\n\n".join([*lore.at("em_top"), *blocks, *lore.at("em_bottom")])
+    return ex("Examples of how {{char}} speaks:\n\n" + body)
 
 
-def _history(parts: PromptParts, budget: int) -> list[dict[str, Any]]:
-    """Turns from the newest back while they fit; the newest always goes in."""
+def _depth_notes(memory: Memory, lore: LoreResult, ex: Callable[[str], str]) -> list[DepthNote]:
+    """The author's note (with its top/bottom lore) and at-depth lore, to insert into the history."""
+    notes = [DepthNote(h.depth, h.role, ex(h.content).strip()) for h in lore.hits
+             if h.position == "at_depth" and h.content.strip()]
+    note = layers.note_text(memory.note, lore.at("an_top"), lore.at("an_bottom"))
+    if note:
+        notes.append(DepthNote(memory.note_depth, "system", ex(f"Author's note: {note}")))
+    return notes
+
+
+def _history(parts: PromptParts, budget: int) -> tuple[list[dict[str, Any]], int]:
+    """Turns from the newest back while they fit; the newest always goes in. Returns them and the
+    index of the oldest one kept."""
     picked: list[dict[str, Any]] = []
     used = 0
     last = len(parts.turns) - 1
+    start = last + 1
     for index in range(last, -1, -1):
         turn = parts.turns[index]
         media = parts.media if index == last and turn.author_kind == "user" else []
         message = _turn_message(turn, media)
-        cost = message_tokens(_plain(message["content"]))
+        cost = parts.counter.message(_plain(message["content"]))
         if picked and used + cost > budget:
             break
         picked.append(message)
         used += cost
-    return list(reversed(picked))
+        start = index
+    return list(reversed(picked)), start
 
 
 def _turn_message(turn: TurnLike, media: list[dict[str, Any]]) -> dict[str, Any]:
@@ -170,6 +224,11 @@ def _turn_message(turn: TurnLike, media: list[dict[str, Any]]) -> dict[str, Any]
     if media:
         return {"role": "user", "content": [{"type": "text", "text": text}, *media]}
     return {"role": "user", "content": text}
+
+
+def prompt_chars(messages: Sequence[dict[str, Any]]) -> int:
+    """Characters of text in `messages` (what a token count is learned against)."""
+    return sum(len(_plain(m["content"])) for m in messages)
 
 
 def _plain(content: str | list[dict[str, Any]]) -> str:

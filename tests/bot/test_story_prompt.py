@@ -7,7 +7,8 @@ from typing import Any
 
 from bot.builtin import builtin_personas
 from bot.cards import Card
-from bot.story import PromptParts, build_messages, estimate_tokens, triggered_entries
+from bot.story import Memory, PromptParts, build_messages, estimate_tokens
+from bot.story.lorebook import triggered_entries
 from bot.story.prompt import DEFAULT_SYSTEM_PROMPT, clean_reply, may_become_name_prefix, stop_sequences
 from bot.story.scene import PROMPT_MAX_CHARS, clean_image_prompt, scene_prompt_messages
 
@@ -165,7 +166,8 @@ def test_broken_regex_keys_do_not_break_the_prompt():
 
 
 def test_summary_goes_into_the_system_message():
-    messages = build_messages(PromptParts(card(), "Ann", [T("user", "hi", "Ann")], summary="Ann hired Wren."))
+    parts = PromptParts(card(), "Ann", [T("user", "hi", "Ann")], memory=Memory(summary="Ann hired Wren."))
+    messages = build_messages(parts)
     assert "The story so far: Ann hired Wren." in system_of(messages)
 
 

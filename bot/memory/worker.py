@@ -1,0 +1,183 @@
+"""Background memory work: embed every turn (for recall) and write rolling summaries.
+
+Never on the reply path: the pipeline only calls `notify(story, window_start)`
+after a reply, and the work runs in one task when no reply is being made
+(or after MAX_IDLE_WAIT_S, so a busy server still gets its summaries).
+Nothing is lost on failure: the work is "what is missing" (turns without an
+embedding, turns before the window that no summary covers), so a failed run
+is simply tried again later, with backoff, and after a restart on the story's
+next reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bot.engine_client import EngineBadResponse, EngineClient, EngineError
+from bot.settings import BotSettings
+from bot.store import Store, Turn
+from bot.story import TokenCounter, speaker_line
+from bot.story.summary import chunk_turns, clean_summary, summary_messages
+
+log = logging.getLogger(__name__)
+
+EMBED_BATCH = 32
+EMBED_ROUNDS = 8  # batches per story per visit: a story of 10,000 old turns is backfilled over visits
+IDLE_POLL_S = 0.2
+MAX_IDLE_WAIT_S = 10.0
+RETRY_BASE_S = 15.0
+RETRY_MAX_S = 600.0
+SUMMARY_TEMPERATURE = 0.3
+WORDS_PER_TOKEN = 0.7
+SUMMARY_CHUNK_SHARE = 0.5  # of the context window: the turns folded in one summary call
+
+
+@dataclass
+class _Due:
+    window_start: int | None  # the position of the oldest turn the last prompt held
+    not_before: float = 0.0  # monotonic time: a retry waits until then
+    failures: int = 0
+
+
+class MemoryWorker:
+    """Runs the memory work of stories that had a reply, one story at a time, in the background."""
+
+    def __init__(self, store: Store, engine: EngineClient, settings: BotSettings, counter: TokenCounter,
+                 window: Callable[[], int], busy: Callable[[], bool] = lambda: False):
+        self.store, self.engine, self.settings, self.counter = store, engine, settings, counter
+        self._window, self._busy = window, busy
+        self._due: dict[int, _Due] = {}
+        self._windows: dict[int, int] = {}  # story -> where its last prompt's window began
+        self._vectors: dict[int, list[tuple[int, int, list[float]]]] = {}  # story -> (turn, position, vector)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._visiting = False
+        self.retry_base_s = RETRY_BASE_S
+
+    def notify(self, story_id: int, window_start: int | None) -> None:
+        """A prompt of `story_id` was built; turns before `window_start` have left its window."""
+        due = self._due.setdefault(story_id, _Due(window_start))
+        if window_start is not None:
+            due.window_start = self._windows[story_id] = window_start
+        self._ensure_running()
+        assert self._wake is not None
+        self._wake.set()
+
+    def offer_vector(self, story_id: int, turn_id: int, position: int, vector: Sequence[float]) -> None:
+        """An embedding the pipeline already made (the recall query of a user turn): stored, not remade."""
+        self._vectors.setdefault(story_id, []).append((turn_id, position, list(vector)))
+
+    async def run_once(self, story_id: int) -> None:
+        """Do a story's due work now, raising on failure (tests, benchmarks, `/story summary redo`)."""
+        await self._embed(story_id)
+        await self._summarise(story_id, self._windows.get(story_id))
+
+    async def drain(self) -> None:
+        """Wait until no work is due or running (tests, benchmarks: wrap in asyncio.timeout; a retry
+        waiting for its time counts as due)."""
+        while self._due or self._visiting:  # noqa: ASYNC110 - a test helper; the loop owns the state
+            await asyncio.sleep(IDLE_POLL_S / 10)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # ------------------------------------------------------------ the loop
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.create_task(self._loop(), name="masque-memory")
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while story_id := self._next_ready():
+                await self._wait_idle()
+                self._visiting = True
+                try:
+                    await self._visit(story_id)
+                finally:
+                    self._visiting = False
+            pending = [d.not_before for d in self._due.values()]
+            if pending:  # retries waiting for their time: wake for the first
+                delay = max(min(pending) - time.monotonic(), IDLE_POLL_S)
+                asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    def _next_ready(self) -> int | None:
+        now = time.monotonic()
+        return next((s for s, d in self._due.items() if d.not_before <= now), None)
+
+    async def _wait_idle(self) -> None:
+        deadline = time.monotonic() + MAX_IDLE_WAIT_S
+        # `busy` is the pipeline's count of replies in flight; polling it a few times a second is
+        # simpler than an event both sides must keep in step.
+        while self._busy() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(IDLE_POLL_S)
+
+    async def _visit(self, story_id: int) -> None:
+        due = self._due[story_id]
+        try:
+            await self.run_once(story_id)
+        except EngineError as exc:
+            due.failures += 1
+            due.not_before = time.monotonic() + min(self.retry_base_s * 2 ** (due.failures - 1), RETRY_MAX_S)
+            log.warning("memory work for story %s failed (%s); retrying in %.0f s", story_id,
+                        exc.__class__.__name__, due.not_before - time.monotonic())
+            return
+        except Exception:  # a bug must not kill the worker for every story
+            log.exception("memory work for story %s failed", story_id)
+        self._due.pop(story_id, None)
+
+    # ------------------------------------------------------------ the work
+
+    async def _embed(self, story_id: int) -> None:
+        """Embed the story's turns that have none, oldest first."""
+        offered = self._vectors.pop(story_id, [])
+        if offered:
+            await self.store.add_embeddings(story_id, offered, self.engine.models.embedding)
+        for _ in range(EMBED_ROUNDS):
+            turns = await self.store.turns_to_embed(story_id, EMBED_BATCH)
+            texts = [speaker_line(t) for t in turns]
+            if not turns:
+                return
+            vectors = await self.engine.embed(texts)
+            await self.store.add_embeddings(story_id, [(t.id, t.position, v) for t, v in zip(turns, vectors,
+                                                                                               strict=True)],
+                                            self.engine.models.embedding)
+            if len(turns) < EMBED_BATCH:
+                return
+
+    async def _summarise(self, story_id: int, window_start: int | None) -> None:
+        """Fold the turns that left the window into the summary, a chunk at a time (each chunk stored)."""
+        if window_start is None:
+            return
+        latest = await self.store.latest_summary(story_id)
+        through = latest.through_position if latest else 0
+        turns = await self.store.turns_between(story_id, through, window_start)
+        if len(turns) < self.settings.summary_min_turns:
+            return
+        text = latest.text if latest else ""
+        limit = int(self._window() * SUMMARY_CHUNK_SHARE) - self.counter.tokens(text)
+        for chunk in chunk_turns(turns, max(limit, 64), self.counter.tokens):
+            text = await self._fold(text, chunk)
+            await self.store.add_summary(story_id, chunk[-1].position, text, self.counter.tokens(text))
+
+    async def _fold(self, previous: str, turns: list[Turn]) -> str:
+        max_tokens = self.settings.summary_max_tokens
+        messages = summary_messages(previous, turns, int(max_tokens * WORDS_PER_TOKEN))
+        result = await self.engine.chat(messages, max_tokens=max_tokens, temperature=SUMMARY_TEMPERATURE)
+        text = clean_summary(result.text)
+        if not text:
+            raise EngineBadResponse("the engine wrote an empty summary")
+        return text

@@ -1,0 +1,157 @@
+"""Memory in layers, through the real pipeline and store (SQLite and PostgreSQL) and a fake engine over HTTP:
+pinned facts, the author's note, recall of old turns, rolling summaries, and a worker that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bot.builtin import builtin_personas
+from bot.engine_client import EngineClient
+from bot.pipeline import StoryPipeline, UserInput
+from bot.settings import BotSettings
+from bot.store import Store
+from bot.story.summary import SUMMARY_SYSTEM
+from tests.bot.story_helpers import Collector, chats, next_id
+from tests.fakes.fake_engine import FakeEngine
+
+CHANNEL, GUILD = 311, 322
+FACT = "My sister Mira hid the brass key under the lighthouse stairs."
+QUESTION = "Where did Mira hide the brass key?"
+FILLER = [
+    "We walk along the pier and count the gulls.", "The tea in this inn tastes of smoke and pepper.",
+    "I ask the fisherman about tomorrow's weather.", "Let us look at the old maps of the northern coast.",
+    "A carriage rattles past; I step aside.", "I buy two apples from the market stall.",
+    "The bell of the chapel rings nine times.", "I tell you about my journey over the mountains.",
+]
+DRAIN_S = 30.0
+
+
+def summary_reply(body: dict[str, Any]) -> str:
+    """Summaries: the fake folds the events into a short text; everything else gets a stock reply."""
+    messages = body["messages"]
+    if messages[0].get("content") == SUMMARY_SYSTEM:
+        events = messages[1]["content"].split("What happened next:\n", 1)[1].split("\n\nWrite the", 1)[0]
+        return "Earlier: " + " / ".join(line.split(": ", 1)[-1][:60] for line in events.splitlines()[:6])
+    return "*She nods.* Go on."
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest) -> Store:
+    """Each memory test on SQLite (numpy recall) and on PostgreSQL (pgvector recall)."""
+    return request.getfixturevalue("sqlite_store" if request.param == "sqlite" else "pg_store")
+
+
+@pytest.fixture
+async def sqlite_store(sqlite_url: str) -> AsyncIterator[Store]:
+    store = Store(sqlite_url)
+    await store.upgrade()
+    await store.sync_builtin_personas(builtin_personas())
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def pipeline(store: Store, fake_engine: FakeEngine) -> AsyncIterator[StoryPipeline]:
+    fake_engine.reply = summary_reply
+    settings = BotSettings(MASQUE_ENGINE_URL=fake_engine.url, MASQUE_ENGINE_RETRIES=0, MASQUE_ENGINE_TIMEOUT_S=5,
+                           MASQUE_CONTEXT_WINDOW=1024, MASQUE_REPLY_MAX_TOKENS=64)
+    engine = EngineClient.from_settings(settings)
+    pipeline = StoryPipeline(store, engine, settings)
+    pipeline.memory.worker.retry_base_s = 0.05
+    yield pipeline
+    await pipeline.close()
+    await engine.close()
+
+
+async def say(pipeline: StoryPipeline, text: str, name: str = "Ann") -> Collector:
+    sink = Collector()
+    await pipeline.reply(CHANNEL, GUILD, UserInput(text, author_id=7, author_name=name, message_id=next_id()), sink)
+    return sink
+
+
+async def drained(pipeline: StoryPipeline) -> None:
+    async with asyncio.timeout(DRAIN_S):
+        await pipeline.memory.worker.drain()
+
+
+def prompt_text(body: dict[str, Any]) -> str:
+    return "\n".join(str(m["content"]) for m in body["messages"])
+
+
+def story_prompts(engine: FakeEngine) -> list[dict[str, Any]]:
+    """Chat requests that were story replies (not summaries or scene prompts)."""
+    return [b for b in chats(engine) if b["messages"][0].get("content") != SUMMARY_SYSTEM]
+
+
+async def test_pinned_facts_are_in_every_prompt_until_removed(pipeline, fake_engine):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    fact = await pipeline.memory.pin(story, "Ann is allergic to cats.", 7)
+    for line in FILLER[:3]:
+        await say(pipeline, line)
+    assert all("- Ann is allergic to cats." in prompt_text(b) for b in story_prompts(fake_engine))
+    await pipeline.memory.unpin(story, fact.id)
+    await say(pipeline, "And now?")
+    assert "allergic" not in prompt_text(story_prompts(fake_engine)[-1])
+
+
+async def test_author_note_goes_in_at_its_depth(pipeline, fake_engine):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    for line in FILLER[:4]:
+        await say(pipeline, line)
+    await pipeline.memory.set_note(story, "Thunder is coming.", 1)
+    await say(pipeline, "What is that sound?")
+    messages = story_prompts(fake_engine)[-1]["messages"]
+    # depth 1: before the newest message, which is Ann's question.
+    note_at = next(i for i, m in enumerate(messages) if "[Author's note: Thunder is coming.]" in str(m["content"]))
+    assert "What is that sound?" in str(messages[-1]["content"])
+    assert note_at == len(messages) - 2 or "Thunder is coming." in str(messages[-1]["content"]).split("Ann: What")[0]
+
+
+async def test_a_fact_told_at_turn_1_is_in_the_prompt_at_turn_80(pipeline, fake_engine, store):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    await say(pipeline, FACT)
+    for turn in range(78):
+        await say(pipeline, f"{FILLER[turn % len(FILLER)]} (day {turn})")
+        if turn % 10 == 0:
+            await drained(pipeline)
+    await drained(pipeline)
+    await say(pipeline, QUESTION)
+    last = story_prompts(fake_engine)[-1]
+    assert FACT not in "\n".join(str(m["content"]) for m in last["messages"][1:])  # not in the window itself
+    assert "lighthouse" in prompt_text(last)  # recalled (or summarised) from turn 1
+    assert await store.latest_summary(story.id) is not None  # old turns were summarised in the background
+    assert "The story so far: Earlier:" in prompt_text(last)
+    assert all(sum(len(str(m["content"])) for m in b["messages"]) // 3 < 1024 for b in story_prompts(fake_engine))
+
+
+async def test_memory_work_never_runs_inside_a_reply_and_retries_after_failures(pipeline, fake_engine, store):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    await fake_engine.set_mode("error", times=3, paths=("/v1/embeddings",))
+    for line in FILLER * 2:
+        await say(pipeline, line)
+    await drained(pipeline)
+    turns = await store.recent_turns(story.id)
+    assert await store.turns_to_embed(story.id, 100) == []  # every turn embedded in the end
+    assert len(turns) == 1 + 2 * len(FILLER) * 2
+    embeds = fake_engine.requests_to("/v1/embeddings")
+    replies = fake_engine.requests_to("/v1/chat/completions")
+    for reply in replies:  # no embedding request overlapped a reply being generated
+        assert not any(e.started < reply.finished and e.finished > reply.started for e in embeds
+                       if len((e.json or {}).get("input", [])) > 1)
+
+
+async def test_rewinding_past_a_summary_drops_it_and_edits_drop_stale_embeddings(pipeline, store):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    for line in FILLER:
+        await say(pipeline, line)
+    await drained(pipeline)
+    turns = await store.recent_turns(story.id)
+    await store.add_summary(story.id, turns[-3].position, "They walked.")
+    await store.edit_turn(turns[1].id, "I changed my mind.")
+    assert [t.id for t in await store.turns_to_embed(story.id, 10)] == [turns[1].id]
+    await pipeline.rewind(CHANNEL, 4)
+    assert await store.latest_summary(story.id) is None
