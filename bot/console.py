@@ -4,12 +4,13 @@ The same StoryPipeline, store and engine client as Discord; only the sink
 differs (it prints). Reads lines from stdin, so it works piped as well as
 typed: the first line may answer the persona prompt. The story is kept in the
 database and resumed next time with the same persona (`--new` starts over).
-Commands: /swipe, /back, /regen, /continue, /rewind N, /help, /quit.
+Commands: /swipe, /back, /regen, /continue, /rewind N, /memory, /note, /summary, /help, /quit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 from collections.abc import Awaitable, Callable
@@ -20,13 +21,17 @@ from bot.engine_client import EngineError
 from bot.pipeline import StoryError, StoryPipeline, UserInput, persona_card
 from bot.store import GLOBAL_GUILD, AuthorKind, Persona, Turn
 
+log = logging.getLogger(__name__)
+
 CONSOLE_CHANNEL_ID = 1  # the console's story lives in the database like a channel's
 CONSOLE_GUILD_ID = GLOBAL_GUILD
 CONSOLE_USER_ID = 0
 DEFAULT_USER_NAME = "Traveller"
 RESUME_SHOWN_TURNS = 2  # turns reprinted when a story is resumed
 HELP = ("Type to speak. Commands: /swipe (next reply), /back (previous reply), /regen (new reply), "
-        "/continue, /rewind N (undo N turns), /help, /quit.")
+        "/continue, /rewind N (undo N turns), /memory [add TEXT | remove ID] (pinned facts), "
+        "/note [TEXT] (author's note), /summary, /help, /quit.")
+NOTE_DEPTH = 4
 
 
 class Lines:
@@ -102,6 +107,7 @@ class Console:
         self.commands: dict[str, Callable[[str], Awaitable[None]]] = {
             "/swipe": self._swipe_next, "/back": self._swipe_back, "/regen": self._regen,
             "/continue": self._continue, "/rewind": self._rewind, "/help": self._help,
+            "/memory": self._memory, "/note": self._note, "/summary": self._summary,
         }
 
     def say(self, text: str) -> None:
@@ -140,7 +146,7 @@ class Console:
         if self.persona is None:
             return 2
         await self._open_story(new)
-        while (line := await self.lines.read()) is not None:
+        while (line := await self._prompt()) is not None:
             text = line.strip()
             if text in ("/quit", "/exit"):
                 break
@@ -148,6 +154,15 @@ class Console:
                 await self._handle(text)
         self.say("Goodbye. The story is saved.")
         return 0
+
+    async def _prompt(self) -> str | None:
+        """Show `Name> ` and read the next line."""
+        self.out.write(f"{self.user_name}> ")
+        self.out.flush()
+        line = await self.lines.read()
+        if line is None:
+            self.out.write("\n")
+        return line
 
     async def _open_story(self, new: bool) -> None:
         """Resume the console's story with this persona, as the database left it; else start one."""
@@ -179,7 +194,8 @@ class Console:
                 await self.pipeline.reply(CONSOLE_CHANNEL_ID, CONSOLE_GUILD_ID,
                                           UserInput(text, CONSOLE_USER_ID, self.user_name), self._sink())
         except EngineError as exc:
-            self.say(f"\n[{exc.user_message} Your words are kept: type /regen to try again.] ({exc})")
+            self.say(f"\n[{exc.user_message} Your words are kept: type /regen to try again.]")
+            log.warning("engine error: %s", exc)
         except (StoryError, LookupError, ValueError) as exc:
             self.say(f"[{exc}]")
 
@@ -199,7 +215,7 @@ class Console:
             return
         target = turn.selected_swipe + delta
         if target >= len(turn.swipes):  # past the last swipe: write a new one, as SillyTavern does
-            await self.pipeline.regenerate(turn.id, self._sink())
+            await self._regen("")
             return
         if target < 0:
             self.say("[This is the first reply.]")
@@ -219,7 +235,9 @@ class Console:
         if turn is None:
             self.say("[Nothing to regenerate yet.]")
             return
-        await self.pipeline.regenerate(turn.id, self._sink())
+        turn = await self.pipeline.regenerate(turn.id, self._sink())
+        if turn.swipes:
+            self.say(f"(reply {turn.selected_swipe + 1}/{len(turn.swipes)})")
 
     async def _continue(self, _: str) -> None:
         turn = await self._last_turn()
@@ -238,6 +256,37 @@ class Console:
 
     async def _help(self, _: str) -> None:
         self.say(HELP)
+
+    async def _memory(self, arg: str) -> None:
+        story = await self.pipeline.story_of(CONSOLE_CHANNEL_ID)
+        action, _, rest = arg.partition(" ")
+        if action == "add":
+            fact = await self.pipeline.memory.pin(story, rest, CONSOLE_USER_ID)
+            self.say(f"[Pinned #{fact.id}: {fact.text}]")
+        elif action == "remove":
+            if not rest.strip().isdigit():
+                self.say("[Usage: /memory remove ID (the number /memory shows).]")
+                return
+            fact = await self.pipeline.memory.unpin(story, int(rest))
+            self.say(f"[Unpinned #{fact.id}.]")
+        elif not action:
+            facts = await self.pipeline.store.facts(story.id)
+            self.say("\n".join(f"  #{f.id} {f.text}" for f in facts) if facts else
+                     "[No pinned facts. /memory add TEXT pins one: it is in every prompt.]")
+        else:
+            self.say("[Usage: /memory, /memory add TEXT, /memory remove ID.]")
+
+    async def _note(self, arg: str) -> None:
+        story = await self.pipeline.story_of(CONSOLE_CHANNEL_ID)
+        await self.pipeline.memory.set_note(story, arg, story.author_note_depth or NOTE_DEPTH)
+        self.say(f"[Author's note set at depth {story.author_note_depth or NOTE_DEPTH}.]" if arg.strip()
+                 else "[Author's note cleared.]")
+
+    async def _summary(self, _: str) -> None:
+        story = await self.pipeline.story_of(CONSOLE_CHANNEL_ID)
+        summary = await self.pipeline.store.latest_summary(story.id)
+        self.say(f"[Summary through turn {summary.through_position}] {summary.text}" if summary else
+                 "[No summary yet: one is written in the background once turns leave the prompt.]")
 
 
 async def run_console(pipeline: StoryPipeline, persona: str | None = None, user_name: str = DEFAULT_USER_NAME,

@@ -83,6 +83,7 @@ class EngineProcess:
     async def _wait_ready(self) -> None:
         started = time.monotonic()
         next_note = started + PROGRESS_EVERY_S
+        shown = ""
         timeout = aiohttp.ClientTimeout(total=POLL_INTERVAL_S * 4)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
@@ -90,15 +91,20 @@ class EngineProcess:
                 if self._process.returncode is not None:
                     raise EngineStartError(f"the engine exited with code {self._process.returncode}:\n"
                                            f"{self.log_tail()}")
-                if await _healthy(session, health_url(self.base_url)):
+                ready, loading = await _health(session, health_url(self.base_url))
+                if ready:
                     self.progress(f"The engine is ready ({time.monotonic() - started:.0f} s).")
                     return
                 now = time.monotonic()
                 if now - started > self.start_timeout_s:
                     raise EngineStartError(f"the engine was not ready after {self.start_timeout_s:.0f} s "
                                            f"(MASQUE_ENGINE_START_TIMEOUT_S):\n{self.log_tail()}")
-                if now >= next_note:
-                    self.progress(f"Waiting for the engine to load its models ({now - started:.0f} s)...")
+                if loading and loading != shown:  # say which model loads as soon as it starts loading
+                    self.progress(f"Loading {loading} ({now - started:.0f} s)...")
+                    shown, next_note = loading, now + PROGRESS_EVERY_S
+                elif now >= next_note:
+                    what = f"loading {shown}" if shown else "starting"
+                    self.progress(f"Waiting for the engine, {what} ({now - started:.0f} s)...")
                     next_note = now + PROGRESS_EVERY_S
                 await asyncio.sleep(POLL_INTERVAL_S)
 
@@ -127,12 +133,18 @@ class EngineProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-async def _healthy(session: aiohttp.ClientSession, url: str) -> bool:
+async def _health(session: aiohttp.ClientSession, url: str) -> tuple[bool, str]:
+    """(ready, what loads now: "the chat model (…)" or ""), from the engine's /health."""
     try:
         async with session.get(url) as response:
-            return response.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False
+            body = await response.json(content_type=None) if response.status in (200, 503) else {}
+            ready = response.status == 200
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False, ""
+    roles = body.get("roles") if isinstance(body, dict) else None
+    loading = [f"the {role} model ({entry.get('model', '?')})" for role, entry in (roles or {}).items()
+               if isinstance(entry, dict) and entry.get("state") == "loading"]
+    return ready, ", ".join(loading)
 
 
 @contextlib.asynccontextmanager
