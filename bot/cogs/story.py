@@ -1,18 +1,25 @@
-"""/story: start, end, reset, rewind, export, status."""
+"""/story: start, end, reset, rewind, export, import, status, note, summary."""
 
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_io.replies import ReplyService
+from bot.discord_io.summary_view import SummaryView, summary_text
 from bot.pipeline import StoryPipeline
 from bot.store import GLOBAL_GUILD, Store
+from bot.story.chatfile import MAX_CHAT_FILE_BYTES, ChatFileError, from_sillytavern_jsonl
+from bot.story.memory import DEFAULT_NOTE_DEPTH
+from bot.story_files import export_story, import_story
 
 MAX_REWIND = 50
+MAX_NOTE_DEPTH = 100
+EXPORT_SUFFIX = {"text": "txt", "sillytavern": "jsonl", "masque": "json"}
 
 
 class StoryCog(commands.Cog, name="Story"):
@@ -69,11 +76,54 @@ class StoryCog(commands.Cog, name="Story"):
         await interaction.followup.send(f"Took back {len(removed)} turn{'s' * (len(removed) != 1)}.", ephemeral=True)
 
     @story.command()
-    async def export(self, interaction: discord.Interaction) -> None:
-        """Download this channel's story as a text file."""
-        text = await self.pipeline.transcript(interaction.channel_id)
-        file = discord.File(io.BytesIO(text.encode("utf-8")), filename=f"story-{interaction.channel_id}.txt")
-        await interaction.response.send_message(file=file, ephemeral=True)
+    @app_commands.describe(format="text (to read), sillytavern (a chat JSONL SillyTavern imports, swipes kept) "
+                                  "or masque (everything, as JSON)")
+    async def export(self, interaction: discord.Interaction,
+                     format: Literal["text", "sillytavern", "masque"] = "text") -> None:  # noqa: A002
+        """Download this channel's story as a file."""
+        data = await export_story(self.pipeline, interaction.channel_id, format)
+        name = f"story-{interaction.channel_id}.{EXPORT_SUFFIX[format]}"
+        await interaction.response.send_message(file=discord.File(io.BytesIO(data), filename=name), ephemeral=True)
+
+    @story.command(name="import")
+    @app_commands.checks.has_permissions(manage_guild=True)
+    @app_commands.describe(file="A SillyTavern chat file (.jsonl)",
+                           persona="Who plays it (default: the persona named in the file, else this channel's)")
+    @app_commands.autocomplete(persona=persona_autocomplete)
+    async def import_(self, interaction: discord.Interaction, file: discord.Attachment,
+                      persona: str | None = None) -> None:
+        """Start a new story in this channel from a SillyTavern chat (the current one is archived)."""
+        if file.size > MAX_CHAT_FILE_BYTES:
+            raise app_commands.CheckFailure(f"{file.filename} is {file.size // 1024} KiB; the limit is "
+                                            f"{MAX_CHAT_FILE_BYTES // (1024 * 1024)} MiB. Nothing was imported.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            chat = from_sillytavern_jsonl(await file.read(), file.filename)
+        except ChatFileError as exc:
+            await interaction.followup.send(f"{exc}. Nothing was imported.", ephemeral=True)
+            return
+        _, chosen = await import_story(self.pipeline, interaction.channel_id, interaction.guild_id, chat, persona)
+        await interaction.followup.send(f"Imported {len(chat.turns)} messages as a new story with "
+                                        f"**{chosen.name}**. Write in this channel to go on.", ephemeral=True)
+
+    @story.command()
+    @app_commands.describe(text="Guidance the persona reads near the end of every prompt (empty: remove it)",
+                           depth="How many messages from the end it is inserted (SillyTavern's default: 4)")
+    async def note(self, interaction: discord.Interaction, text: app_commands.Range[str, 0, 2000] = "",
+                   depth: app_commands.Range[int, 0, MAX_NOTE_DEPTH] = DEFAULT_NOTE_DEPTH) -> None:
+        """Set this story's author's note (as SillyTavern's), or clear it."""
+        story = await self.pipeline.story_of(interaction.channel_id)
+        await self.pipeline.memory.set_note(story, text, depth)
+        said = f"Author's note set, {depth} messages from the end." if text.strip() else "Author's note cleared."
+        await interaction.response.send_message(said, ephemeral=True)
+
+    @story.command()
+    async def summary(self, interaction: discord.Interaction) -> None:
+        """The story so far, as the persona remembers it (admins can edit it or have it redone)."""
+        story = await self.pipeline.story_of(interaction.channel_id)
+        latest = await self.store.latest_summary(story.id)
+        await interaction.response.send_message(summary_text(latest), view=SummaryView(self.pipeline, story.id),
+                                                ephemeral=True)
 
     @story.command()
     async def status(self, interaction: discord.Interaction) -> None:
