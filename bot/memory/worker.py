@@ -54,9 +54,8 @@ class MemoryWorker:
         self._due: dict[int, _Due] = {}
         self._windows: dict[int, int] = {}  # story -> where its last prompt's window began
         self._vectors: dict[int, list[tuple[int, int, list[float]]]] = {}  # story -> (turn, position, vector)
-        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._visiting = False
+        self._retry: asyncio.TimerHandle | None = None
         self.retry_base_s = RETRY_BASE_S
 
     def notify(self, story_id: int, window_start: int | None) -> None:
@@ -65,8 +64,6 @@ class MemoryWorker:
         if window_start is not None:
             due.window_start = self._windows[story_id] = window_start
         self._ensure_running()
-        assert self._wake is not None
-        self._wake.set()
 
     def offer_vector(self, story_id: int, turn_id: int, position: int, vector: Sequence[float]) -> None:
         """An embedding the pipeline already made (the recall query of a user turn): stored, not remade."""
@@ -80,10 +77,12 @@ class MemoryWorker:
     async def drain(self) -> None:
         """Wait until no work is due or running (tests, benchmarks: wrap in asyncio.timeout; a retry
         waiting for its time counts as due)."""
-        while self._due or self._visiting:  # noqa: ASYNC110 - a test helper; the loop owns the state
+        while self._due or (self._task is not None and not self._task.done()):  # noqa: ASYNC110 - a test helper
             await asyncio.sleep(IDLE_POLL_S / 10)
 
     async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -93,26 +92,23 @@ class MemoryWorker:
     # ------------------------------------------------------------ the loop
 
     def _ensure_running(self) -> None:
+        # One task while there is work, none when idle (a story bot spends most time idle, and a
+        # parked background task would be one more thing to shut down).
         if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.create_task(self._loop(), name="masque-memory")
+            self._task = asyncio.create_task(self._run(), name="masque-memory")
 
-    async def _loop(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while story_id := self._next_ready():
-                await self._wait_idle()
-                self._visiting = True
-                try:
-                    await self._visit(story_id)
-                finally:
-                    self._visiting = False
-            pending = [d.not_before for d in self._due.values()]
-            if pending:  # retries waiting for their time: wake for the first
-                delay = max(min(pending) - time.monotonic(), IDLE_POLL_S)
-                asyncio.get_running_loop().call_later(delay, self._wake.set)
+    async def _run(self) -> None:
+        while story_id := self._next_ready():
+            await self._wait_idle()
+            await self._visit(story_id)
+        waiting = [d.not_before for d in self._due.values()]
+        if waiting and (self._retry is None or self._retry.cancelled()):  # retries: come back for the first
+            delay = max(min(waiting) - time.monotonic(), IDLE_POLL_S)
+            self._retry = asyncio.get_running_loop().call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        self._ensure_running()
 
     def _next_ready(self) -> int | None:
         now = time.monotonic()
