@@ -21,11 +21,13 @@ async def export_story(pipeline: StoryPipeline, channel_id: int, fmt: str) -> by
     turns = await store.recent_turns(story.id)
     if fmt == "text":
         return format_transcript(story, turns).encode("utf-8")
-    name = persona_card(await pipeline.persona_of_story(story)).display_name
+    persona = await pipeline.persona_of_story(story)
+    name = persona_card(persona).display_name
     created = story.created_at if story.created_at.tzinfo else story.created_at.replace(tzinfo=UTC)
     if fmt == "sillytavern":
         user = next((t.author_name for t in reversed(turns) if t.author_kind == AuthorKind.USER), DEFAULT_USER_NAME)
-        return to_sillytavern_jsonl(turns, character_name=name, user_name=user, created_at=created)
+        # The header names the persona itself (not its nickname), so /story import finds it again.
+        return to_sillytavern_jsonl(turns, character_name=persona.name, user_name=user, created_at=created)
     summary = await store.latest_summary(story.id)
     facts = [f.text for f in await store.facts(story.id)]
     return to_masque_json(turns, title=story.title, persona_name=name, created_at=created,

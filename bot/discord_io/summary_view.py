@@ -5,6 +5,7 @@ from __future__ import annotations
 import discord
 
 from bot.engine_client import EngineError
+from bot.errors import StoryError
 from bot.pipeline import StoryPipeline
 from bot.store import Summary
 
@@ -78,5 +79,8 @@ class SummaryView(discord.ui.View):
         except EngineError as exc:
             await interaction.followup.send(f"{exc.user_message} The summary will be written again later.",
                                             ephemeral=True)
+            return
+        except StoryError as exc:
+            await interaction.followup.send(str(exc), ephemeral=True)
             return
         await interaction.followup.send(summary_text(summary), ephemeral=True)

@@ -113,6 +113,9 @@ class StoryMemory:
 
     async def redo_summary(self, story: Story) -> Summary | None:
         """Write the summary again from the turns (now, raising engine errors to the caller)."""
+        if not self.worker.knows_window(story.id):
+            raise StoryError("Masque learns which turns left the prompt when it writes the next reply: "
+                             "redo the summary after the story's next message.")
         await self.store.clear_summaries(story.id)
         await self.worker.run_once(story.id)
         return await self.store.latest_summary(story.id)

@@ -69,6 +69,10 @@ class MemoryWorker:
         """An embedding the pipeline already made (the recall query of a user turn): stored, not remade."""
         self._vectors.setdefault(story_id, []).append((turn_id, position, list(vector)))
 
+    def knows_window(self, story_id: int) -> bool:
+        """Whether a prompt of this story was built since start (summaries need to know its window)."""
+        return story_id in self._windows
+
     async def run_once(self, story_id: int) -> None:
         """Do a story's due work now, raising on failure (tests, benchmarks, `/story summary redo`)."""
         await self._embed(story_id)

@@ -39,7 +39,9 @@ async def test_commands_are_synced_with_descriptions(bot_settings, store, fake_e
         assert set(synced) == EXPECTED_COMMANDS
         story = {o.name: o.description for o in synced["story"].options}
         assert story["start"].startswith("Start a new story")
-        assert set(story) == {"start", "end", "reset", "rewind", "export", "status"}
+        assert set(story) == {"start", "end", "reset", "rewind", "export", "import", "status", "note", "summary"}
+        assert {o.name for o in synced["memory"].options} == {"add", "list", "remove"}
+        assert {o.name for o in synced["lore"].options} == {"import", "list", "show", "remove"}
         assert {o.name for o in synced["persona"].options} == {
             "create", "import", "export", "edit", "avatar", "list", "show", "delete"}
         assert synced["persona"].default_member_permissions.manage_guild
