@@ -17,7 +17,7 @@ from datetime import datetime
 from bot.cards import Lorebook
 from bot.engine_client import EngineClient, EngineError
 from bot.errors import StoryError
-from bot.memory.worker import MemoryWorker
+from bot.memory.worker import MemoryWorker, embedding_text
 from bot.prompt_fit import DEFAULT_CONTEXT_WINDOW, PromptFitter
 from bot.settings import BotSettings
 from bot.store import PinnedFact, Store, Story, Summary, Turn
@@ -58,7 +58,7 @@ class StoryMemory:
         """Embed the new turn for recall, beside the history reads (None when nothing can be recalled)."""
         if turn is None or self.settings.recall_turns <= 0 or story.turn_seq < RECALL_MIN_TURNS:
             return None
-        return asyncio.create_task(self.engine.embed([speaker_line(turn)]))
+        return asyncio.create_task(self.engine.embed([embedding_text(turn)]))
 
     async def recalled(self, story_id: int, query: asyncio.Task | None, before: int) -> list[str]:
         """Older turns (before position `before`) that bear on the new one, as "Name: text" lines."""

@@ -35,6 +35,15 @@ RETRY_MAX_S = 600.0
 SUMMARY_TEMPERATURE = 0.3
 WORDS_PER_TOKEN = 0.7
 SUMMARY_CHUNK_SHARE = 0.5  # of the context window: the turns folded in one summary call
+# Embedding models have small windows (MiniLM: 256 tokens) and servers refuse longer inputs
+# rather than cut them; the opening of a turn carries what recall needs.
+EMBED_MAX_CHARS = 800
+
+
+def embedding_text(turn: Turn) -> str:
+    """What is embedded for a turn: its "Name: text" line, cut to what any embedding model takes."""
+    line = speaker_line(turn)
+    return line if len(line) <= EMBED_MAX_CHARS else line[:EMBED_MAX_CHARS].rsplit(" ", 1)[0]
 
 
 @dataclass
@@ -148,7 +157,7 @@ class MemoryWorker:
             await self.store.add_embeddings(story_id, offered, self.engine.models.embedding)
         for _ in range(EMBED_ROUNDS):
             turns = await self.store.turns_to_embed(story_id, EMBED_BATCH)
-            texts = [speaker_line(t) for t in turns]
+            texts = [embedding_text(t) for t in turns]
             if not turns:
                 return
             vectors = await self.engine.embed(texts)

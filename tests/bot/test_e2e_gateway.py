@@ -366,3 +366,30 @@ def sealed(server: FakeDiscord, since: int) -> list[RestCall]:
     """Final persona edits (the ones that put the buttons on) from call index `since`."""
     return [c for c in server.calls[since:]
             if c.method == "PATCH" and c in server.webhook_calls() and buttons(c.json or {}) != []]
+
+
+async def test_a_30_turn_story_over_the_gateway_against_a_vllm_shaped_server(
+        discord_server: FakeDiscord, store: Store, sqlite_url: str, endpoints_restored: None) -> None:
+    """A newcomer's evening: 30 turns, a pinned fact and an author's note, on a 2048-token vLLM:
+    every message answered as the persona, no request over the window, the fact in the last prompt."""
+    from tests.fakes.fake_vllm import FakeVLLM
+
+    async with FakeVLLM(max_model_len=2048, reply="*Wren taps the ledger.* " + "Go on, and mind the tide. " * 8) \
+            as vllm, running_bot(discord_server, vllm.url, store, sqlite_url) as bot:
+        await start_story(discord_server)
+        channel, player = discord_server.world.story_channel_id, discord_server.world.admin_id
+        await bot.store.update_guild_settings(discord_server.world.guild_id, cooldown_s=0)  # one fast typist
+        await discord_server.slash("memory add", user_id=player, text="Ann's brother Theo wore a green scarf.")
+        await discord_server.slash("story note", user_id=player, text="Keep it rainy.", depth=2)
+        for turn in range(30):
+            since = len(discord_server.calls)
+            said = await discord_server.user_says(f"I look along the quay for clues, step {turn}.")
+            await discord_server.wait_for_call(
+                lambda c: c.method == "PATCH" and c in discord_server.webhook_calls() and buttons(c.json or {}) != [],
+                since=since, wait_s=20)
+            assert (await bot.store.turn_by_message(int(said["id"]))) is not None
+        story = await bot.store.active_story(channel)
+        assert await bot.store.count_turns(story.id) == 61  # greeting + 30 exchanges
+        assert vllm.over_window() == [] and not [c for c in vllm.chat_calls if c.refused]
+        last = str(vllm.chat_calls[-1].record.json["messages"])
+        assert "green scarf" in last and "Keep it rainy." in last

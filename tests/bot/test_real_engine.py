@@ -45,3 +45,35 @@ async def test_console_role_play_with_the_real_offline_engine(tmp_path: Path):
     assert reply.strip() and reply.strip()[:20] in out_text  # the real model wrote it, the console showed it
     log = tmp_path / ".local" / "state" / "masque" / "log" / "engine.log"
     assert "POST /v1/chat/completions" in log.read_text()  # it came from the child engine
+
+
+LONG_STORY_TURNS = 100
+LINES = [
+    "I show you the torn map and point at the lighthouse.", "Who else knew about the brass key?",
+    "*I shake the rain off my coat and sit down.*", "The harbour master lied to us, I am sure of it.",
+    "Let us follow the smugglers to the old mill tonight.", "What do you make of the green scarf?",
+]
+
+
+async def test_a_100_turn_console_story_against_the_real_offline_engine(tmp_path: Path):
+    """Every turn is answered, no chat request is refused for length, and memory work succeeds."""
+    database = tmp_path / "long.db"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "MASQUE_ENGINE_URL")}
+    env.update(HOME=str(tmp_path), MASQUE_DATABASE_URL=f"sqlite+aiosqlite:///{database}",
+               MASQUE_REPLY_MAX_TOKENS="8", MASQUE_SUMMARY_MAX_TOKENS="48", MASQUE_LOG_LEVEL="WARNING")
+    script = "".join(f"{LINES[i % len(LINES)]} ({i})\n" for i in range(LONG_STORY_TURNS)) + "/quit\n"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--console", "--persona", "wren", "--name", "Ann", cwd=tmp_path, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(script.encode()), RUN_TIMEOUT_S * 3)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert "The story engine" not in out.decode()  # no engine error reached the player
+    with sqlite3.connect(database) as db:
+        kinds = [str(k).lower() for (k,) in db.execute("SELECT author_kind FROM turns ORDER BY position")]
+        embedded = db.execute("SELECT count(*) FROM turn_embeddings").fetchone()[0]
+    assert kinds.count("user") == LONG_STORY_TURNS and kinds.count("persona") == LONG_STORY_TURNS + 1
+    assert embedded > LONG_STORY_TURNS  # the background worker embedded the story as it went
+    log = (tmp_path / ".local" / "state" / "masque" / "log" / "engine.log").read_text()
+    chats = [line for line in log.splitlines() if "POST /v1/chat/completions" in line]
+    assert len(chats) >= LONG_STORY_TURNS and not [line for line in chats if '" 400 ' in line]
+    assert "POST /tokenize" in log  # the bot counted with the engine's own tokenizer
