@@ -84,8 +84,15 @@ class MemoryWorker:
 
     async def run_once(self, story_id: int) -> None:
         """Do a story's due work now, raising on failure (tests, benchmarks, `/story summary redo`)."""
-        await self._embed(story_id)
-        await self._summarise(story_id, self._windows.get(story_id))
+        failure: EngineError | None = None
+        steps = (lambda: self._embed(story_id), lambda: self._summarise(story_id, self._windows.get(story_id)))
+        for step in steps:
+            try:  # one failing (an embedding server down) must not hold up the other
+                await step()
+            except EngineError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def drain(self) -> None:
         """Wait until no work is due or running (tests, benchmarks: wrap in asyncio.timeout; a retry
