@@ -15,6 +15,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.cards import MAX_CARD_BYTES, CardError, Lorebook, parse_lorebook
+from bot.discord_io.uploads import refuse_if_too_big
 from bot.pipeline import StoryPipeline
 from bot.store import Store
 from bot.story.lorebook import book_problems
@@ -51,9 +52,7 @@ class LoreCog(commands.Cog, name="Lore"):
     async def import_(self, interaction: discord.Interaction, file: discord.Attachment,
                       scope: Literal["story", "guild"] = "story") -> None:
         """Import a lorebook for this story or for the whole server."""
-        if file.size > MAX_CARD_BYTES:
-            raise app_commands.CheckFailure(f"{file.filename} is {file.size // 1024} KiB; the limit is "
-                                            f"{MAX_CARD_BYTES // (1024 * 1024)} MiB. Nothing was stored.")
+        refuse_if_too_big(file, MAX_CARD_BYTES)
         story_id = await self._story_id(interaction) if scope == "story" else None
         if scope == "story" and story_id is None:
             raise app_commands.CheckFailure("There is no story in this channel to attach a book to. Start one "

@@ -27,6 +27,7 @@ from bot.cards import (
     to_png_card,
 )
 from bot.cards.parser import placeholder_avatar, to_png
+from bot.discord_io.uploads import refuse_if_too_big
 from bot.store import GLOBAL_GUILD, Persona, PersonaExists, Store
 
 MODAL_FIELD_LIMIT = 4000  # Discord's limit for one text input
@@ -112,9 +113,7 @@ class Personas(commands.Cog):
     @app_commands.describe(card="A character card: PNG, JSON or CHARX (Tavern V1/V2/V3)")
     async def import_(self, interaction: discord.Interaction, card: discord.Attachment) -> None:
         """Import a character card file as a persona."""
-        if card.size > MAX_CARD_BYTES:
-            raise app_commands.CheckFailure(f"{card.filename} is {card.size // 1024} KiB; the limit is "
-                                            f"{MAX_CARD_BYTES // (1024 * 1024)} MiB.")
+        refuse_if_too_big(card, MAX_CARD_BYTES)
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             parsed = parse_card(await card.read(), card.filename)

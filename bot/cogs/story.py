@@ -11,6 +11,7 @@ from discord.ext import commands
 
 from bot.discord_io.replies import ReplyService
 from bot.discord_io.summary_view import SummaryView, summary_text
+from bot.discord_io.uploads import refuse_if_too_big
 from bot.pipeline import StoryPipeline
 from bot.store import GLOBAL_GUILD, Store
 from bot.story.chatfile import MAX_CHAT_FILE_BYTES, ChatFileError, from_sillytavern_jsonl
@@ -93,9 +94,7 @@ class StoryCog(commands.Cog, name="Story"):
     async def import_(self, interaction: discord.Interaction, file: discord.Attachment,
                       persona: str | None = None) -> None:
         """Start a new story in this channel from a SillyTavern chat (the current one is archived)."""
-        if file.size > MAX_CHAT_FILE_BYTES:
-            raise app_commands.CheckFailure(f"{file.filename} is {file.size // 1024} KiB; the limit is "
-                                            f"{MAX_CHAT_FILE_BYTES // (1024 * 1024)} MiB. Nothing was imported.")
+        refuse_if_too_big(file, MAX_CHAT_FILE_BYTES, "Nothing was imported.")
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
             chat = from_sillytavern_jsonl(await file.read(), file.filename)
