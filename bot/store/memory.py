@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import cast, delete, select, update
+from sqlalchemy import cast, delete, literal_column, select, update
 
 from bot.store.db import Database
 from bot.store.models import LorebookRecord, PinnedFact, Story, Summary, Turn, TurnEmbedding
@@ -142,11 +142,13 @@ class MemoryRepo(Database):
 
         dim = len(vector)
         distance = cast(TurnEmbedding.embedding, VECTOR(dim)).cosine_distance(list(vector))
+        # The size as a literal, not a parameter: only then can the planner match the HNSW index's
+        # `WHERE dim = 384` (its expression is the same cast).
+        same_size = TurnEmbedding.dim == literal_column(str(int(dim)))
         async with self.read() as session:
             return list(await session.scalars(
                 select(TurnEmbedding.turn_id)
-                .where(TurnEmbedding.story_id == story_id, TurnEmbedding.dim == dim,
-                       TurnEmbedding.position < before)
+                .where(TurnEmbedding.story_id == story_id, same_size, TurnEmbedding.position < before)
                 .order_by(distance).limit(k)))
 
     async def _recall_bank(self, story_id: int, vector: Sequence[float], before: int, k: int) -> list[int]:
