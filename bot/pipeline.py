@@ -10,9 +10,11 @@ engine returned. A per-story lock answers two messages at once in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -35,6 +37,7 @@ __all__ = ["NoStory", "StoryError", "StoryPipeline", "UnknownPersona", "UnknownT
 DEFAULT_USER_NAME = "User"
 HISTORY_TURNS = 200  # most turns read from SQL per prompt; the token budget then trims them
 FIRST_PAGE_TURNS = 32  # read first: usually enough to fill the budget, and far cheaper than 200
+HISTORY_SLACK = 1.3  # turns vary in length: read this many more than the first page's average says fit
 
 
 @dataclass
@@ -110,6 +113,18 @@ class StoryPipeline:
         """The lock replies in a channel take (anything that replaces the channel's story takes it too)."""
         return self._lock(self._channel_locks, channel_id)
 
+    @contextlib.asynccontextmanager
+    async def _making_reply(self, story_id: int) -> AsyncIterator[None]:
+        """The story's lock, held while a reply is made and stored; background memory work waits for
+        no reply in the making (so it also sees the reply once stored)."""
+        async with self._lock(self._story_locks, story_id):
+            self._replying += 1
+            self.memory.worker.interrupt()
+            try:
+                yield
+            finally:
+                self._replying -= 1
+
     @staticmethod
     def _lock(table: weakref.WeakValueDictionary[int, asyncio.Lock], key: int) -> asyncio.Lock:
         lock = table.get(key)
@@ -180,7 +195,7 @@ class StoryPipeline:
             return await self._reply_locked(story, persona, user, sink)
 
     async def _reply_locked(self, story: Story, persona: Persona, user: UserInput, sink: ReplySink) -> ReplyResult:
-        async with self._lock(self._story_locks, story.id):
+        async with self._making_reply(story.id):
             user_turn = await self.store.add_turn(story.id, NewTurn(
                 AuthorKind.USER, user.text, author_id=user.author_id, author_name=user.author_name,
                 attachments=attachment_meta(user.attachments), token_count=estimate_tokens(user.text),
@@ -212,24 +227,20 @@ class StoryPipeline:
 
         A length refusal shrinks the prompt and retries once; then memory work goes to the worker.
         """
-        self._replying += 1
+        ready = await self.prepare_prompt(story_id, persona, user_name, media, before, instruction, query_turn)
+        fitted, card = ready.fitted, persona_card(persona)
         try:
-            ready = await self.prepare_prompt(story_id, persona, user_name, media, before, instruction, query_turn)
-            fitted, card = ready.fitted, persona_card(persona)
-            try:
-                result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
-                                            fitted.max_tokens)
-            except EngineContextLength as exc:
-                # The server counts differently from what it told us (or not at all): shrink and retry once.
-                log.warning("the engine refused a prompt as too long (it counted %s tokens); retrying shorter",
-                            exc.prompt_tokens or "?")
-                fitted = await self.fitter.refit(fitted, exc.prompt_tokens)
-                result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
-                                            fitted.max_tokens)
-            await self.memory.after_prompt(ready.story, fitted.prompt, ready.turns, ready.query, query_turn)
-            return result
-        finally:
-            self._replying -= 1
+            result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
+                                        fitted.max_tokens)
+        except EngineContextLength as exc:
+            # The server counts differently from what it told us (or not at all): shrink and retry once.
+            log.warning("the engine refused a prompt as too long (it counted %s tokens); retrying shorter",
+                        exc.prompt_tokens or "?")
+            fitted = await self.fitter.refit(fitted, exc.prompt_tokens)
+            result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
+                                        fitted.max_tokens)
+        await self.memory.after_prompt(ready.story, fitted.prompt, ready.turns, ready.query, query_turn)
+        return result
 
     async def prepare_prompt(self, story_id: int, persona: Persona, user_name: str, media: list[dict] = (),
                              before: int | None = None, instruction: str = "",
@@ -237,12 +248,12 @@ class StoryPipeline:
         """The prompt of the story's next reply. Steps: 1 read the story, its recent turns and memory
         (the recall query runs beside); 2 fit the prompt to the server's window; 3 recall older turns
         from before that window and fit again."""
-        story = await self.store.get_story(story_id)
+        story, facts, records = await self.store.story_memory(story_id)
         if story is None:
             raise NoStory()
         query = self.memory.start_query(story, query_turn)
         turns, summary = await self._prompt_history(story_id, before)
-        memory, books = await self.memory.layers(story, summary)
+        memory, books = self.memory.layers(story, facts, records, summary)
         parts = PromptParts(card=persona_card(persona), user_name=user_name or DEFAULT_USER_NAME, turns=turns,
                             media=list(media), seed=story_id, instruction=instruction, memory=memory, books=books,
                             turn_number=story.turn_seq)
@@ -250,15 +261,21 @@ class StoryPipeline:
         if query is not None and fitted.prompt.window_start < len(turns):
             recalled = await self.memory.recalled(story_id, query, turns[fitted.prompt.window_start].position)
             if recalled:
-                fitted = await self.fitter.fit(replace(parts, memory=replace(memory, recalled=recalled)))
+                fitted = await self.fitter.fit(replace(parts, memory=replace(memory, recalled=recalled)), base=fitted)
         return PreparedPrompt(story, turns, fitted, query)
 
     async def _prompt_history(self, story_id: int, before: int | None) -> tuple[list[Turn], Summary | None]:
-        """The latest summary and the turns after it a prompt may use, reading no more than needed."""
+        """The latest summary and the turns after it a prompt may use, reading no more than needed:
+        a first page, then only the older turns the window may still hold (sized by the first page)."""
         turns, summary = await self.store.prompt_history(story_id, FIRST_PAGE_TURNS, before)
-        if len(turns) == FIRST_PAGE_TURNS and \
-                sum(self.fitter.counter.message(t.text) for t in turns) < await self.fitter.window():
-            turns, summary = await self.store.prompt_history(story_id, HISTORY_TURNS, before)
+        if len(turns) < FIRST_PAGE_TURNS:
+            return turns, summary
+        window = await self.fitter.window()
+        per_turn = max(sum(self.fitter.counter.message(t.text) for t in turns) / len(turns), 1.0)
+        wanted = min(HISTORY_TURNS, math.ceil(window / per_turn * HISTORY_SLACK))
+        if wanted > len(turns):
+            older, _ = await self.store.prompt_history(story_id, wanted - len(turns), turns[0].position)
+            turns = older + turns
         return turns, summary
 
     async def _stream(self, messages: list[dict], card: Card, turns: Sequence[Turn], user_name: str,
@@ -303,7 +320,7 @@ class StoryPipeline:
         """A new swipe for a persona turn, selected. On a user turn whose reply failed, answer it anew."""
         turn = await self._turn(turn_id)
         persona = await self._persona_of(turn)
-        async with self._lock(self._story_locks, turn.story_id):
+        async with self._making_reply(turn.story_id):
             user_name = await self._last_user_name(turn.story_id)
             if turn.author_kind == AuthorKind.USER:
                 text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1)
@@ -316,7 +333,7 @@ class StoryPipeline:
         """Extend a persona turn where it stopped (the continuation is appended to the selected swipe)."""
         turn = await self._turn(turn_id)
         persona = await self._persona_of(turn)
-        async with self._lock(self._story_locks, turn.story_id):
+        async with self._making_reply(turn.story_id):
             user_name = await self._last_user_name(turn.story_id)
             text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1,
                                            instruction=continue_instruction(), prefix=turn.text)

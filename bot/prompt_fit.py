@@ -42,7 +42,7 @@ class Fitted:
     prompt: Prompt
     parts: PromptParts  # as built (its budget is the one that fitted)
     max_tokens: int  # the reply's max_tokens: the setting, or what the window leaves
-    exact: int | None  # the server's count, when it gave one
+    exact: int | None  # the server's count, when it gave one (plus an addition's estimate: see `fit`)
     window: int
 
 
@@ -78,13 +78,29 @@ class PromptFitter:
         setting = self.settings.prompt_token_budget
         return room if setting == "auto" else min(int(setting), room)
 
-    async def fit(self, parts: PromptParts, build: Callable[[PromptParts], Prompt] = build_prompt) -> Fitted:
-        """Build the prompt of `parts` (its budget replaced by the window's) so that it fits."""
+    async def smallest_budget(self) -> int:
+        """The budget a text-only prompt gets at the least (no exact count), to size what must always fit."""
+        window = await self.window()
+        return self.budget(window, min(self.settings.reply_max_tokens, window // 2), exact=False)
+
+    async def fit(self, parts: PromptParts, build: Callable[[PromptParts], Prompt] = build_prompt,
+                  base: Fitted | None = None) -> Fitted:
+        """Build the prompt of `parts` (its budget replaced by the window's) so that it fits.
+
+        `base`: the same prompt fitted a moment ago without some addition (recalled turns, whose
+        share the budget held back): when the server counted it, the addition is estimated on top
+        of that count instead of asking the server again.
+        """
         window = await self.window()
         reply = min(self.settings.reply_max_tokens, window // 2) + MEDIA_RESERVE_TOKENS * len(parts.media)
         exact_ok = self.engine.counts_tokens()
         parts = replace(parts, budget=self.budget(window, reply, exact_ok), counter=self.counter)
         prompt, exact = build(parts), None
+        if base is not None and base.exact is not None:
+            grown = base.exact + int(max(prompt.tokens - base.prompt.tokens, 0) * SKIP_COUNT_HEADROOM)
+            if grown <= window - reply - MIN_MARGIN_TOKENS:
+                max_tokens = max(1, min(self.settings.reply_max_tokens, window - grown - MIN_MARGIN_TOKENS))
+                return Fitted(prompt, parts, max_tokens, grown, window)
         for _ in range(FIT_ATTEMPTS):
             room = window - reply - MIN_MARGIN_TOKENS
             if exact_ok is False or (self.counter.calibrated and prompt.tokens * SKIP_COUNT_HEADROOM <= room):

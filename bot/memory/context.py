@@ -17,11 +17,12 @@ from datetime import datetime
 from bot.cards import Lorebook
 from bot.engine_client import EngineClient, EngineError
 from bot.errors import StoryError
-from bot.memory.worker import MemoryWorker, embedding_text
+from bot.memory.worker import Interrupted, MemoryWorker, embedding_text
 from bot.prompt_fit import DEFAULT_CONTEXT_WINDOW, PromptFitter
 from bot.settings import BotSettings
-from bot.store import PinnedFact, Store, Story, Summary, Turn
+from bot.store import LorebookRecord, PinnedFact, Store, Story, Summary, Turn
 from bot.story import Memory, Prompt, speaker_line
+from bot.story.memory import FACTS_SHARE, facts_block
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,17 @@ class StoryMemory:
 
     def __init__(self, store: Store, engine: EngineClient, settings: BotSettings, fitter: PromptFitter,
                  busy=lambda: False):
-        self.store, self.engine, self.settings = store, engine, settings
+        self.store, self.engine, self.settings, self.fitter = store, engine, settings, fitter
         self.worker = MemoryWorker(store, engine, settings, fitter.counter,
                                    window=lambda: fitter.known_window or DEFAULT_CONTEXT_WINDOW, busy=busy)
         self._books: dict[tuple[int, datetime | None], Lorebook] = {}  # parsed once per stored version
 
-    async def layers(self, story: Story, summary: Summary | None) -> tuple[Memory, list[Lorebook]]:
-        """The story's memory (recall aside) and the lorebooks it reads besides its card's."""
-        facts = await self.store.facts(story.id)
+    def layers(self, story: Story, facts: Sequence[PinnedFact], records: Sequence[LorebookRecord],
+               summary: Summary | None) -> tuple[Memory, list[Lorebook]]:
+        """The story's memory (recall aside) and the lorebooks it reads besides its card's
+        (from `Store.story_memory`)."""
         books = []
-        for record in await self.store.lorebooks(story.guild_id, story.id):
+        for record in records:
             key = (record.id, record.updated_at)
             if key not in self._books:
                 self._books[key] = Lorebook.model_validate(record.book)
@@ -87,6 +89,14 @@ class StoryMemory:
     # ------------------------------------------------------------ what users change (/memory, /story note)
 
     async def pin(self, story: Story, text: str, author_id: int | None = None) -> PinnedFact:
+        """Pin a fact, unless the pinned facts would outgrow their share of the prompt (they are
+        always in it: a fact that would be left out is refused instead)."""
+        room = int(await self.fitter.smallest_budget() * FACTS_SHARE)
+        facts = [f.text for f in await self.store.facts(story.id)] + [text]
+        used = self.fitter.counter.tokens(facts_block(facts, 10**9, self.fitter.counter.tokens))
+        if used > room:
+            raise StoryError(f"The pinned facts would take {used} tokens of the prompt, over their {room}: "
+                             "remove or shorten one first (/memory list).")
         try:
             return await self.store.add_fact(story.id, text, author_id)
         except ValueError as exc:
@@ -117,7 +127,11 @@ class StoryMemory:
             raise StoryError("Masque learns which turns left the prompt when it writes the next reply: "
                              "redo the summary after the story's next message.")
         await self.store.clear_summaries(story.id)
-        await self.worker.run_once(story.id)
+        try:
+            await self.worker.run_once(story.id)
+        except Interrupted:
+            self.worker.notify(story.id, None)
+            raise StoryError("A reply began meanwhile: the summary is being written in the background.") from None
         return await self.store.latest_summary(story.id)
 
 

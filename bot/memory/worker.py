@@ -46,6 +46,10 @@ def embedding_text(turn: Turn) -> str:
     return line if len(line) <= EMBED_MAX_CHARS else line[:EMBED_MAX_CHARS].rsplit(" ", 1)[0]
 
 
+class Interrupted(Exception):
+    """A summary call was stopped because a reply began (the engine's time is the reply's)."""
+
+
 @dataclass
 class _Due:
     window_start: int | None  # the position of the oldest turn the last prompt held
@@ -65,6 +69,7 @@ class MemoryWorker:
         self._vectors: dict[int, list[tuple[int, int, list[float]]]] = {}  # story -> (turn, position, vector)
         self._task: asyncio.Task | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._summary_call: asyncio.Future | None = None
         self.retry_base_s = RETRY_BASE_S
 
     def notify(self, story_id: int, window_start: int | None) -> None:
@@ -77,6 +82,12 @@ class MemoryWorker:
     def offer_vector(self, story_id: int, turn_id: int, position: int, vector: Sequence[float]) -> None:
         """An embedding the pipeline already made (the recall query of a user turn): stored, not remade."""
         self._vectors.setdefault(story_id, []).append((turn_id, position, list(vector)))
+
+    def interrupt(self) -> None:
+        """A reply begins: stop a summary call in flight (it is made again once no reply is being made;
+        the chunks already folded are stored)."""
+        if self._summary_call is not None and not self._summary_call.done():
+            self._summary_call.cancel()
 
     def knows_window(self, story_id: int) -> bool:
         """Whether a prompt of this story was built since start (summaries need to know its window)."""
@@ -145,6 +156,8 @@ class MemoryWorker:
         due = self._due[story_id]
         try:
             await self.run_once(story_id)
+        except Interrupted:
+            return  # still due: done again after the reply
         except EngineError as exc:
             due.failures += 1
             due.not_before = time.monotonic() + min(self.retry_base_s * 2 ** (due.failures - 1), RETRY_MAX_S)
@@ -192,7 +205,17 @@ class MemoryWorker:
     async def _fold(self, previous: str, turns: list[Turn]) -> str:
         max_tokens = self.settings.summary_max_tokens
         messages = summary_messages(previous, turns, int(max_tokens * WORDS_PER_TOKEN))
-        result = await self.engine.chat(messages, max_tokens=max_tokens, temperature=SUMMARY_TEMPERATURE)
+        self._summary_call = asyncio.ensure_future(
+            self.engine.chat(messages, max_tokens=max_tokens, temperature=SUMMARY_TEMPERATURE))
+        try:
+            result = await self._summary_call
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker itself is stopping
+            raise Interrupted() from None
+        finally:
+            self._summary_call = None
         text = clean_summary(result.text)
         if not text:
             raise EngineBadResponse("the engine wrote an empty summary")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import cast, delete, literal_column, select, update
+from sqlalchemy import LargeBinary, cast, delete, literal_column, select, type_coerce, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.db import Database
 from bot.store.models import LorebookRecord, PinnedFact, Story, Summary, Turn, TurnEmbedding
@@ -39,6 +40,18 @@ class MemoryRepo(Database):
     def __init__(self, url: str | None = None):
         super().__init__(url)
         self._recall_banks: dict[tuple[int, int], _Bank | None] = {}  # SQLite: (story, dim) -> vectors
+
+    async def story_memory(self, story_id: int) -> tuple[Story | None, list[PinnedFact], list[LorebookRecord]]:
+        """What a prompt reads of a story besides its turns, in one snapshot: the story row, its pinned
+        facts and the lorebooks it reads (its own, then the guild's)."""
+        async with self.read() as session:
+            story = await session.get(Story, story_id)
+            if story is None:
+                return None, [], []
+            facts = list(await session.scalars(
+                select(PinnedFact).where(PinnedFact.story_id == story_id).order_by(PinnedFact.id)))
+            books = await self._lorebooks(session, story.guild_id, story_id)
+        return story, facts, books
 
     # ------------------------------------------------------------ pinned facts
 
@@ -168,12 +181,13 @@ class MemoryRepo(Database):
     async def _bank(self, story_id: int, dim: int) -> _Bank | None:
         banks = self._recall_banks
         if (story_id, dim) not in banks:
-            async with self.read() as session:
+            async with self.read() as session:  # the stored float32 bytes as they are: no float lists
                 rows = (await session.execute(
-                    select(TurnEmbedding.turn_id, TurnEmbedding.position, TurnEmbedding.embedding)
+                    select(TurnEmbedding.turn_id, TurnEmbedding.position,
+                           type_coerce(TurnEmbedding.embedding, LargeBinary))
                     .where(TurnEmbedding.story_id == story_id, TurnEmbedding.dim == dim))).all()
-            banks[(story_id, dim)] = _make_bank([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                                                dim)
+            matrix = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float32)
+            banks[(story_id, dim)] = _make_bank([r[0] for r in rows], [r[1] for r in rows], matrix, dim)
         return banks[(story_id, dim)]
 
     def _bank_append(self, story_id: int, items: Sequence[tuple[int, int, list[float]]]) -> None:
@@ -213,10 +227,14 @@ class MemoryRepo(Database):
 
     async def lorebooks(self, guild_id: int, story_id: int | None) -> list[LorebookRecord]:
         """The books a story reads: its own, then the guild's (by name within each)."""
-        scopes = [0] + ([story_id] if story_id else [])
         async with self.read() as session:
-            rows = list(await session.scalars(select(LorebookRecord).where(
-                LorebookRecord.guild_id == guild_id, LorebookRecord.scope_key.in_(scopes))))
+            return await self._lorebooks(session, guild_id, story_id)
+
+    @staticmethod
+    async def _lorebooks(session: AsyncSession, guild_id: int, story_id: int | None) -> list[LorebookRecord]:
+        scopes = [0] + ([story_id] if story_id else [])
+        rows = list(await session.scalars(select(LorebookRecord).where(
+            LorebookRecord.guild_id == guild_id, LorebookRecord.scope_key.in_(scopes))))
         return sorted(rows, key=lambda r: (r.scope_key == 0, r.name_key))
 
     async def remove_lorebook(self, guild_id: int, story_id: int | None, name: str) -> LorebookRecord | None:
@@ -229,10 +247,10 @@ class MemoryRepo(Database):
         return None
 
 
-def _make_bank(ids: list[int], positions: list[int], vectors: list[list[float]], dim: int) -> _Bank | None:
+def _make_bank(ids: list[int], positions: list[int], vectors: Any, dim: int) -> _Bank | None:
     if not ids:
         return None
-    matrix = np.asarray(vectors, dtype=np.float32).reshape(len(ids), dim)
+    matrix = np.array(vectors, dtype=np.float32).reshape(len(ids), dim)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     matrix /= np.where(norms == 0, 1.0, norms)
     return _Bank(np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64), matrix)

@@ -4,7 +4,7 @@ A prompt's budget is split into caps, cheapest memory first; what a layer does
 not use goes to the recent turns (see the README, "Memory"):
 
   card, scenario, post-history instructions   always (they are the character)
-  pinned facts                                 FACTS_SHARE
+  pinned facts                                 FACTS_SHARE (more is refused when pinned)
   triggered lore                               LORE_SHARE (or the book's own smaller budget)
   rolling summary                              SUMMARY_SHARE
   recalled older turns                         RECALL_SHARE (reserved: the window is chosen first)
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-FACTS_SHARE = 0.10
+FACTS_SHARE = 0.15
 LORE_SHARE = 0.25  # SillyTavern's default World Info budget is 25% of the context
 SUMMARY_SHARE = 0.15
 RECALL_SHARE = 0.10

@@ -11,7 +11,7 @@ import pytest
 
 from bot.builtin import builtin_personas
 from bot.engine_client import EngineClient
-from bot.pipeline import StoryPipeline, UserInput
+from bot.pipeline import StoryError, StoryPipeline, UserInput
 from bot.settings import BotSettings
 from bot.store import Store
 from bot.story.summary import SUMMARY_SYSTEM
@@ -155,3 +155,42 @@ async def test_rewinding_past_a_summary_drops_it_and_edits_drop_stale_embeddings
     assert [t.id for t in await store.turns_to_embed(story.id, 10)] == [turns[1].id]
     await pipeline.rewind(CHANNEL, 4)
     assert await store.latest_summary(story.id) is None
+
+
+async def test_pins_that_would_not_fit_the_prompt_are_refused_so_every_pin_is_in_it(pipeline, fake_engine):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    pinned = []
+    with pytest.raises(StoryError, match="remove or shorten one"):
+        for n in range(50):
+            fact = f"Fact {n}: the {n}th lantern on the quay is painted a different shade of harbour green."
+            await pipeline.memory.pin(story, fact, 7)
+            pinned.append(fact)
+    assert 3 < len(pinned) < 50
+    await say(pipeline, "What do you remember?")
+    prompt = prompt_text(story_prompts(fake_engine)[-1])
+    assert all(fact in prompt for fact in pinned)
+
+
+async def test_a_summary_call_in_flight_gives_way_to_a_reply_and_is_made_again(pipeline, fake_engine, store):
+    slow = {"summaries": 0}
+
+    async def reply(body: dict[str, Any]) -> str:
+        if body["messages"][0].get("content") == SUMMARY_SYSTEM:
+            slow["summaries"] += 1
+            await asyncio.sleep(1.0 if slow["summaries"] == 1 else 0.0)
+        return summary_reply(body)
+
+    fake_engine.reply = reply
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    for line in FILLER * 6:  # long enough for turns to leave the 1024-token window
+        await say(pipeline, line)
+        if slow["summaries"]:
+            break
+    async with asyncio.timeout(DRAIN_S):
+        while slow["summaries"] == 0:
+            await say(pipeline, "And then?")
+            await asyncio.sleep(0.05)
+    await say(pipeline, "A reply while the summary is being written.")  # interrupts the slow call
+    await drained(pipeline)
+    assert slow["summaries"] >= 2  # the interrupted summary was asked again
+    assert await store.latest_summary(story.id) is not None
