@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from bot.builtin import builtin_personas  # noqa: E402
 from bot.engine_client import EngineClient  # noqa: E402
-from bot.pipeline import StoryPipeline, UserInput, persona_card  # noqa: E402
+from bot.pipeline import StoryError, StoryPipeline, UserInput, persona_card  # noqa: E402
 from bot.settings import BotSettings  # noqa: E402
 from bot.store import AuthorKind, NewTurn, Store  # noqa: E402
 from bot.story import estimate_tokens, speaker_line  # noqa: E402
@@ -367,13 +367,16 @@ async def story_run(name: str, config: dict[str, bool], url: str, store: Store, 
     engine = EngineClient.from_settings(settings)
     pipeline = StoryPipeline(store, engine, settings)
     sent = record_prompts(engine)
-    sink, asks = Sink(), []
+    sink, asks, refused = Sink(), [], 0
     try:
         story, _, _ = await pipeline.start_story(CHANNEL, GUILD, PERSONA, USER)
         for turn, beat in enumerate(script):
             await pipeline.reply(CHANNEL, GUILD, UserInput(beat.text, USER_ID, USER, message_id=turn + 1), sink)
             if beat.plants is not None and config["pinned"]:
-                await pipeline.memory.pin(story, FACTS[beat.plants][0], USER_ID)
+                try:
+                    await pipeline.memory.pin(story, FACTS[beat.plants][0], USER_ID)
+                except StoryError:  # the pinned facts' share is full: the bot says so and pins nothing
+                    refused += 1
             if beat.asks is not None:
                 planted = next(i for i, b in enumerate(script) if b.plants == beat.asks)
                 found = where_found(FACTS[beat.asks][1], sent[-1], beat.text)
@@ -393,7 +396,8 @@ async def story_run(name: str, config: dict[str, bool], url: str, store: Store, 
     for a in found:
         by_layer[a["found_in"]] = by_layer.get(a["found_in"], 0) + 1
     return {"asked": len(asks), "found": len(found), "fraction": len(found) / max(1, len(asks)),
-            "by_layer": by_layer, "asks": asks, "summaries_stored": summaries, "turns_not_embedded": left}
+            "by_layer": by_layer, "asks": asks, "summaries_stored": summaries, "turns_not_embedded": left,
+            "pins_refused": refused}
 
 
 def memory_work(records: list[dict[str, Any]], script: list[Beat]) -> dict[str, Any]:
@@ -553,6 +557,7 @@ def report(figures: dict[str, Any]) -> None:
           [(f"  found in {layer}", [str(r["by_layer"].get(layer, 0)) for r in recall.values()])
            for layer in ("window", "pinned", "summary", "recall", "card or lore")] +
           [("summaries stored", [str(r["summaries_stored"]) for r in recall.values()]),
+           ("pins refused (share full)", [str(r.get("pins_refused", 0)) for r in recall.values()]),
            ("turns without an embedding after drain", [str(r["turns_not_embedded"]) for r in recall.values()])])
     print(f"  summaries: {plan['summary_quality']}.")
     print(f"\n2. prompt build time (bot CPU in prepare_prompt, recall query included; target p99 <= "

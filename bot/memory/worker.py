@@ -33,6 +33,7 @@ MAX_IDLE_WAIT_S = 10.0
 RETRY_BASE_S = 15.0
 RETRY_MAX_S = 600.0
 SUMMARY_TEMPERATURE = 0.3
+MAX_INTERRUPTIONS = 2  # summary calls of a story stopped for replies before one is let through
 WORDS_PER_TOKEN = 0.7
 SUMMARY_CHUNK_SHARE = 0.5  # of the context window: the turns folded in one summary call
 # Embedding models have small windows (MiniLM: 256 tokens) and servers refuse longer inputs
@@ -55,6 +56,7 @@ class _Due:
     window_start: int | None  # the position of the oldest turn the last prompt held
     not_before: float = 0.0  # monotonic time: a retry waits until then
     failures: int = 0
+    interruptions: int = 0  # summary calls of this story stopped for a reply
 
 
 class MemoryWorker:
@@ -70,6 +72,7 @@ class MemoryWorker:
         self._task: asyncio.Task | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._summary_call: asyncio.Future | None = None
+        self._summarising: int | None = None  # the story whose summary call is in flight
         self.retry_base_s = RETRY_BASE_S
 
     def notify(self, story_id: int, window_start: int | None) -> None:
@@ -86,7 +89,11 @@ class MemoryWorker:
     def interrupt(self) -> None:
         """A reply begins: stop a summary call in flight (it is made again once no reply is being made;
         the chunks already folded are stored)."""
-        if self._summary_call is not None and not self._summary_call.done():
+        due = self._due.get(self._summarising) if self._summarising is not None else None
+        if self._summary_call is None or self._summary_call.done() or due is None:
+            return
+        if due.interruptions < MAX_INTERRUPTIONS:  # then it runs through: a busy channel still gets summaries
+            due.interruptions += 1
             self._summary_call.cancel()
 
     def knows_window(self, story_id: int) -> bool:
@@ -199,7 +206,11 @@ class MemoryWorker:
         text = latest.text if latest else ""
         limit = int(self._window() * SUMMARY_CHUNK_SHARE) - self.counter.tokens(text)
         for chunk in chunk_turns(turns, max(limit, 64), self.counter.tokens):
-            text = await self._fold(text, chunk)
+            self._summarising = story_id
+            try:
+                text = await self._fold(text, chunk)
+            finally:
+                self._summarising = None
             await self.store.add_summary(story_id, chunk[-1].position, text, self.counter.tokens(text))
 
     async def _fold(self, previous: str, turns: list[Turn]) -> str:
