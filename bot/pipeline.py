@@ -180,7 +180,7 @@ class StoryPipeline:
     async def reset(self, channel_id: int) -> tuple[Story, list[str]]:
         """Start the channel's story over with the same persona; returns the new story and greetings."""
         story = await self.story_of(channel_id)
-        persona = await self._persona(story)
+        persona = await self.persona_of_story(story)
         new = await self.store.start_story(channel_id, story.guild_id, persona.id, title=persona.name)
         user_name = await self._last_user_name(story.id)
         return new, await self._store_greetings(new, persona, user_name)
@@ -191,7 +191,7 @@ class StoryPipeline:
         """Answer a user's turn as the channel's persona (see the module docstring for the steps)."""
         async with self._lock(self._channel_locks, channel_id):
             story = await self.story_of(channel_id)
-            persona = await self._persona(story)
+            persona = await self.persona_of_story(story)
             return await self._reply_locked(story, persona, user, sink)
 
     async def _reply_locked(self, story: Story, persona: Persona, user: UserInput, sink: ReplySink) -> ReplyResult:
@@ -362,7 +362,7 @@ class StoryPipeline:
         `fresh` skips reusing an earlier image (regenerate redoes text and image together).
         """
         story = await self.story_of(channel_id)
-        persona = await self._persona(story)
+        persona = await self.persona_of_story(story)
         turns = await self.store.recent_turns(story.id, HISTORY_TURNS)
         return await self.art.illustrate(story, persona_card(persona), turns, force=force, safe=safe, fresh=fresh)
 
@@ -391,7 +391,7 @@ class StoryPipeline:
 
     async def status(self, channel_id: int) -> StoryStatusInfo:
         story = await self.story_of(channel_id)
-        persona = await self._persona(story)
+        persona = await self.persona_of_story(story)
         recent = await self.store.recent_turns(story.id, 1)
         return StoryStatusInfo(
             story=story, persona_name=persona.name, turns=await self.store.count_turns(story.id),
@@ -421,9 +421,6 @@ class StoryPipeline:
 
     async def persona_of_story(self, story: Story) -> Persona:
         """The persona that plays `story`, or a StoryError when it was deleted."""
-        return await self._persona(story)
-
-    async def _persona(self, story: Story) -> Persona:
         persona = await self.store.get_persona_by_id(story.persona_id) if story.persona_id else None
         if persona is None:
             raise StoryError("This story's persona was deleted. Start a new story with /story start.")

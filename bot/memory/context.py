@@ -9,7 +9,6 @@ is built, which hands everything slow to the background worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -142,8 +141,6 @@ async def _vector(query: asyncio.Task | None) -> list[float] | None:
         vectors = await asyncio.wait_for(asyncio.shield(query), RECALL_QUERY_TIMEOUT_S)
     except (TimeoutError, EngineError) as exc:
         log.info("recall skipped for this prompt: %s", exc.__class__.__name__)
-        with contextlib.suppress(Exception):
-            if not query.done():
-                query.cancel()
+        query.cancel()
         return None
     return vectors[0] if vectors else None

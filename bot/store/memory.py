@@ -49,7 +49,7 @@ class MemoryRepo(Database):
             if story is None:
                 return None, [], []
             facts = list(await session.scalars(
-                select(PinnedFact).where(PinnedFact.story_id == story_id).order_by(PinnedFact.id)))
+                _facts_of(story_id)))
             books = await self._lorebooks(session, story.guild_id, story_id)
         return story, facts, books
 
@@ -72,7 +72,7 @@ class MemoryRepo(Database):
     async def facts(self, story_id: int) -> list[PinnedFact]:
         async with self.read() as session:
             return list(await session.scalars(
-                select(PinnedFact).where(PinnedFact.story_id == story_id).order_by(PinnedFact.id)))
+                _facts_of(story_id)))
 
     async def remove_fact(self, story_id: int, fact_id: int) -> PinnedFact | None:
         async with self.session() as session:
@@ -245,6 +245,10 @@ class MemoryRepo(Database):
                     await session.execute(delete(LorebookRecord).where(LorebookRecord.id == record.id))
                 return record
         return None
+
+
+def _facts_of(story_id: int):
+    return select(PinnedFact).where(PinnedFact.story_id == story_id).order_by(PinnedFact.id)
 
 
 def _make_bank(ids: list[int], positions: list[int], vectors: Any, dim: int) -> _Bank | None:
