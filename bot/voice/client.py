@@ -1,0 +1,139 @@
+"""A discord.py `VoiceClient` that also listens.
+
+discord.py 2.7.1 sends voice but has no receive path. Two of its own hooks are
+enough to add one, with no private patching:
+
+* ``VoiceConnectionState(voice_client, hook=...)``: the hook is an ``async``
+  callable ``hook(ws, msg)`` awaited by ``DiscordVoiceWebSocket.received_message``
+  after discord.py's own handling of every JSON message (``msg`` is the whole
+  frame ``{"op", "d", "seq"}``; binary DAVE ops 25-31 never reach it). An
+  exception raised there would propagate into the websocket poll loop (and break
+  the handshake or trigger a reconnect), so this hook never raises.
+* ``VoiceConnectionState.add_socket_listener(cb)``: ``cb(datagram)`` on the socket
+  reader thread. The reader thread is created once per connection state and kept
+  across reconnects (they only pause and resume it), so a registered listener
+  survives them; only a full disconnect stops the thread and clears its
+  listeners. As a guard, op 4 (every new session) re-registers the listener if it
+  is somehow gone.
+
+SSRC to user: op 5 SPEAKING ``{user_id, ssrc, speaking}`` and op 12
+``{user_id, audio_ssrc}``; op 13 ``{user_id}`` means the user left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import discord
+from discord.voice_state import VoiceConnectionState
+
+from bot.voice.receiver import VoiceReceiver
+
+__all__ = ["ListeningVoiceClient"]
+
+_log = logging.getLogger(__name__)
+
+OP_SESSION_DESCRIPTION = 4
+OP_SPEAKING = 5
+OP_CLIENTS_CONNECT = 11
+OP_CLIENT_CONNECT = 12
+OP_CLIENT_DISCONNECT = 13
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class ListeningVoiceClient(discord.VoiceClient):
+    """`discord.VoiceClient` plus a receive path: `listen(on_frame)` / `stop_listening()`."""
+
+    on_user_disconnect: Callable[[int], None] | None = None
+    on_speaking: Callable[[int, bool], None] | None = None
+
+    def __init__(self, client: discord.Client, channel: discord.abc.Connectable) -> None:
+        self._receiver: VoiceReceiver | None = None
+        self._listening = False
+        super().__init__(client, channel)
+
+    def create_connection_state(self) -> VoiceConnectionState:
+        return VoiceConnectionState(self, hook=self._hook)
+
+    # ------------------------------------------------------------ listening
+
+    @property
+    def receiver(self) -> VoiceReceiver | None:
+        return self._receiver
+
+    def listen(self, on_frame: Callable[[int, bytes], None]) -> VoiceReceiver:
+        """Start receiving: ``on_frame(user_id, pcm)`` on the event loop, 20 ms of 48 kHz stereo s16le each."""
+        self.stop_listening()
+        receiver = VoiceReceiver(lambda: self._connection, on_frame, self.loop)
+        self._receiver = receiver
+        self._connection.add_socket_listener(receiver.feed)
+        self._listening = True
+        return receiver
+
+    def stop_listening(self) -> None:
+        """Stop receiving; safe before `listen` and twice. The receiver object stays readable."""
+        receiver = self._receiver
+        if receiver is None or not self._listening:
+            return
+        self._listening = False
+        try:
+            self._connection.remove_socket_listener(receiver.feed)
+        except Exception:
+            _log.debug("voice: removing the socket listener failed", exc_info=True)
+
+    def _ensure_listener(self) -> None:
+        receiver = self._receiver
+        if receiver is None or not self._listening:
+            return
+        reader = getattr(self._connection, "_socket_reader", None)
+        callbacks = getattr(reader, "_callbacks", None)
+        if callbacks is not None and receiver.feed not in callbacks:
+            _log.info("voice: socket listener was dropped; registering it again")
+            self._connection.add_socket_listener(receiver.feed)
+
+    # ------------------------------------------------------------ websocket hook
+
+    async def _hook(self, ws: Any, msg: dict[str, Any]) -> None:
+        try:
+            self._handle_ws(msg)
+        except Exception:
+            _log.exception("voice: error handling websocket op %r", msg.get("op") if isinstance(msg, dict) else msg)
+
+    def _handle_ws(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        data = msg.get("d") or {}
+        receiver = self._receiver
+        if op == OP_SESSION_DESCRIPTION:
+            if receiver is not None:
+                receiver.reset()
+                self._ensure_listener()
+        elif op == OP_SPEAKING:
+            user_id, ssrc = _int(data.get("user_id")), _int(data.get("ssrc"))
+            if user_id is None:
+                return
+            if receiver is not None and ssrc:
+                receiver.map_ssrc(ssrc, user_id)
+            if self.on_speaking is not None:
+                self.on_speaking(user_id, bool(data.get("speaking")))
+        elif op == OP_CLIENT_CONNECT:
+            user_id, ssrc = _int(data.get("user_id")), _int(data.get("audio_ssrc"))
+            if receiver is not None and user_id is not None and ssrc:
+                receiver.map_ssrc(ssrc, user_id)
+        elif op == OP_CLIENTS_CONNECT:
+            _log.debug("voice: clients connected: %s", data.get("user_ids"))
+        elif op == OP_CLIENT_DISCONNECT:
+            user_id = _int(data.get("user_id"))
+            if user_id is None:
+                return
+            if receiver is not None:
+                receiver.forget_user(user_id)
+            if self.on_user_disconnect is not None:
+                self.on_user_disconnect(user_id)
