@@ -187,14 +187,20 @@ class StoryPipeline:
 
     # ------------------------------------------------------------ replying
 
-    async def reply(self, channel_id: int, guild_id: int, user: UserInput, sink: ReplySink) -> ReplyResult:
-        """Answer a user's turn as the channel's persona (see the module docstring for the steps)."""
+    async def reply(self, channel_id: int, guild_id: int, user: UserInput, sink: ReplySink, *,
+                    max_tokens: int | None = None, instruction: str = "") -> ReplyResult:
+        """Answer a user's turn as the channel's persona (see the module docstring for the steps).
+
+        `max_tokens` caps the reply below the usual setting and `instruction` adds a line to the
+        prompt (a voice channel asks for short spoken replies).
+        """
         async with self._lock(self._channel_locks, channel_id):
             story = await self.story_of(channel_id)
             persona = await self.persona_of_story(story)
-            return await self._reply_locked(story, persona, user, sink)
+            return await self._reply_locked(story, persona, user, sink, max_tokens, instruction)
 
-    async def _reply_locked(self, story: Story, persona: Persona, user: UserInput, sink: ReplySink) -> ReplyResult:
+    async def _reply_locked(self, story: Story, persona: Persona, user: UserInput, sink: ReplySink,
+                            max_tokens: int | None = None, instruction: str = "") -> ReplyResult:
         async with self._making_reply(story.id):
             user_turn = await self.store.add_turn(story.id, NewTurn(
                 AuthorKind.USER, user.text, author_id=user.author_id, author_name=user.author_name,
@@ -203,7 +209,8 @@ class StoryPipeline:
             try:
                 parts, heard = await self._media_in(user_turn, user.attachments)
                 text, extras = await self._generate(story.id, persona, user.author_name, parts, sink,
-                                                    query_turn=user_turn)
+                                                    instruction=instruction, query_turn=user_turn,
+                                                    max_tokens=max_tokens)
             except EngineError as exc:
                 exc.turn_id = user_turn.id  # the turn is kept; a retry regenerates from it
                 raise
@@ -222,23 +229,24 @@ class StoryPipeline:
 
     async def _generate(self, story_id: int, persona: Persona, user_name: str, media: list[dict],
                         sink: ReplySink, before: int | None = None, instruction: str = "",
-                        prefix: str = "", query_turn: Turn | None = None) -> tuple[str, dict]:
+                        prefix: str = "", query_turn: Turn | None = None,
+                        max_tokens: int | None = None) -> tuple[str, dict]:
         """Build the prompt from the stored turns (those before position `before`) and memory, and stream a reply.
 
         A length refusal shrinks the prompt and retries once; then memory work goes to the worker.
         """
         ready = await self.prepare_prompt(story_id, persona, user_name, media, before, instruction, query_turn)
         fitted, card = ready.fitted, persona_card(persona)
+        cap = min(fitted.max_tokens, max_tokens or fitted.max_tokens)
         try:
-            result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
-                                        fitted.max_tokens)
+            result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix, cap)
         except EngineContextLength as exc:
             # The server counts differently from what it told us (or not at all): shrink and retry once.
             log.warning("the engine refused a prompt as too long (it counted %s tokens); retrying shorter",
                         exc.prompt_tokens or "?")
             fitted = await self.fitter.refit(fitted, exc.prompt_tokens)
             result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
-                                        fitted.max_tokens)
+                                        min(fitted.max_tokens, cap))
         await self.memory.after_prompt(ready.story, fitted.prompt, ready.turns, ready.query, query_turn)
         return result
 
