@@ -3,12 +3,14 @@
 A mixin of `FakeDiscord` (tests/fakes/fake_discord.py), which owns the state it uses: `world`,
 `messages`, `webhooks`, `commands`, `interactions`, `blobs` and `dispatch()`. It checks what real
 Discord checks where a bot could get it wrong (2000-character content, empty messages, webhook
-names with "clyde"/"discord", answering an interaction twice, unknown webhooks and messages) and
-echoes created/edited/deleted messages through the gateway as Discord does.
+names with "clyde"/"discord", answering an interaction twice, unknown webhooks and messages, the
+shape of voice messages) and echoes created/edited/deleted messages through the gateway as Discord does.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import mimetypes
 import secrets
@@ -21,6 +23,9 @@ from tests.fakes.discord_payloads import World, attachment_payload, message_payl
 API = "/api/v10"
 MAX_CONTENT = 2000
 EPHEMERAL = 64
+VOICE_MESSAGE = 1 << 13  # IS_VOICE_MESSAGE
+WAVEFORM_LIMIT = 256  # one-byte samples
+_ATTACHMENT_METADATA = ("description", "duration_secs", "waveform")  # what payload_json may say of a file
 _FORBIDDEN_WEBHOOK_WORDS = ("clyde", "discord")
 # Interaction callback types (Discord docs: Interaction Response Type).
 CALLBACK_MESSAGE, CALLBACK_DEFERRED, CALLBACK_UPDATE = 4, 5, 7
@@ -53,6 +58,7 @@ class RestRoutes:
     token: str
     echo: bool
     refuse_command_sync: bool
+    refuse_webhook_voice: bool = False  # answer voice messages sent through a webhook with 400 (to test fallbacks)
 
     def add_rest_routes(self, app: web.Application) -> None:
         add = app.router.add_route
@@ -88,17 +94,59 @@ class RestRoutes:
         return request[CALL].json or {}
 
     def _attachments_from(self, request: web.Request, channel_id: int) -> list[dict[str, Any]]:
-        """Uploaded files become attachments served by this server (as Discord's CDN would)."""
+        """Uploaded files become attachments served by this server (as Discord's CDN would).
+
+        What `payload_json.attachments` says of `files[n]` (entry with id n: description, and a voice
+        message's duration_secs and waveform) is kept on the attachment, as Discord does.
+        """
+        said = {str(a.get("id")): a for a in (self._body(request).get("attachments") or []) if isinstance(a, dict)}
         out = []
-        for upload in request[CALL].files:
+        for index, upload in enumerate(request[CALL].files):
             attachment_id = self.world.ids.next()
             path = f"/attachments/{channel_id}/{attachment_id}/{upload.filename}"
             # discord.py uploads everything as application/octet-stream; Discord infers the type.
             content_type = mimetypes.guess_type(upload.filename)[0] or upload.content_type
             self.blobs[path] = (content_type, upload.data)
-            out.append(attachment_payload(attachment_id, upload.filename, content_type, len(upload.data),
-                                          self.http_base + path))
+            attachment = attachment_payload(attachment_id, upload.filename, content_type, len(upload.data),
+                                            self.http_base + path)
+            meta = said.get(str(index), {})  # discord.py gives files[n] the id n
+            attachment.update({key: meta[key] for key in _ATTACHMENT_METADATA if key in meta})
+            out.append(attachment)
         return out
+
+    def _check_message(self, body: dict[str, Any], request: web.Request) -> web.Response | None:
+        error = self._check_voice(body, request)  # the more specific rules first
+        return error if error is not None else self._check_content(body, bool(request[CALL].files))
+
+    def _check_voice(self, body: dict[str, Any], request: web.Request) -> web.Response | None:
+        """Discord's rules for a message flagged IS_VOICE_MESSAGE (none for other messages).
+
+        No content (or embeds, components, stickers); exactly one file, an OGG Opus audio file
+        (stricter than Discord, which would take other audio its clients then cannot play);
+        `duration_secs` and `waveform` (base64, at most 256 bytes) for it in payload_json.
+        """
+        if not int(body.get("flags") or 0) & VOICE_MESSAGE:
+            return None
+        if body.get("content") or body.get("embeds") or body.get("components") or body.get("sticker_ids"):
+            return discord_error(400, 50159, "Voice messages do not support additional content.")
+        files, said = request[CALL].files, body.get("attachments") or []
+        if len(files) != 1 or len(said) != 1:
+            return discord_error(400, 50160, "Voice messages must have a single audio attachment.")
+        content_type = mimetypes.guess_type(files[0].filename)[0] or files[0].content_type
+        ogg_opus = files[0].data[:4] == b"OggS" and b"OpusHead" in files[0].data[:64]
+        if not content_type.startswith("audio/") or not ogg_opus:
+            return discord_error(400, 50160, "Voice messages must have a single audio attachment.")
+        meta = said[0]
+        if not isinstance(meta, dict) or meta.get("duration_secs") is None or meta.get("waveform") is None:
+            return discord_error(400, 50161, "Voice messages must have supporting metadata.")
+        try:
+            waveform = base64.b64decode(meta["waveform"], validate=True)
+            duration = float(meta["duration_secs"])
+        except (binascii.Error, TypeError, ValueError):
+            waveform, duration = b"", -1.0
+        if not 0 < len(waveform) <= WAVEFORM_LIMIT or duration <= 0:
+            return discord_error(400, 50035, "Invalid Form Body: attachments.0: invalid duration_secs or waveform")
+        return None
 
     def _check_content(self, body: dict[str, Any], has_files: bool) -> web.Response | None:
         content = body.get("content") or ""
@@ -178,14 +226,15 @@ class RestRoutes:
         if isinstance(channel_id, web.Response):
             return channel_id
         body = self._body(request)
-        if (error := self._check_content(body, bool(request[CALL].files))) is not None:
+        if (error := self._check_message(body, request)) is not None:
             return error
         reference = (body.get("message_reference") or {}).get("message_id")
         bot = self.world.users()[self.world.bot_id]
         message = message_payload(self.world, self.world.ids.next(), channel_id, bot, body.get("content") or "",
                                   member=self.world.member(self.world.bot_id), components=body.get("components"),
                                   attachments=self._attachments_from(request, channel_id),
-                                  reference_id=int(reference) if reference else None)
+                                  reference_id=int(reference) if reference else None,
+                                  flags=int(body.get("flags") or 0) & ~EPHEMERAL)
         return json_response(await self._store_message(message))
 
     def _bot_message(self, request: web.Request) -> dict[str, Any] | web.Response:
@@ -204,6 +253,8 @@ class RestRoutes:
             return message
         if message["author"]["id"] != str(self.world.bot_id):
             return discord_error(403, 50005, "Cannot edit a message authored by another user")
+        if message["flags"] & VOICE_MESSAGE:
+            return discord_error(400, 50162, "Voice messages cannot be edited.")
         await self._update_message(message, self._body(request), request)
         return json_response(message)
 
@@ -253,8 +304,11 @@ class RestRoutes:
         if isinstance(hook, web.Response):
             return hook
         body = self._body(request)
-        if (error := self._check_content(body, bool(request[CALL].files))) is not None:
+        if (error := self._check_message(body, request)) is not None:
             return error
+        flags = int(body.get("flags") or 0) & ~EPHEMERAL
+        if flags & VOICE_MESSAGE and self.refuse_webhook_voice:
+            return discord_error(400, 50035, "Invalid Form Body: flags: voice messages cannot be sent by this webhook")
         username = body.get("username") or hook["name"]
         if any(word in username.lower() for word in _FORBIDDEN_WEBHOOK_WORDS):
             return discord_error(400, 50035, f"Invalid Form Body: username: {username!r} is not allowed")
@@ -263,7 +317,7 @@ class RestRoutes:
                   "bot": True, "global_name": None}
         message = message_payload(self.world, self.world.ids.next(), channel_id, author, body.get("content") or "",
                                   webhook_id=int(hook["id"]), components=body.get("components"),
-                                  attachments=self._attachments_from(request, channel_id))
+                                  attachments=self._attachments_from(request, channel_id), flags=flags)
         await self._store_message(message)
         return json_response(message) if request.query.get("wait") in ("1", "true") else web.Response(status=204)
 
@@ -292,6 +346,8 @@ class RestRoutes:
         message = self._webhook_message(request)
         if isinstance(message, web.Response):
             return message
+        if message["flags"] & VOICE_MESSAGE:
+            return discord_error(400, 50162, "Voice messages cannot be edited.")
         body = self._body(request)
         if len(body.get("content") or "") > MAX_CONTENT:
             return self._check_content(body, True) or discord_error(400, 50035, "Invalid Form Body")
