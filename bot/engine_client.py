@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HEALTH_TIMEOUT_S = 5.0
+# The voice asked for when a persona has none: OpenAI's first voice name, which our engine speaks with its
+# default voice and most OpenAI-compatible speech servers accept.
+DEFAULT_SPEECH_VOICE = "alloy"
 COUNT_TIMEOUT_S = 10.0  # counting tokens is quick; a server that stalls on it is estimated instead
 
 
@@ -96,6 +99,7 @@ class EngineModels:
     image: str = "masque-art"
     embedding: str = "masque-embed"
     transcription: str = "masque-whisper"
+    speech: str = "masque-tts"
 
 
 @dataclass
@@ -158,7 +162,8 @@ class EngineClient:
         """Build from BotSettings; `url` overrides MASQUE_ENGINE_URL (a child engine's URL)."""
         key = settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
         models = EngineModels(settings.engine_chat_model, settings.engine_image_model,
-                              settings.engine_embedding_model, settings.engine_transcription_model)
+                              settings.engine_embedding_model, settings.engine_transcription_model,
+                              settings.engine_speech_model)
         return cls(parse_urls(url or settings.engine_url), key, timeout_s=settings.engine_timeout_s,
                    connect_timeout_s=settings.engine_connect_timeout_s, retries=settings.engine_retries,
                    unhealthy_s=settings.engine_unhealthy_s, models=models,
@@ -327,6 +332,30 @@ class EngineClient:
                 raise EngineBadResponse("the transcription has no text")
             return text.strip()
         return await self._call("transcription", call)
+
+    async def speech(self, text: str, *, voice: str = "", response_format: str = "wav",
+                     speed: float = 1.0) -> bytes:
+        """Text to speech through /v1/audio/speech; an empty `voice` asks for the server's default."""
+        async def call(endpoint: _Endpoint) -> bytes:
+            result = await endpoint.client.audio.speech.create(
+                model=self.models.speech, input=text, voice=voice or DEFAULT_SPEECH_VOICE,
+                response_format=response_format, speed=speed)
+            data = result.content
+            if not data:
+                raise EngineBadResponse("the speech response is empty")
+            return data
+        return await self._call("speech", call)
+
+    async def voices(self) -> list[str]:
+        """Voice ids from GET /v1/audio/voices (our engine's listing); [] where a server has none."""
+        async def call(endpoint: _Endpoint) -> list[str]:
+            listing = await endpoint.client.get("/audio/voices", cast_to=object)
+            items = listing.get("data") if isinstance(listing, dict) else None
+            return [str(v["id"]) for v in items or [] if isinstance(v, dict) and v.get("id")]
+        try:
+            return await self._call("voices", call)
+        except EngineError:
+            return []
 
     async def generate_image(self, prompt: str, *, negative_prompt: str = "", seed: int | None = None,
                              size: str = "", safe: bool = True, steps: int | None = None) -> bytes:

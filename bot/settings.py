@@ -30,6 +30,7 @@ class BotSettings(BaseSettings):
     engine_embedding_model: str = Field(default="masque-embed", validation_alias="MASQUE_ENGINE_EMBEDDING_MODEL")
     engine_transcription_model: str = Field(default="masque-whisper",
                                             validation_alias="MASQUE_ENGINE_TRANSCRIPTION_MODEL")
+    engine_speech_model: str = Field(default="masque-tts", validation_alias="MASQUE_ENGINE_SPEECH_MODEL")
     engine_timeout_s: float = Field(default=180.0, gt=0, validation_alias="MASQUE_ENGINE_TIMEOUT_S")
     # Painting a picture on a CPU takes far longer than a chat reply.
     engine_image_timeout_s: float = Field(default=600.0, gt=0, validation_alias="MASQUE_ENGINE_IMAGE_TIMEOUT_S")
@@ -56,3 +57,11 @@ class BotSettings(BaseSettings):
     scene_reuse_threshold: float = Field(default=0.9, ge=-1, le=1, validation_alias="MASQUE_SCENE_REUSE_THRESHOLD")
     # "WIDTHxHEIGHT", or "" for the engine's default size.
     scene_image_size: str = Field(default="", pattern=r"^(\d+x\d+)?$", validation_alias="MASQUE_SCENE_IMAGE_SIZE")
+    # Voice (bot/voice/): spoken replies in a voice channel are short; a voice message is capped.
+    voice_reply_max_tokens: int = Field(default=90, ge=8, validation_alias="MASQUE_VOICE_REPLY_MAX_TOKENS")
+    voice_message_max_s: float = Field(default=60.0, gt=0, le=600, validation_alias="MASQUE_VOICE_MESSAGE_MAX_S")
+    # Turn-taking: a frame is speech above this level; shorter utterances (a cough) are not turns.
+    voice_vad_threshold_dbfs: float = Field(default=-45.0, le=0, validation_alias="MASQUE_VOICE_VAD_THRESHOLD_DBFS")
+    voice_min_utterance_ms: int = Field(default=300, ge=0, validation_alias="MASQUE_VOICE_MIN_UTTERANCE_MS")
+    # Barge-in: a user talking this long over the persona stops its playback (when the server allows it).
+    voice_barge_in_ms: int = Field(default=300, ge=20, validation_alias="MASQUE_VOICE_BARGE_IN_MS")

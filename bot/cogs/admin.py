@@ -18,12 +18,20 @@ from bot.store import Store
 
 MAX_COOLDOWN_S = 600
 MAX_ART_EVERY = 100
+MIN_SILENCE_MS, MAX_SILENCE_MS = 200, 5000
+MAX_IDLE_MIN = 24 * 60
 
 
 class ReplyMode(enum.StrEnum):
     EVERY = "every"  # every message in a story channel
     MENTIONS = "mentions"  # only messages that @mention the bot or name the persona
     REPLIES = "replies"  # only replies to the persona's messages
+
+
+class VoiceReplies(enum.StrEnum):
+    OFF = "off"  # text only
+    SPOKEN = "spoken"  # a voice message answers a voice message
+    ALWAYS = "always"  # every reply also comes as a voice message
 
 
 class GuildPrefs(BaseModel):
@@ -33,6 +41,17 @@ class GuildPrefs(BaseModel):
     scene_art: bool = False
     scene_art_every: int = Field(default=5, ge=1, le=MAX_ART_EVERY)  # at most one image every N persona replies
     cooldown_s: float = Field(default=3.0, ge=0, le=MAX_COOLDOWN_S)  # per user, between messages answered
+    # Voice channels (bot/voice/session.py).
+    voice_silence_ms: int = Field(default=700, ge=MIN_SILENCE_MS, le=MAX_SILENCE_MS)  # silence that ends a turn
+    voice_barge_in: bool = True  # talking over the persona stops it
+    voice_alone_leave_s: float = Field(default=60.0, ge=5, le=3600)  # leave when no human is in the call
+    voice_idle_leave_min: float = Field(default=15.0, ge=0, le=MAX_IDLE_MIN)  # leave when nobody spoke (0: never)
+
+
+class ChannelPrefs(BaseModel):
+    """A story channel's own settings."""
+
+    voice_replies: VoiceReplies = VoiceReplies.SPOKEN
 
 
 async def guild_prefs(store: Store, guild_id: int) -> GuildPrefs:
@@ -45,10 +64,25 @@ async def guild_prefs(store: Store, guild_id: int) -> GuildPrefs:
         return GuildPrefs()
 
 
-def describe(prefs: GuildPrefs) -> str:
+async def channel_prefs(store: Store, channel_id: int) -> ChannelPrefs:
+    """The channel's settings (defaults filled in, as `guild_prefs`)."""
+    stored = await store.channel_settings(channel_id)
+    known = {k: v for k, v in stored.items() if k in ChannelPrefs.model_fields}
+    try:
+        return ChannelPrefs.model_validate(known)
+    except ValueError:
+        return ChannelPrefs()
+
+
+def describe(prefs: GuildPrefs, here: ChannelPrefs) -> str:
     art = f"on, at most every {prefs.scene_art_every} replies" if prefs.scene_art else "off"
+    idle = f"{prefs.voice_idle_leave_min:g} min" if prefs.voice_idle_leave_min else "never"
     return (f"Reply to: **{prefs.reply_mode.value}** · scene art: **{art}** · "
-            f"cooldown per user: **{prefs.cooldown_s:g} s**")
+            f"cooldown per user: **{prefs.cooldown_s:g} s**\n"
+            f"Voice replies in this channel: **{here.voice_replies.value}** · voice calls: end of a turn after "
+            f"**{prefs.voice_silence_ms} ms** of silence · talking over the persona stops it: "
+            f"**{'on' if prefs.voice_barge_in else 'off'}** · leave when alone after "
+            f"**{prefs.voice_alone_leave_s:g} s**, when nobody spoke for **{idle}**")
 
 
 class Admin(commands.Cog):
@@ -65,23 +99,40 @@ class Admin(commands.Cog):
     @app_commands.describe(
         reply_mode="Answer every message, only mentions of the bot/persona, or only replies to the persona",
         scene_art="Illustrate the scene now and then", scene_art_every="At most one image every N replies",
-        cooldown="Seconds each user waits between answered messages")
+        cooldown="Seconds each user waits between answered messages",
+        voice_replies="In this channel: replies as voice messages never, when the user spoke, or always",
+        voice_silence_ms="Voice calls: milliseconds of silence that end someone's turn",
+        voice_barge_in="Voice calls: talking over the persona stops it",
+        voice_alone_leave="Voice calls: seconds alone before leaving",
+        voice_idle_leave="Voice calls: minutes nobody spoke before leaving (0: never)")
     async def settings(self, interaction: discord.Interaction,
                        reply_mode: Literal["every", "mentions", "replies"] | None = None,
                        scene_art: bool | None = None,
                        scene_art_every: app_commands.Range[int, 1, MAX_ART_EVERY] | None = None,
-                       cooldown: app_commands.Range[float, 0, MAX_COOLDOWN_S] | None = None) -> None:
-        """Show or change how Masque behaves in this server."""
+                       cooldown: app_commands.Range[float, 0, MAX_COOLDOWN_S] | None = None,
+                       voice_replies: Literal["off", "spoken", "always"] | None = None,
+                       voice_silence_ms: app_commands.Range[int, MIN_SILENCE_MS, MAX_SILENCE_MS] | None = None,
+                       voice_barge_in: bool | None = None,
+                       voice_alone_leave: app_commands.Range[float, 5, 3600] | None = None,
+                       voice_idle_leave: app_commands.Range[float, 0, MAX_IDLE_MIN] | None = None) -> None:
+        """Show or change how Masque behaves in this server (voice replies: in this channel)."""
         changes = {k: v for k, v in {"reply_mode": reply_mode, "scene_art": scene_art,
-                                     "scene_art_every": scene_art_every, "cooldown_s": cooldown}.items()
+                                     "scene_art_every": scene_art_every, "cooldown_s": cooldown,
+                                     "voice_silence_ms": voice_silence_ms, "voice_barge_in": voice_barge_in,
+                                     "voice_alone_leave_s": voice_alone_leave,
+                                     "voice_idle_leave_min": voice_idle_leave}.items()
                    if v is not None}
         if changes:
             merged = GuildPrefs.model_validate({**(await guild_prefs(self.store, interaction.guild_id)).model_dump(),
                                                 **changes})
             await self.store.update_guild_settings(interaction.guild_id, **merged.model_dump(mode="json"))
+        if voice_replies is not None:
+            await self.store.update_channel_settings(interaction.channel_id, interaction.guild_id,
+                                                     voice_replies=voice_replies)
         prefs = await guild_prefs(self.store, interaction.guild_id)
-        verb = "Saved. " if changes else ""
-        await interaction.response.send_message(verb + describe(prefs), ephemeral=True)
+        here = await channel_prefs(self.store, interaction.channel_id)
+        verb = "Saved. " if changes or voice_replies is not None else ""
+        await interaction.response.send_message(verb + describe(prefs, here), ephemeral=True)
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -33,6 +33,9 @@ from bot.store import GLOBAL_GUILD, Persona, PersonaExists, Store
 MODAL_FIELD_LIMIT = 4000  # Discord's limit for one text input
 SHOW_FIELD_CHARS = 1000  # an embed field holds 1024
 MAX_AVATAR_BYTES = 8 * 1024 * 1024
+MAX_VOICE_CHARS = 100  # the persona's voice column
+DEFAULT_VOICE = "default"  # the speech server's own default voice
+AUTOCOMPLETE_LIMIT = 25  # Discord shows at most 25 choices
 EDITABLE = ("name", "description", "personality", "scenario", "first_mes")
 _LABELS = {"name": "Name", "description": "Description", "personality": "Personality",
            "scenario": "Scenario", "first_mes": "First message (greeting)"}
@@ -164,6 +167,36 @@ class Personas(commands.Cog):
             raise app_commands.CheckFailure(f"{exc}. Try a PNG or JPEG.") from exc
         await self.store.update_persona(persona.id, avatar=png)
         await interaction.response.send_message(f"New avatar for **{persona.name}**.", ephemeral=True)
+
+    async def voice_autocomplete(self, interaction: discord.Interaction,
+                                 current: str) -> list[app_commands.Choice[str]]:
+        voices = await self.bot.engine.voices()  # type: ignore[attr-defined]
+        matches = [v for v in [DEFAULT_VOICE, *voices] if current.casefold() in v.casefold()]
+        return [app_commands.Choice(name=v, value=v) for v in matches[:AUTOCOMPLETE_LIMIT]]
+
+    @persona.command()
+    @manage_server
+    @app_commands.describe(name="The persona", voice="A voice of the speech server (default: its own default)")
+    @app_commands.autocomplete(name=name_autocomplete, voice=voice_autocomplete)
+    async def voice(self, interaction: discord.Interaction, name: str,
+                    voice: app_commands.Range[str, 1, MAX_VOICE_CHARS] | None = None) -> None:
+        """Show or set the voice a persona speaks with (voice messages and voice channels)."""
+        persona = await self.guild_persona(interaction, name) if voice else await self._find(interaction, name)
+        if voice is None:
+            await interaction.response.send_message(
+                f"**{persona.name}** speaks with the voice **{persona.voice or DEFAULT_VOICE}**.", ephemeral=True)
+            return
+        chosen = "" if voice == DEFAULT_VOICE else voice.strip()
+        known = await self.bot.engine.voices()  # type: ignore[attr-defined]
+        if chosen and known and chosen not in known:  # a server that lists no voices takes any name
+            listed = ", ".join(known[:20])
+            raise app_commands.CheckFailure(f"The speech server has no voice {chosen!r}. Its voices: {listed}.")
+        card = Card.model_validate(persona.card)
+        block = {**card.data.masque, "voice": chosen}
+        card.data.extensions = {**card.data.extensions, "masque": block}
+        await self.store.update_persona(persona.id, card=card)
+        await interaction.response.send_message(
+            f"**{persona.name}** now speaks with the voice **{chosen or DEFAULT_VOICE}**.", ephemeral=True)
 
     @persona.command(name="list")
     async def list_(self, interaction: discord.Interaction) -> None:

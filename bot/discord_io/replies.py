@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import discord
 
+from bot.cogs.admin import VoiceReplies, channel_prefs
 from bot.discord_io.streaming import WebhookReplySink
 from bot.discord_io.views import Action, reply_view, retry_view
 from bot.discord_io.webhooks import NO_MENTIONS, PersonaIdentity, WebhookChannel, WebhookPoster
@@ -23,11 +24,26 @@ from bot.engine_client import EngineError
 from bot.pipeline import StoryError, StoryPipeline, UserInput, persona_card
 from bot.scene_art import SceneImage
 from bot.store import AuthorKind, Persona, Story, Turn
+from bot.voice.audio import AudioError
+from bot.voice.notes import make_voice_note, post_voice_note
+from bot.voice.playback import speakable
 
 log = logging.getLogger(__name__)
 
 HEARD_QUOTE_CHARS = 300  # the "what was heard" line is a short quote, not the whole transcript
 ART_FILENAME = "scene.png"
+SPOKEN_CHARS_PER_S = 14  # about how fast text-to-speech reads; caps the text before it is synthesised
+
+
+def voice_note_text(text: str, max_s: float) -> str:
+    """What a voice message says: the reply without stage directions, cut at a sentence within `max_s`."""
+    spoken = speakable(text)
+    limit = int(max_s * SPOKEN_CHARS_PER_S)
+    if len(spoken) <= limit:
+        return spoken
+    head = spoken[:limit]
+    cut = max(head.rfind(". "), head.rfind("! "), head.rfind("? "))
+    return head[: cut + 1] if cut > 0 else head.rsplit(" ", 1)[0] + "…"
 
 
 def identity_of(persona: Persona) -> PersonaIdentity:
@@ -71,17 +87,42 @@ class ReplyService:
             return None
         finally:
             typing.cancel()
-        await self._seal(sink, result.persona_turn)
+        await self.seal(sink, result.persona_turn)
         if line := heard_line(result.heard):
             await message.reply(line, allowed_mentions=NO_MENTIONS, mention_author=False)
+        if await self.wants_voice_note(channel.id, user):
+            await self.send_voice_note(channel, persona, result.persona_turn.text, reply_to=message)
         return result.persona_turn
+
+    async def wants_voice_note(self, channel_id: int, user: UserInput) -> bool:
+        """Whether this reply also comes as a voice message (the channel's `voice_replies` setting)."""
+        mode = (await channel_prefs(self.store, channel_id)).voice_replies
+        spoke = any(a.kind == "audio" for a in user.attachments)
+        return mode == VoiceReplies.ALWAYS or (mode == VoiceReplies.SPOKEN and spoke)
+
+    async def send_voice_note(self, channel: WebhookChannel, persona: Persona, text: str, *,
+                              reply_to: discord.Message | None = None) -> None:
+        """Speak `text` as the persona and post it as a Discord voice message; a failure is logged, not shown.
+
+        `reply_to`: the message answered, when the bot has to post it itself (Discord refused the webhook).
+        """
+        max_s = self.pipeline.settings.voice_message_max_s
+        spoken = voice_note_text(text, max_s)
+        if not spoken:
+            return
+        try:
+            audio = await self.pipeline.engine.speech(spoken, voice=persona.voice, response_format="wav")
+            note = await asyncio.to_thread(make_voice_note, audio, max_seconds=max_s)
+            await post_voice_note(self.poster, channel, identity_of(persona), note, reply_to=reply_to)
+        except (EngineError, AudioError, discord.HTTPException) as exc:
+            log.warning("no voice message for this reply in channel %s: %s", channel.id, exc)
 
     async def show_greeting(self, channel: WebhookChannel, story: Story, persona: Persona) -> Turn | None:
         """Post the story's greeting as the persona (alternate greetings are its swipes)."""
         sink = WebhookReplySink(self.poster, channel, identity_of(persona))
         turn = await self.pipeline.show_greeting(story, sink)
         if turn is not None:
-            await self._seal(sink, turn)
+            await self.seal(sink, turn)
         return turn
 
     async def post_image(self, channel: WebhookChannel, image: SceneImage, caption: str = "",
@@ -102,7 +143,7 @@ class ReplyService:
                 for shown in turn.messages:
                     await self.poster.delete(channel, identity_of(persona), shown.message_id)
 
-    async def _seal(self, sink: WebhookReplySink, turn: Turn) -> None:
+    async def seal(self, sink: WebhookReplySink, turn: Turn) -> None:
         """Finish the reply's last message with its buttons, and record where the turn now shows."""
         await sink.seal(self.view_for(turn))
         if sink.message_ids != [m.message_id for m in turn.messages]:
@@ -167,7 +208,7 @@ class ReplyService:
         else:
             new = await self.pipeline.swipe(turn_id, -1 if action == Action.PREVIOUS else 1)
             await sink.finish(new.text)
-        await self._seal(sink, new)
+        await self.seal(sink, new)
         if action == Action.REGENERATE:
             await self._repaint(channel, persona, new)
 

@@ -9,7 +9,7 @@ import discord
 from bot.app import MasqueBot, apply_endpoints, masque_intents
 from tests.bot.simcord_kit import make_bot, start_story, world
 
-EXPECTED_COMMANDS = {"persona", "story", "memory", "lore", "scene", "imagine", "masque"}
+EXPECTED_COMMANDS = {"persona", "story", "memory", "lore", "scene", "imagine", "masque", "voice"}
 
 
 def test_intents_and_no_pings_by_default(bot_settings, store):

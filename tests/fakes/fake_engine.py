@@ -3,7 +3,8 @@
 It answers the routes the bot uses, shaped exactly like OpenAI (and our engine) answer them:
 /v1/chat/completions (plain and `stream: true` SSE), /v1/images/generations (a real PNG of the
 asked size), /v1/embeddings (deterministic hashed bag of words, so similar prompts are close),
-/v1/audio/transcriptions, /v1/models and /health. It adds our engine's top-level `masque` object
+/v1/audio/transcriptions, /v1/audio/speech (espeak-ng speech as WAV), /v1/audio/voices, /v1/models
+and /health. It adds our engine's top-level `masque` object
 (fusion report, transcripts, captions) unless told to act like vLLM/OpenAI (`masque=False`).
 
 Failure modes (`await engine.set_mode(...)`) let tests see how the bot copes with an engine that
@@ -20,7 +21,9 @@ import asyncio
 import base64
 import inspect
 import json
+import shutil
 import struct
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -51,6 +54,7 @@ SLOW_SECONDS = 3600.0  # "slow" means: longer than any client timeout a test wou
 DEFAULT_TRANSCRIPT = "I heard you loud and clear."
 DEFAULT_CAPTION = "a picture of a lantern on a wooden table"
 
+FAKE_VOICES = ("joe", "amy")
 RECORD = web.RequestKey("record", "RecordedRequest")
 FAILURE = web.RequestKey("failure", "FailureMode")
 
@@ -114,6 +118,9 @@ class FakeEngine:
         self.masque = masque
         self.masque_chunk = masque_chunk  # "first" or "last": the engine may put it on any chunk
         self.transcript = transcript
+        # Optional real speech-to-text for /v1/audio/transcriptions: file bytes -> text (run in a thread).
+        self.transcriber: Callable[[bytes], str] | None = None
+        self.speech_latency = 0.0
         self.caption = caption
         self.model = model
         self.api_key = api_key
@@ -146,6 +153,8 @@ class FakeEngine:
         app.router.add_post("/v1/images/generations", self._images)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
+        app.router.add_post("/v1/audio/speech", self._speech)
+        app.router.add_get("/v1/audio/voices", self._voices)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         self._add_routes(app)
@@ -400,9 +409,30 @@ class FakeEngine:
         if not isinstance(record.form.get("file"), dict) or not record.form["file"]["data"]:
             return _bad_request("'file' is required and must not be empty", "file")
         await asyncio.sleep(self.latency)
+        text = self.transcript
+        if self.transcriber is not None:
+            text = await asyncio.to_thread(self.transcriber, record.form["file"]["data"])
         if record.form.get("response_format") == "text":
-            return web.Response(text=self.transcript)
-        return web.json_response({"text": self.transcript})
+            return web.Response(text=text)
+        return web.json_response({"text": text})
+
+    async def _speech(self, request: web.Request) -> web.Response:
+        body = await self._json(request)
+        if isinstance(body, web.Response):
+            return body
+        text, voice = body.get("input"), body.get("voice")
+        if not isinstance(text, str) or not text.strip():
+            return _bad_request("'input' is required and must not be empty", "input")
+        if not isinstance(voice, str) or not voice:
+            return _bad_request("'voice' is required", "voice")
+        if body.get("response_format", "mp3") not in ("wav", "mp3", "opus"):
+            return _bad_request("this fake speaks wav, mp3 or opus (all as WAV)", "response_format")
+        await asyncio.sleep(self.speech_latency)
+        return web.Response(body=await asyncio.to_thread(espeak_wav, text), content_type="audio/wav")
+
+    async def _voices(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "default": FAKE_VOICES[0], "data": [
+            {"id": v, "object": "voice", "language": "en_US"} for v in FAKE_VOICES]})
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -411,3 +441,12 @@ class FakeEngine:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ready": True,
                                   "roles": {"chat": {"state": "ready", "model": self.model}}})
+
+
+def espeak_wav(text: str) -> bytes:
+    """Real speech for `text` from espeak-ng (22.05 kHz mono WAV)."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng is not installed (Debian package espeak-ng)")
+    return subprocess.run([exe, "--stdout", "-s", "170", text], check=True, capture_output=True,
+                          timeout=30).stdout
