@@ -18,16 +18,31 @@ enough to add one, with no private patching:
 
 SSRC to user: op 5 SPEAKING ``{user_id, ssrc, speaking}`` and op 12
 ``{user_id, audio_ssrc}``; op 13 ``{user_id}`` means the user left.
+
+Three reconnect bugs of discord.py 2.7.1 are worked around here (each found with the fake voice
+server in tests/fakes/fake_voice.py; tests/voice/test_fake_voice.py shows each one):
+
+1. After close code 4015 it resumes by sending gateway op 4 again and waits for VOICE_SERVER_UPDATE
+   to come before VOICE_STATE_UPDATE; Discord promises no order, so it may wait out its timeout and
+   leave. A resume needs no new voice state: the call is still ours, so `_ConnectionState` skips it.
+2. After op 9 RESUMED it waits for a secret key on the new websocket, which only op 4 brings and a
+   resume does not send: the hook hands the session's key to the new websocket.
+3. After a full reconnect (4006 ...) its socket reader thread sleeps up to 30 s in select() on the
+   closed socket (closing a socket does not wake a select() on Linux), so IP discovery on the new
+   socket times out: `_WakingSocket.close` shuts the socket down first, which wakes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import discord
-from discord.voice_state import VoiceConnectionState
+from discord.voice_state import ConnectionFlowState, VoiceConnectionState
 
 from bot.voice.receiver import VoiceReceiver
 
@@ -40,6 +55,8 @@ OP_SPEAKING = 5
 OP_CLIENTS_CONNECT = 11
 OP_CLIENT_CONNECT = 12
 OP_CLIENT_DISCONNECT = 13
+OP_RESUMED = 9
+CLOSE_AFTER_SHUTDOWN_S = 0.5  # time for the socket reader to leave select() before the fd goes away
 
 
 def _int(value: Any) -> int | None:
@@ -47,6 +64,34 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+class _WakingSocket(socket.socket):
+    """A UDP socket whose close wakes discord.py's socket reader, blocked in select() on it (bug 3)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.shutdown(socket.SHUT_RDWR)
+        closer = threading.Timer(CLOSE_AFTER_SHUTDOWN_S, super().close)  # the reader's fd stays valid till then
+        closer.daemon = True
+        closer.start()
+
+
+class _ConnectionState(VoiceConnectionState):
+    """discord.py's connection state with bugs 1 and 3 worked around (see the module docstring)."""
+
+    def _create_socket(self) -> None:  # as discord.py's own, with a socket whose close wakes the reader
+        self.socket = _WakingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.setblocking(False)
+        self._socket_reader.resume()
+
+    async def _voice_connect(self, *, self_deaf: bool = False, self_mute: bool = False) -> None:
+        if self.state is ConnectionFlowState.connected:  # resuming after 4015: the call is still ours
+            self.state = ConnectionFlowState.got_both_voice_updates
+            return
+        await super()._voice_connect(self_deaf=self_deaf, self_mute=self_mute)
 
 
 class ListeningVoiceClient(discord.VoiceClient):
@@ -61,7 +106,7 @@ class ListeningVoiceClient(discord.VoiceClient):
         super().__init__(client, channel)
 
     def create_connection_state(self) -> VoiceConnectionState:
-        return VoiceConnectionState(self, hook=self._hook)
+        return _ConnectionState(self, hook=self._hook)
 
     # ------------------------------------------------------------ listening
 
@@ -103,6 +148,8 @@ class ListeningVoiceClient(discord.VoiceClient):
 
     async def _hook(self, ws: Any, msg: dict[str, Any]) -> None:
         try:
+            if msg.get("op") == OP_RESUMED:  # bug 2: the session, and its key, go on
+                ws.secret_key = self._connection.secret_key
             self._handle_ws(msg)
         except Exception:
             _log.exception("voice: error handling websocket op %r", msg.get("op") if isinstance(msg, dict) else msg)

@@ -202,7 +202,8 @@ class ReplySpeaker:
         def after(error: Exception | None) -> None:
             if error is not None:
                 log.warning("voice playback ended with an error: %s", error)
-            loop.call_soon_threadsafe(self._done.set)
+            with contextlib.suppress(RuntimeError):  # the loop closed first (shutting down)
+                loop.call_soon_threadsafe(self._done.set)
 
         with contextlib.suppress(discord.ClientException):
             if self._vc.is_playing():
