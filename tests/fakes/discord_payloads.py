@@ -1,8 +1,8 @@
 """Discord API objects as JSON, shaped like the real API v10 sends them, for the fake Discord server.
 
-Pure builders: a small world (one guild, an admin, a normal user, the bot, text channels and a
-thread) and the payloads of users, members, channels, messages, attachments, webhooks and
-interactions that discord.py parses.
+Pure builders: a small world (one guild, an admin, a normal user, the bot, text channels, a
+thread and two voice channels) and the payloads of users, members, channels, voice states,
+messages, attachments, webhooks and interactions that discord.py parses.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ MEMBER_PERMISSIONS = discord.Permissions(
     view_channel=True, send_messages=True, read_message_history=True, attach_files=True, embed_links=True,
     add_reactions=True, use_application_commands=True, send_messages_in_threads=True).value
 BOT_PERMISSIONS = MEMBER_PERMISSIONS | discord.Permissions(manage_webhooks=True, manage_messages=True).value
-TEXT_CHANNEL, PUBLIC_THREAD = 0, 11
+# What @everyone may do in the voice channels (Discord's defaults): join, talk, be heard by voice activity.
+VOICE_PERMISSIONS = discord.Permissions(view_channel=True, connect=True, speak=True, use_voice_activation=True).value
+TEXT_CHANNEL, VOICE_CHANNEL, PUBLIC_THREAD = 0, 2, 11
 
 
 class Snowflakes:
@@ -55,6 +57,8 @@ class World:
     channel_ids: list[int] = field(default_factory=list)
     nsfw_channel_id: int = 0
     thread_id: int = 0
+    voice_channel_ids: list[int] = field(default_factory=list)
+    voice_states: dict[int, dict[str, Any]] = field(default_factory=dict)  # user id -> state, while in a call
     guild_name: str = "Masque Test Guild"
 
     def __post_init__(self) -> None:
@@ -64,10 +68,21 @@ class World:
         self.channel_ids = [self.ids.next() for _ in range(3)]
         self.nsfw_channel_id = self.channel_ids[-1]
         self.thread_id = self.ids.next()
+        self.voice_channel_ids = [self.ids.next() for _ in range(2)]
 
     @property
     def story_channel_id(self) -> int:
         return self.channel_ids[0]
+
+    @property
+    def voice_channel_id(self) -> int:
+        """The voice channel the users meet in."""
+        return self.voice_channel_ids[0]
+
+    @property
+    def other_voice_channel_id(self) -> int:
+        """A second voice channel (somewhere to move the bot to)."""
+        return self.voice_channel_ids[1]
 
     def add_channels(self, count: int) -> list[int]:
         """More text channels (before the gateway connects), e.g. for a benchmark."""
@@ -96,6 +111,8 @@ class World:
         return BOT_PERMISSIONS if user_id == self.bot_id else MEMBER_PERMISSIONS
 
     def channel(self, channel_id: int) -> dict[str, Any]:
+        if channel_id in self.voice_channel_ids:
+            return self.voice_channel(channel_id)
         if channel_id == self.thread_id:
             return {"id": str(self.thread_id), "type": PUBLIC_THREAD, "guild_id": str(self.guild_id),
                     "name": "side-quest", "parent_id": str(self.story_channel_id), "owner_id": str(self.user_id),
@@ -107,6 +124,29 @@ class World:
                 "name": f"story-{position}", "position": position, "permission_overwrites": [],
                 "nsfw": channel_id == self.nsfw_channel_id, "parent_id": None, "topic": None,
                 "rate_limit_per_user": 0, "last_message_id": None, "flags": 0}
+
+    def voice_channel(self, channel_id: int) -> dict[str, Any]:
+        position = self.voice_channel_ids.index(channel_id)
+        everyone = {"id": str(self.guild_id), "type": 0, "allow": str(VOICE_PERMISSIONS), "deny": "0"}
+        return {"id": str(channel_id), "type": VOICE_CHANNEL, "guild_id": str(self.guild_id),
+                "name": ("Tavern", "Cellar")[position], "position": position, "permission_overwrites": [everyone],
+                "nsfw": False, "parent_id": None, "bitrate": 64000, "user_limit": 0, "rtc_region": None,
+                "video_quality_mode": 1, "rate_limit_per_user": 0, "last_message_id": None, "flags": 0}
+
+    def voice_state(self, user_id: int, channel_id: int | None, session_id: str, *, self_mute: bool = False,
+                    self_deaf: bool = False) -> dict[str, Any]:
+        """A VOICE_STATE_UPDATE payload: `user_id` is in `channel_id` (None: left the call)."""
+        return {"guild_id": str(self.guild_id), "channel_id": str(channel_id) if channel_id else None,
+                "user_id": str(user_id), "member": self.member_with_user(user_id), "session_id": session_id,
+                "deaf": False, "mute": False, "self_deaf": self_deaf, "self_mute": self_mute, "self_video": False,
+                "self_stream": False, "suppress": False, "request_to_speak_timestamp": None}
+
+    def voice_channel_of(self, user_id: int) -> int | None:
+        state = self.voice_states.get(user_id)
+        return int(state["channel_id"]) if state else None
+
+    def users_in_voice(self, channel_id: int) -> list[int]:
+        return [user_id for user_id in self.voice_states if self.voice_channel_of(user_id) == channel_id]
 
     def roles(self) -> list[dict[str, Any]]:
         def role(role_id: int, name: str, permissions: int, position: int) -> dict[str, Any]:
@@ -127,10 +167,10 @@ class World:
             "vanity_url_code": None, "description": None, "banner": None, "premium_tier": 0,
             "preferred_locale": "en-US", "public_updates_channel_id": None, "nsfw_level": 0,
             "premium_progress_bar_enabled": False, "joined_at": iso_now(), "large": False, "unavailable": False,
-            "member_count": 3, "voice_states": [], "presences": [], "stage_instances": [],
+            "member_count": 3, "voice_states": list(self.voice_states.values()), "presences": [], "stage_instances": [],
             "guild_scheduled_events": [], "soundboard_sounds": [],
             "members": [self.member_with_user(uid) for uid in (self.bot_id, self.admin_id, self.user_id)],
-            "channels": [self.channel(cid) for cid in self.channel_ids],
+            "channels": [self.channel(cid) for cid in (*self.channel_ids, *self.voice_channel_ids)],
             "threads": [self.channel(self.thread_id)],
         }
 
@@ -149,7 +189,7 @@ class World:
                 "bot": self.users()[self.bot_id]}
 
     def guild_channel_ids(self) -> set[int]:
-        return {*self.channel_ids, self.thread_id}
+        return {*self.channel_ids, self.thread_id, *self.voice_channel_ids}  # voice channels have a text chat
 
 
 def message_payload(world: World, message_id: int, channel_id: int, author: dict[str, Any], content: str, *,

@@ -9,6 +9,13 @@ The test plays the users: `user_says()` dispatches MESSAGE_CREATE (with attachme
 server), `slash()` an application-command INTERACTION_CREATE built from the synced commands,
 `press()` a button. Every REST call is recorded (`calls`) with its body, files and time, and
 `wait_for_call()` waits for one; created messages are echoed through the gateway like Discord does.
+
+Voice: the guild has voice channels (`world.voice_channel_id`); `user_joins_voice()` /
+`user_leaves_voice()` dispatch users' VOICE_STATE_UPDATEs (the states are in GUILD_CREATE too), and
+the bot's gateway op 4 VOICE_STATE_UPDATE is answered like Discord does: its VOICE_STATE_UPDATE (with
+the gateway session id) and a VOICE_SERVER_UPDATE whose token and endpoint lead to the
+`FakeVoiceServer` given as `voice` (without one, the endpoint is null: no voice server allocated).
+`move_bot()` moves or disconnects the bot as a moderator would.
 """
 
 from __future__ import annotations
@@ -20,20 +27,25 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
 from tests.fakes.discord_payloads import World, attachment_payload, message_payload, option_payloads
 from tests.fakes.discord_rest import API, CALL, RestRoutes, discord_error
 
+if TYPE_CHECKING:
+    from tests.fakes.fake_voice import FakeVoiceServer
+
 HOST = "127.0.0.1"
 HEARTBEAT_MS = 41250
 WAIT_S = 10.0
 ATTACHMENT_LIMIT = 10 * 1024 * 1024  # what Discord allows a server without boosts
 # Gateway opcodes.
-DISPATCH, HEARTBEAT, IDENTIFY, RESUME, INVALID_SESSION, HELLO, HEARTBEAT_ACK = 0, 1, 2, 6, 9, 10, 11
+DISPATCH, HEARTBEAT, IDENTIFY, VOICE_STATE_UPDATE, RESUME, INVALID_SESSION, HELLO, HEARTBEAT_ACK = (
+    0, 1, 2, 4, 6, 9, 10, 11)
 AUTH_FAILED_CLOSE = 4004
+VOICE_DISCONNECTED_CLOSE = 4014
 
 
 @dataclass
@@ -76,8 +88,11 @@ class FakeDiscord(RestRoutes):
     """The fake server. `await start()`, point the bot at `api_base`/`gateway_url`, `await stop()`."""
 
     def __init__(self, token: str = "fake-bot-token", *, heartbeat_ms: int = HEARTBEAT_MS,
-                 echo: bool = True) -> None:
+                 echo: bool = True, voice: FakeVoiceServer | None = None) -> None:
         self.token = token
+        self.voice = voice
+        # Discord does not promise an order for the bot's VOICE_STATE_UPDATE and VOICE_SERVER_UPDATE.
+        self.voice_server_update_first = False
         self.heartbeat_ms = heartbeat_ms
         self.echo = echo  # Discord echoes every message, webhook posts included, through the gateway
         self.world = World()
@@ -93,6 +108,7 @@ class FakeDiscord(RestRoutes):
         self.dispatched: list[tuple[str, dict[str, Any], float]] = []  # (event, data, perf_counter)
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = 0
+        self._session_id = ""  # the gateway session's, which is also every voice state's
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -210,9 +226,14 @@ class FakeDiscord(RestRoutes):
                 await ws.close(code=AUTH_FAILED_CLOSE, message=b"Authentication failed.")
                 return
             self._sockets.append(ws)
-            session = secrets.token_hex(16)
-            await self._send(ws, "READY", self.world.ready(session, self.gateway_url))
+            self._session_id = secrets.token_hex(16)
+            await self._send(ws, "READY", self.world.ready(self._session_id, self.gateway_url))
             await self._send(ws, "GUILD_CREATE", self.world.guild())
+        elif op == VOICE_STATE_UPDATE and ws in self._sockets:
+            data = payload["d"]
+            channel_id = int(data["channel_id"]) if data.get("channel_id") else None
+            await self._bot_voice_state(channel_id, self_mute=bool(data.get("self_mute")),
+                                        self_deaf=bool(data.get("self_deaf")))
         elif op == RESUME:
             await ws.send_json({"op": INVALID_SESSION, "d": False})
 
@@ -287,6 +308,72 @@ class FakeDiscord(RestRoutes):
         self.interactions[token] = interaction
         await self.dispatch("INTERACTION_CREATE", interaction)
         return interaction
+
+    # -- voice -------------------------------------------------------------------------------------
+
+    async def user_joins_voice(self, user_id: int, channel_id: int | None = None) -> None:
+        """A user joins (or moves to) a voice channel: their VOICE_STATE_UPDATE, and op 11 in that call."""
+        channel_id = channel_id or self.world.voice_channel_id
+        before = self.world.voice_channel_of(user_id)
+        await self._set_voice_state(user_id, channel_id, secrets.token_hex(16))
+        if self.voice is not None:
+            if before is not None and before != channel_id:
+                await self.voice.user_left(before, user_id)
+            await self.voice.user_joined(channel_id, user_id)
+
+    async def user_leaves_voice(self, user_id: int) -> None:
+        """A user hangs up: VOICE_STATE_UPDATE with no channel, and op 13 in the call they left."""
+        before = self.world.voice_channel_of(user_id)
+        if before is None:
+            return
+        await self._set_voice_state(user_id, None, self.world.voice_states[user_id]["session_id"])
+        if self.voice is not None:
+            await self.voice.user_left(before, user_id)
+
+    async def move_bot(self, channel_id: int | None) -> None:
+        """A moderator moves the bot to another voice channel, or disconnects it (None)."""
+        bot = self.world.bot_id
+        if channel_id is not None:
+            await self._bot_voice_state(channel_id)
+            return
+        if self.voice is not None:  # the voice server drops the call, the gateway says so
+            await self.voice.revoke(bot, close_code=VOICE_DISCONNECTED_CLOSE)
+        await self._set_voice_state(bot, None, self._session_id)
+
+    async def _bot_voice_state(self, channel_id: int | None, *, self_mute: bool = False,
+                               self_deaf: bool = False) -> None:
+        """The bot's op 4 (or a move): its VOICE_STATE_UPDATE, then the voice server to use when it joined."""
+        bot = self.world.bot_id
+        if channel_id is None:
+            if self.world.voice_channel_of(bot) is not None:
+                await self._set_voice_state(bot, None, self._session_id)
+            if self.voice is not None:
+                await self.voice.revoke(bot)
+            return
+        server = self._voice_server(channel_id)
+        if self.voice_server_update_first:
+            await self.dispatch("VOICE_SERVER_UPDATE", server)
+        await self._set_voice_state(bot, channel_id, self._session_id, self_mute=self_mute, self_deaf=self_deaf)
+        if not self.voice_server_update_first:
+            await self.dispatch("VOICE_SERVER_UPDATE", server)
+
+    def _voice_server(self, channel_id: int) -> dict[str, Any]:
+        """VOICE_SERVER_UPDATE for the bot joining `channel_id`: a token the voice server accepts, its endpoint."""
+        guild_id = self.world.guild_id
+        if self.voice is None:
+            return {"token": secrets.token_hex(8), "guild_id": str(guild_id), "endpoint": None}
+        others = [u for u in self.world.users_in_voice(channel_id) if u != self.world.bot_id]
+        grant = self.voice.grant(server_id=guild_id, user_id=self.world.bot_id, session_id=self._session_id,
+                                 channel_id=channel_id, others=others)
+        return {"token": grant.token, "guild_id": str(guild_id), "endpoint": self.voice.endpoint}
+
+    async def _set_voice_state(self, user_id: int, channel_id: int | None, session_id: str, **flags: bool) -> None:
+        state = self.world.voice_state(user_id, channel_id, session_id, **flags)
+        if channel_id is None:
+            self.world.voice_states.pop(user_id, None)
+        else:
+            self.world.voice_states[user_id] = state
+        await self.dispatch("VOICE_STATE_UPDATE", state)
 
     def delete_webhook(self, channel_id: int) -> None:
         """Someone deletes the channel's webhooks behind the bot's back (next use: 10015)."""

@@ -121,6 +121,7 @@ class FakeEngine:
         # Optional real speech-to-text for /v1/audio/transcriptions: file bytes -> text (run in a thread).
         self.transcriber: Callable[[bytes], str] | None = None
         self.speech_latency = 0.0
+        self.speech_audio: bytes | None = None  # a fixed answer to /v1/audio/speech (a zero-cost speech server)
         self.caption = caption
         self.model = model
         self.api_key = api_key
@@ -428,7 +429,8 @@ class FakeEngine:
         if body.get("response_format", "mp3") not in ("wav", "mp3", "opus"):
             return _bad_request("this fake speaks wav, mp3 or opus (all as WAV)", "response_format")
         await asyncio.sleep(self.speech_latency)
-        return web.Response(body=await asyncio.to_thread(espeak_wav, text), content_type="audio/wav")
+        audio = self.speech_audio or await asyncio.to_thread(espeak_wav, text)
+        return web.Response(body=audio, content_type="audio/wav")
 
     async def _voices(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "default": FAKE_VOICES[0], "data": [
