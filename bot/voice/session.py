@@ -49,6 +49,7 @@ TRANSCRIPT_RATE = 16000  # what speech-to-text models want: 16 kHz mono
 VOICE_INSTRUCTION = ("This scene is spoken aloud in a voice call: answer in one to three short spoken sentences, "
                      "as the character would say them, without stage directions.")
 QUOTE_CHARS = 1500
+UTTERANCE_FILENAME = "utterance.wav"
 
 
 def quote_line(name: str, text: str | None) -> str:
@@ -198,31 +199,38 @@ class VoiceSession:
         except AudioError as exc:
             log.warning("could not prepare an utterance of %s for transcription: %s", utterance.user_id, exc)
             return
-        quote = await self.story_channel.send(quote_line(name, None), allowed_mentions=NO_MENTIONS)
-        user = UserInput(text="", author_id=utterance.user_id, author_name=name, message_id=quote.id)
-        heard = ""
+        # The quote is posted while the words are transcribed; it shows them as soon as they are known.
+        posting = asyncio.create_task(self.story_channel.send(quote_line(name, None), allowed_mentions=NO_MENTIONS))
+        native, heard, showing = self.engine.speaks_masque(), "", None
         try:
-            if self.engine.speaks_masque():  # it hears the audio itself and tells us what it heard
-                user.attachments = [InputAttachment("audio", f"voice-{quote.id}.wav", "audio/wav", wav)]
+            if not native:  # else the engine hears the audio itself and tells us what it heard
+                heard = await self.engine.transcribe(wav, UTTERANCE_FILENAME, "audio/wav")
+            quote = await posting
+            user = UserInput(text=heard, author_id=utterance.user_id, author_name=name, message_id=quote.id)
+            if native:
+                user.attachments = [InputAttachment("audio", UTTERANCE_FILENAME, "audio/wav", wav)]
+            elif not heard:
+                await quote.edit(content=quote_line(name, ""))
+                return
             else:
-                heard = await self.engine.transcribe(wav, f"voice-{quote.id}.wav", "audio/wav")
-                if not heard:
-                    await quote.edit(content=quote_line(name, ""))
-                    return
-                user.text = heard
+                showing = asyncio.create_task(quote.edit(content=quote_line(name, heard)))
             persona = await self.replies.channel_persona(self.story_channel.id)
             result = await self._reply(user, persona, poll_end)
         except EngineError as exc:
             self.stats.failures += 1
-            await quote.edit(content=quote_line(name, heard or ""))
+            quote = await posting
+            await quote.edit(content=quote_line(name, heard))
             view = retry_view(exc.turn_id) if exc.turn_id else discord.utils.MISSING
             await self.story_channel.send(f"-# {exc.user_message}", view=view, allowed_mentions=NO_MENTIONS)
             return
         except StoryError as exc:
-            await quote.edit(content=quote_line(name, heard or ""))
+            await (await posting).edit(content=quote_line(name, heard))
             await self.stop(str(exc))
             return
-        await quote.edit(content=quote_line(name, " ".join(result.heard) or heard))
+        if showing is not None:
+            await showing
+        if native:
+            await quote.edit(content=quote_line(name, " ".join(result.heard)))
         self.stats.answered += 1
         self.note_activity()
 

@@ -266,3 +266,20 @@ async def test_join_needs_a_story_and_a_voice_channel(bot, server, voice):
 def _ephemeral_with(server: FakeDiscord, text: str) -> bool:
     return any(text in str((c.json or {}).get("data", {}).get("content", ""))
                for c in server.calls if c.path.startswith("/interactions/"))
+
+
+async def test_an_engine_that_hears_gets_the_audio_itself(bot, server, voice, engine):
+    engine.masque = True  # our engine: it reports what it heard in `masque.transcripts`
+    engine.transcript = "where is the lantern"
+    await start_story(server)
+    await join(server, voice, bot)
+    for answered in (1, 2):  # the client learns from the first answer that the engine hears audio
+        await voice.speak(server.world.user_id, espeak_pcm("Where is the lantern?"))
+        await until(lambda n=answered: _answered(bot, server, n), "the answered voice turn")
+    chat = engine.requests_to("/v1/chat/completions")[-1].json
+    parts = [p for m in chat["messages"] if isinstance(m["content"], list) for p in m["content"]]
+    audio = [p for p in parts if p["type"] == "input_audio"]
+    assert len(audio) == 1 and audio[0]["input_audio"]["format"] == "wav"
+    turns = await story_turns(bot, server)
+    assert turns[-2].attachments[0]["transcript"] == "where is the lantern"  # kept for later prompts
+    await until(lambda: sum("where is the lantern" in c.lower() for c in bot_posts(server)) == 2, "both quotes")
