@@ -7,7 +7,7 @@ them types and defaults, so a new setting needs no migration.
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Literal, TypeVar
 
 import discord
 from discord import app_commands
@@ -54,24 +54,26 @@ class ChannelPrefs(BaseModel):
     voice_replies: VoiceReplies = VoiceReplies.SPOKEN
 
 
-async def guild_prefs(store: Store, guild_id: int) -> GuildPrefs:
-    """The guild's settings (defaults filled in; unknown or broken keys fall back to defaults)."""
-    stored = await store.guild_settings(guild_id)
-    known = {k: v for k, v in stored.items() if k in GuildPrefs.model_fields}
+Prefs = TypeVar("Prefs", GuildPrefs, ChannelPrefs)
+
+
+def _typed(model: type[Prefs], stored: dict) -> Prefs:
+    """Stored settings with defaults filled in; unknown or broken keys fall back to defaults."""
+    known = {k: v for k, v in stored.items() if k in model.model_fields}
     try:
-        return GuildPrefs.model_validate(known)
+        return model.model_validate(known)
     except ValueError:
-        return GuildPrefs()
+        return model()
+
+
+async def guild_prefs(store: Store, guild_id: int) -> GuildPrefs:
+    """The guild's settings."""
+    return _typed(GuildPrefs, await store.guild_settings(guild_id))
 
 
 async def channel_prefs(store: Store, channel_id: int) -> ChannelPrefs:
-    """The channel's settings (defaults filled in, as `guild_prefs`)."""
-    stored = await store.channel_settings(channel_id)
-    known = {k: v for k, v in stored.items() if k in ChannelPrefs.model_fields}
-    try:
-        return ChannelPrefs.model_validate(known)
-    except ValueError:
-        return ChannelPrefs()
+    """The channel's own settings."""
+    return _typed(ChannelPrefs, await store.channel_settings(channel_id))
 
 
 def describe(prefs: GuildPrefs, here: ChannelPrefs) -> str:

@@ -25,10 +25,12 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import discord
+import yarl
 from aiohttp import WSMsgType, web
 
 from tests.fakes.discord_payloads import World, attachment_payload, message_payload, option_payloads
@@ -398,3 +400,25 @@ async def _read_body(request: web.Request, call: RestCall) -> None:
                 call.files.append(Upload(name, value.filename, value.content_type, value.file.read()))
             elif name == "payload_json":
                 call.json = json.loads(value)
+
+
+@contextlib.asynccontextmanager
+async def plain_client(server: FakeDiscord, wait_s: float = WAIT_S) -> AsyncIterator[discord.Client]:
+    """A plain discord.py client logged in to `server` (REST and gateway) and ready; closed after.
+
+    discord.py's REST base and gateway URL are process-wide: they point at `server` while the client
+    runs and are put back after.
+    """
+    saved = discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY
+    discord.http.Route.BASE = server.api_base
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(server.gateway_url)
+    # The fake sends GUILD_CREATE right after READY: no need to wait discord.py's default 2 s for more guilds.
+    client = discord.Client(intents=discord.Intents.default(), guild_ready_timeout=0.1)
+    runner = asyncio.create_task(client.start(server.token))
+    try:
+        await asyncio.wait_for(client.wait_until_ready(), wait_s)
+        yield client
+    finally:
+        await client.close()
+        await asyncio.wait_for(runner, wait_s)
+        discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = saved

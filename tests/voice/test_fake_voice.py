@@ -14,18 +14,16 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import discord
 import discord.opus
 import numpy as np
 import pytest
-import yarl
 from discord.voice_state import VoiceConnectionState
 
 from bot.voice.client import ListeningVoiceClient
-from tests.fakes.fake_discord import FakeDiscord
+from tests.fakes.fake_discord import FakeDiscord, plain_client
 from tests.fakes.fake_voice import FRAME_BYTES, XCHACHA, FakeVoiceServer, espeak_pcm, rms
 
 if not discord.opus.is_loaded() and not discord.opus._load_default():  # noqa: SLF001
@@ -52,24 +50,9 @@ async def server(voice: FakeVoiceServer) -> AsyncIterator[FakeDiscord]:
         yield fake
 
 
-@asynccontextmanager
-async def logged_in(server: FakeDiscord, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[discord.Client]:
-    """A plain discord.py client, logged in to the fake Discord and ready; closed after."""
-    monkeypatch.setattr(discord.http.Route, "BASE", server.api_base)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(server.gateway_url))
-    bot = discord.Client(intents=discord.Intents.default(), guild_ready_timeout=0.1)
-    runner = asyncio.create_task(bot.start(server.token))
-    try:
-        await asyncio.wait_for(bot.wait_until_ready(), WAIT_S)
-        yield bot
-    finally:
-        await bot.close()
-        await asyncio.wait_for(runner, WAIT_S)
-
-
 @pytest.fixture
-async def client(server: FakeDiscord, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[discord.Client]:
-    async with logged_in(server, monkeypatch) as ready:
+async def client(server: FakeDiscord) -> AsyncIterator[discord.Client]:
+    async with plain_client(server) as ready:
         yield ready
 
 
@@ -142,10 +125,9 @@ async def test_the_real_voice_client_connects_over_tls(client: discord.Client, s
     await until(lambda: not voice.grants and session.ws.closed, "the voice session ending")
 
 
-async def test_users_already_in_a_call_come_in_guild_create(server: FakeDiscord, voice: FakeVoiceServer,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_users_already_in_a_call_come_in_guild_create(server: FakeDiscord, voice: FakeVoiceServer) -> None:
     await server.user_joins_voice(server.world.admin_id)  # before the client connects
-    async with logged_in(server, monkeypatch) as client:
+    async with plain_client(server) as client:
         guild = client.get_guild(server.world.guild_id)
         assert guild.get_member(server.world.admin_id).voice.channel.id == server.world.voice_channel_id
 

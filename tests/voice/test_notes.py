@@ -6,7 +6,6 @@ discord.py's own request paths; the fake checks the voice-message rules Discord 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import shutil
@@ -18,7 +17,6 @@ import av
 import discord
 import numpy as np
 import pytest
-import yarl
 from discord.http import Route
 
 from bot.discord_io.webhooks import PersonaIdentity, WebhookPoster
@@ -31,7 +29,7 @@ from bot.voice.notes import (
     send_voice_note_as_bot,
     waveform_of,
 )
-from tests.fakes.fake_discord import FakeDiscord, RestCall
+from tests.fakes.fake_discord import FakeDiscord, RestCall, plain_client
 
 READY_S = 20.0
 PERSONA = "Wren Halloway"
@@ -124,20 +122,11 @@ async def discord_server() -> AsyncIterator[FakeDiscord]:
 
 
 @pytest.fixture
-async def client(discord_server: FakeDiscord, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[discord.Client]:
+async def client(discord_server: FakeDiscord) -> AsyncIterator[discord.Client]:
     """A plain discord.py client logged in to the fake Discord over REST and the gateway."""
-    monkeypatch.setattr(discord.http.Route, "BASE", discord_server.api_base)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(discord_server.gateway_url))
-    # The fake sends GUILD_CREATE right after READY: no need to wait discord.py's default 2 s for more guilds.
-    bot = discord.Client(intents=discord.Intents.default(), guild_ready_timeout=0.5)
-    runner = asyncio.create_task(bot.start(discord_server.token))
-    try:
-        await asyncio.wait_for(bot.wait_until_ready(), READY_S)
+    async with plain_client(discord_server, READY_S) as bot:
         assert bot.get_channel(discord_server.world.story_channel_id) is not None
         yield bot
-    finally:
-        await bot.close()
-        await asyncio.wait_for(runner, READY_S)
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,15 @@ import math
 import struct
 import threading
 
-import davey
 import discord
 import discord.opus
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 
 from bot.voice.client import ListeningVoiceClient
 from bot.voice.receiver import OPUS_SILENCE, PCM_FRAME_BYTES, VoiceReceiver
+from tests.fakes.dave_group import DAVE_CHANNEL_ID, DAVE_SPEAKER_ID, dave_pair
 
 if not discord.opus.is_loaded() and not discord.opus._load_default():  # noqa: SLF001
     pytest.skip("libopus is not installed", allow_module_level=True)
@@ -295,51 +293,7 @@ async def test_forget_user_stops_delivery():
 
 # ------------------------------------------------------------------ DAVE
 
-CHANNEL_ID = 927310423890473011
-BOT_ID = 111
-SPEAKER_ID = 222
-
-
-def _vec(data: bytes) -> bytes:
-    """An MLS variable-length vector (RFC 9420 §2.1.2)."""
-    n = len(data)
-    if n < 64:
-        return bytes([n]) + data
-    if n < 16384:
-        return struct.pack(">H", 0x4000 | n) + data
-    return struct.pack(">I", 0x80000000 | n) + data
-
-
-def dave_pair() -> tuple[davey.DaveSession, davey.DaveSession]:
-    """Two real davey sessions in one MLS group, formed offline.
-
-    We play Discord's voice server: a P-256 external sender (op 25) and one Add proposal
-    for the speaker's key package (op 27), an MLS PublicMessage from an external sender
-    signed with SignWithLabel("FramedContentTBS"). The bot's session commits it; the
-    speaker's session joins with the welcome (op 30). Returns (bot, speaker).
-    """
-    signer = ec.generate_private_key(ec.SECP256R1())
-    public = signer.public_key().public_bytes(serialization.Encoding.X962,
-                                              serialization.PublicFormat.UncompressedPoint)
-    external_sender = _vec(public) + struct.pack(">H", 1) + _vec(b"\x00")  # basic credential
-    bot = davey.DaveSession(1, BOT_ID, CHANNEL_ID)
-    speaker = davey.DaveSession(1, SPEAKER_ID, CHANNEL_ID)
-    for s in (bot, speaker):
-        s.set_external_sender(external_sender)
-    bot.get_serialized_key_package()
-    key_package = speaker.get_serialized_key_package()
-    content = (_vec(struct.pack(">Q", CHANNEL_ID)) + struct.pack(">Q", 0)  # group id, epoch 0
-               + struct.pack(">BI", 2, 0) + _vec(b"")  # sender: external #0; no authenticated data
-               + bytes([2]) + struct.pack(">H", 1) + key_package)  # a proposal: Add
-    tbs = struct.pack(">HH", 1, 1) + content  # mls10, public message
-    signature = signer.sign(_vec(b"MLS 1.0 FramedContentTBS") + _vec(tbs), ec.ECDSA(hashes.SHA256()))
-    proposals = _vec(tbs + _vec(signature))
-    commit_welcome = bot.process_proposals(davey.ProposalsOperationType.append, proposals)
-    assert commit_welcome is not None and commit_welcome.welcome
-    bot.process_commit(commit_welcome.commit)
-    speaker.process_welcome(commit_welcome.welcome)
-    assert bot.ready and speaker.ready
-    return bot, speaker
+SPEAKER_ID, CHANNEL_ID = DAVE_SPEAKER_ID, DAVE_CHANNEL_ID
 
 
 async def test_dave_version_zero_passes_through():
@@ -460,38 +414,3 @@ async def test_decoder_fallback_matches_fast_path():
     for f in frames:
         assert fast.decode(f) == slow.decode(f)
     assert len(fast.decode(None)) == len(slow.decode(None)) == PCM_FRAME_BYTES
-
-
-def _bench(n: int = 3000) -> None:  # pragma: no cover - a measurement, not a test
-    """µs per packet through ``feed`` (run: .venv/bin/python -m tests.voice.test_receiver)."""
-    import time
-
-    from bot.voice.rtp import decrypt
-
-    bot, speaker = dave_pair()
-    frames = tone_frames(n)
-    for label, dave in (("no DAVE", False), ("DAVE", True)):
-        loop = asyncio.new_event_loop()
-        state = FakeState()
-        if dave:
-            state.dave_session, state.dave_protocol_version = bot, 1
-        packets = [rtp_packet(speaker.encrypt_opus(f) if dave else f, seq=i) for i, f in enumerate(frames)]
-        receiver = VoiceReceiver(lambda state=state: state, lambda uid, pcm: None, loop)
-        receiver.map_ssrc(SSRC, SPEAKER_ID)
-        for p in packets[:50]:
-            receiver.feed(p)
-        start = time.perf_counter()
-        for p in packets[50:]:
-            receiver.feed(p)
-        per_packet = (time.perf_counter() - start) / (n - 50) * 1e6
-        start = time.perf_counter()
-        for p in packets[50:]:
-            decrypt(p, MODE, bytes(KEY1))
-        transport = (time.perf_counter() - start) / (n - 50) * 1e6
-        print(f"{label}: {per_packet:.1f} us/packet (transport decryption {transport:.1f} us) = "
-              f"{per_packet * 50 / 1e4:.2f}% of a core per speaker at 50 packets/s; {receiver.stats}")
-        loop.close()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _bench()
