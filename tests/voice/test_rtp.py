@@ -6,7 +6,7 @@ import os
 import struct
 
 import pytest
-from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+from nacl.bindings import crypto_aead_aes256gcm_encrypt, crypto_aead_xchacha20poly1305_ietf_encrypt
 
 from bot.voice import rtp
 from bot.voice.rtp import RtpError, classify, decrypt, parse_header
@@ -99,6 +99,16 @@ def test_bad_padding_is_rtp_error():
 def test_unknown_mode_is_rtp_error():
     with pytest.raises(RtpError, match="unsupported"):
         decrypt(build_packet(OPUS), "xsalsa20_poly1305", KEY)
+
+
+def test_aes_gcm_rtpsize_decrypts_where_the_cpu_has_it():
+    if not rtp.aes_gcm_available():
+        pytest.skip("libsodium has no AES-256-GCM on this CPU (no AES instructions)")
+    header = struct.pack(">BBHII", 0x90, 0x78, 5, 960, 1234) + struct.pack(">HH", 0xBEDE, 1)
+    tail = struct.pack(">I", 9)
+    body = crypto_aead_aes256gcm_encrypt(b"\x10\x7f\x00\x00" + OPUS, header, tail + bytes(8), KEY)
+    parsed, frame = decrypt(header + body + tail, "aead_aes256_gcm_rtpsize", KEY)
+    assert frame == OPUS and parsed.sequence == 5
 
 
 def test_aes_gcm_without_support_is_unsupported():
