@@ -102,10 +102,9 @@ class VoiceCog(commands.Cog, name="Voice"):
         session = self.sessions.get(member.guild.id)
         if session is None or self.bot.user is None or member.id != self.bot.user.id:
             return
-        if after.channel is None and not session.ended.is_set():
-            # Someone disconnected the bot (a moderator, a deleted channel): that ends the session.
-            await session.stop("I was disconnected from the voice channel. Use /voice join to start again.")
-        elif after.channel is not None and before.channel is not None and after.channel != before.channel:
+        # No channel (a moderator, a deleted channel, or discord.py reconnecting) is the session's own watch to
+        # judge: it ends once discord.py has given the connection up.
+        if after.channel is not None and before.channel is not None and after.channel != before.channel:
             await session.story_channel.send(f"-# 🔊 Moved to {after.channel.mention}; still playing the story.",
                                              allowed_mentions=discord.AllowedMentions.none())
 

@@ -30,10 +30,14 @@ server in tests/fakes/fake_voice.py; tests/voice/test_fake_voice.py shows each o
 3. After a full reconnect (4006 ...) its socket reader thread sleeps up to 30 s in select() on the
    closed socket (closing a socket does not wake a select() on Linux), so IP discovery on the new
    socket times out: `_WakingSocket.close` shuts the socket down first, which wakes it.
+4. Its state changes set and at once clear an event; a waiter whose task has not started yet misses
+   the change and waits out its timeout (seen when the bot is moved to another channel while a
+   message is in flight: it leaves instead of following). `_wait_for_state` checks the state itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -57,6 +61,7 @@ OP_CLIENT_CONNECT = 12
 OP_CLIENT_DISCONNECT = 13
 OP_RESUMED = 9
 CLOSE_AFTER_SHUTDOWN_S = 0.5  # time for the socket reader to leave select() before the fd goes away
+STATE_POLL_S = 0.05  # how often a connection state wait looks again (bug 4)
 
 
 def _int(value: Any) -> int | None:
@@ -80,7 +85,17 @@ class _WakingSocket(socket.socket):
 
 
 class _ConnectionState(VoiceConnectionState):
-    """discord.py's connection state with bugs 1 and 3 worked around (see the module docstring)."""
+    """discord.py's connection state with bugs 1, 3 and 4 worked around (see the module docstring)."""
+
+    async def _wait_for_state(self, state: ConnectionFlowState, *other_states: ConnectionFlowState,
+                              timeout: float | None = None) -> None:  # noqa: ASYNC109 - discord.py's signature
+        states = (state, *other_states)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.state not in states:
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(f"voice connection state still {self.state.name}")
+            await asyncio.sleep(STATE_POLL_S)
 
     def _create_socket(self) -> None:  # as discord.py's own, with a socket whose close wakes the reader
         self.socket = _WakingSocket(socket.AF_INET, socket.SOCK_DGRAM)

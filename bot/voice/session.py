@@ -291,8 +291,10 @@ class VoiceSession:
             if not self.vc.is_connected():
                 self._disconnected_since = self._disconnected_since or now
                 # discord.py dropped the client (4014/4021/4022, failed reconnects): it will not come back.
-                gone = self.guild.voice_client is not self.vc
-                if gone or now - self._disconnected_since >= RECONNECT_GRACE_S:
+                if self.guild.voice_client is not self.vc:
+                    await self.stop("I was disconnected from the voice channel. Use /voice join to start again.")
+                    return
+                if now - self._disconnected_since >= RECONNECT_GRACE_S:
                     await self.stop("Lost the voice connection and could not get it back; left the call. "
                                     "Use /voice join to start again.")
                     return

@@ -43,7 +43,7 @@ async def test_commands_are_synced_with_descriptions(bot_settings, store, fake_e
         assert {o.name for o in synced["memory"].options} == {"add", "list", "remove"}
         assert {o.name for o in synced["lore"].options} == {"import", "list", "show", "remove"}
         assert {o.name for o in synced["persona"].options} == {
-            "create", "import", "export", "edit", "avatar", "list", "show", "delete"}
+            "create", "import", "export", "edit", "avatar", "voice", "list", "show", "delete"}
         assert synced["persona"].default_member_permissions.manage_guild
         assert synced["masque"].default_member_permissions.manage_guild
         assert isinstance(w.bot, MasqueBot)

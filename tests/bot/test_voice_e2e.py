@@ -283,3 +283,48 @@ async def test_an_engine_that_hears_gets_the_audio_itself(bot, server, voice, en
     turns = await story_turns(bot, server)
     assert turns[-2].attachments[0]["transcript"] == "where is the lantern"  # kept for later prompts
     await until(lambda: sum("where is the lantern" in c.lower() for c in bot_posts(server)) == 2, "both quotes")
+
+
+@pytest.mark.parametrize("code", [4006, 4009])
+async def test_a_lost_or_timed_out_voice_session_is_joined_again(bot, server, voice, code):
+    await start_story(server)
+    session = await join(server, voice, bot)
+    first = voice.current
+    await voice.close_ws(code)  # 4006: session no longer valid; 4009: session timed out
+    second = await voice.wait_connected(WAIT_S, handshakes=2)
+    assert second is not first and not session.ended.is_set()
+    await until(lambda: session.vc.is_connected(), "connected again")
+    await voice.speak(server.world.user_id, espeak_pcm("Are you still there?"))
+    await until(lambda: _answered(bot, server, 1), "an answer after the new session")
+
+
+@pytest.mark.parametrize("code", [4021, 4022])
+async def test_a_call_discord_ends_is_left_with_a_message(bot, server, voice, code):
+    await start_story(server)
+    session = await join(server, voice, bot)
+    await voice.close_ws(code)  # 4021: rate limited, do not reconnect; 4022: the call was terminated
+    await until(lambda: any("🔇" in c for c in bot_posts(server)), "the notice in the story channel", wait_s=45)
+    assert session.ended.is_set() and bot.get_cog("Voice").sessions == {}
+    assert bot.get_guild(server.world.guild_id).voice_client is None
+
+
+async def test_when_nobody_speaks_it_leaves_and_says_so(bot, server, voice):
+    await start_story(server)
+    await bot.store.update_guild_settings(server.world.guild_id, voice_idle_leave_min=0.1)  # 6 s
+    session = await join(server, voice, bot)
+    await until(lambda: session.ended.is_set(), "the session to end", wait_s=25)
+    await until(lambda: any("Nobody spoke" in c for c in bot_posts(server)), "the notice")
+
+
+async def test_moved_to_another_channel_it_says_so_and_plays_on(bot, server, voice):
+    await start_story(server)
+    session = await join(server, voice, bot)
+    await server.user_joins_voice(server.world.user_id, server.world.other_voice_channel_id)
+    await server.move_bot(server.world.other_voice_channel_id)  # a moderator drags the bot along
+    await until(lambda: any("Moved to" in c for c in bot_posts(server)), "the notice")
+    await voice.wait_connected(WAIT_S, handshakes=2)
+    await until(lambda: session.vc.is_connected() and session.vc.channel.id == server.world.other_voice_channel_id,
+                "connected in the other channel")
+    await voice.speak(server.world.user_id, espeak_pcm("Are you still there?"))
+    await until(lambda: _answered(bot, server, 1), "an answer in the other channel")
+    assert not session.ended.is_set()
