@@ -35,6 +35,7 @@ from bot.engine_client import EngineError
 from bot.pipeline import InputAttachment, StoryError, UserInput
 from bot.settings import BotSettings
 from bot.store import Persona
+from bot.story import estimate_tokens
 from bot.voice.audio import AudioError, decode_to_pcm, pcm_to_wav, resample_pcm
 from bot.voice.client import ListeningVoiceClient
 from bot.voice.playback import ReplySpeaker, SentenceSplitter
@@ -230,7 +231,10 @@ class VoiceSession:
         if showing is not None:
             await showing
         if native:
-            await quote.edit(content=quote_line(name, " ".join(result.heard)))
+            heard = " ".join(result.heard)
+            await quote.edit(content=quote_line(name, heard))
+            if heard and result.user_turn is not None:  # the words are the turn, as if typed or transcribed first
+                await self.pipeline.store.edit_turn(result.user_turn.id, heard, estimate_tokens(heard), attachments=[])
         self.stats.answered += 1
         self.note_activity()
 
