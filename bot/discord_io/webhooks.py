@@ -85,7 +85,7 @@ class WebhookPoster:
                 content, username=who.webhook_name, avatar_url=who.avatar_url, wait=True,
                 allowed_mentions=NO_MENTIONS, files=list(files), **kwargs, **_thread(channel),
             )
-        return await self._with_webhook(channel, who, post)
+        return await self.with_webhook(channel, who, post)
 
     async def edit(self, channel: WebhookChannel, who: PersonaIdentity, message_id: int, content: str, *,
                    view: discord.ui.View | None = None) -> discord.WebhookMessage:
@@ -94,14 +94,14 @@ class WebhookPoster:
             kwargs = {"view": view} if view is not None else {}
             return await hook.edit_message(message_id, content=content, allowed_mentions=NO_MENTIONS,
                                            **kwargs, **_thread(channel))
-        return await self._with_webhook(channel, who, change)
+        return await self.with_webhook(channel, who, change)
 
     async def delete(self, channel: WebhookChannel, who: PersonaIdentity, message_id: int) -> None:
         """Delete a message the persona posted (a shorter regenerate, a rewind); gone already is fine."""
         async def remove(hook: discord.Webhook) -> None:
             await hook.delete_message(message_id, **_thread(channel))
         try:
-            await self._with_webhook(channel, who, remove)
+            await self.with_webhook(channel, who, remove)
         except discord.NotFound:
             log.debug("message %s was already gone", message_id)
 
@@ -133,8 +133,9 @@ class WebhookPoster:
                 return hook
         return None
 
-    async def _with_webhook(self, channel: WebhookChannel, who: PersonaIdentity,
+    async def with_webhook(self, channel: WebhookChannel, who: PersonaIdentity,
                             action: Callable[[discord.Webhook], Awaitable[T]]) -> T:
+        """Run `action` on the channel's webhook dressed as `who`; a deleted webhook is recreated once."""
         hook = await self.webhook(channel, who)
         try:
             return await action(hook)

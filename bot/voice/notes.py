@@ -25,7 +25,7 @@ import numpy as np
 from discord.http import Route
 from discord.webhook.async_ import async_context
 
-from bot.discord_io.webhooks import UNKNOWN_WEBHOOK, PersonaIdentity, WebhookChannel, WebhookPoster
+from bot.discord_io.webhooks import PersonaIdentity, WebhookChannel, WebhookPoster
 from bot.voice.audio import OPUS_RATE, decode_to_pcm, encode_ogg_opus, is_ogg_opus
 
 log = logging.getLogger(__name__)
@@ -144,29 +144,12 @@ async def post_voice_note(poster: WebhookPoster, channel: WebhookChannel, who: P
     Webhooks cannot reply, so `reply_to` only shapes the bot's fallback. Returns the message id.
     """
     try:
-        return await _post_through_webhook(poster, channel, who, note)
+        thread = channel if isinstance(channel, discord.Thread) else None
+        return await poster.with_webhook(channel, who, lambda hook: send_voice_note_via_webhook(
+            hook, note, username=who.webhook_name, avatar_url=who.avatar_url, thread=thread))
     except discord.HTTPException as exc:
         if exc.status not in REFUSED:
             raise
         log.warning("Discord refused the voice message through the webhook in channel %s (%s, code %s: %s); "
                     "sending it as the bot", channel.id, exc.status, exc.code, exc.text)
     return await send_voice_note_as_bot(channel, note, reference=reply_to)
-
-
-async def _post_through_webhook(poster: WebhookPoster, channel: WebhookChannel, who: PersonaIdentity,
-                                note: VoiceNote) -> int:
-    """As the persona on the (parent) channel's webhook; a deleted webhook (10015) is recreated once."""
-    thread = channel if isinstance(channel, discord.Thread) else None
-
-    async def post() -> int:
-        hook = await poster.webhook(channel, who)
-        return await send_voice_note_via_webhook(hook, note, username=who.webhook_name,
-                                                 avatar_url=who.avatar_url, thread=thread)
-    try:
-        return await post()
-    except discord.NotFound as exc:
-        if exc.code != UNKNOWN_WEBHOOK:
-            raise
-        log.info("webhook for channel %s was deleted; recreating it once", channel.id)
-        poster.forget(channel)
-        return await post()
