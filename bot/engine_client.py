@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import aiohttp
 import openai
 
+from bot.story.generation import EXTRA_PARAMS
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -75,6 +77,26 @@ class EngineContextLength(EngineBadResponse):
         self.prompt_tokens = prompt_tokens  # what the server counted, when its message says
 
 
+class EngineFeatureOff(EngineBadResponse):
+    """The engine is up but serves no model for this kind of call (our engine's `role_disabled`)."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+        hint = _FEATURE_HINTS.get(what, "")
+        self.user_message = f"The story engine has no {_FEATURE_NAMES.get(what, what)} model configured." + (
+            f" {hint}" if hint else "")
+
+
+_FEATURE_NAMES = {"images": "image", "speech": "text-to-speech", "transcription": "speech-to-text",
+                  "embeddings": "embedding", "chat": "chat"}
+_FEATURE_HINTS = {
+    "images": "Scene art needs one: an admin sets MASQUE_ENGINE_IMAGES__MODEL (for example "
+             "stabilityai/sdxl-turbo) or MASQUE_ENGINE_PRESET=gpu, or points MASQUE_ENGINE_URL at a server "
+             "that makes images.",
+}
+
+
 @dataclass
 class StreamEvent:
     """One piece of a streamed reply: a text delta and/or the engine's `masque` extras."""
@@ -109,6 +131,7 @@ class _Endpoint:
     unhealthy_until: float = 0.0
     speaks_masque: bool | None = None  # None until a chat response tells us
     can_tokenize: bool | None = None  # None until /tokenize answered or 404'd
+    refuses_extras: bool = False  # set when the server refused top_k/min_p/repetition_penalty (OpenAI does)
 
 
 # Phrases a server uses when a prompt does not fit: ours, vLLM's ("This model's maximum context length
@@ -247,6 +270,21 @@ class EngineClient:
             raise EngineBadResponse("chat: the engine's stream carried no chat chunks")
 
     async def _open_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
+        if endpoint.refuses_extras:
+            params = _without_extras(params)
+        try:
+            return await self._post_stream(endpoint, messages, params)
+        except openai.BadRequestError as exc:
+            if endpoint.refuses_extras or not _refused_extras(exc, params):
+                raise
+            # OpenAI itself answers "Unrecognized request argument supplied: top_k": send only its own
+            # samplers to this server from now on.
+            log.info("engine %s refuses the sampler extras (%s); sending OpenAI's samplers only",
+                     endpoint.base_url, _short(exc, 120))
+            endpoint.refuses_extras = True
+            return await self._post_stream(endpoint, messages, _without_extras(params))
+
+    async def _post_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
         # The low-level call with plain JSON both ways: the typed `chat.completions.create` walks
         # every message through its TypedDict transform and builds a pydantic model per chunk,
         # which cost more of the bot's CPU per reply than everything else it does. The client's
@@ -295,6 +333,21 @@ class EngineClient:
             return await self._call("models", call)
         except EngineError:
             return None  # a server without /v1/models (or an odd one): the caller uses its setting
+
+    async def makes_images(self) -> bool | None:
+        """Whether the server serves the image model: our engine lists every loaded role in /v1/models
+        (each with a `masque` role tag), so a missing one is off; None for servers that do not say."""
+        async def call(endpoint: _Endpoint) -> bool | None:
+            listing = await endpoint.client.get("/models", cast_to=object)
+            models = listing.get("data") if isinstance(listing, dict) else None
+            models = [m for m in models or [] if isinstance(m, dict)]
+            if not any(isinstance(m.get("masque"), dict) for m in models):
+                return None
+            return any(m.get("id") == self.models.image for m in models)
+        try:
+            return await self._call("models", call)
+        except EngineError:
+            return None
 
     async def count_tokens(self, messages: list[dict[str, Any]]) -> int | None:
         """The prompt tokens `messages` make on the server, by vLLM's `POST /tokenize` (our engine
@@ -445,6 +498,8 @@ def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
     if isinstance(exc, openai.APIConnectionError):
         return EngineUnavailable(f"{what}: cannot connect to the engine ({exc.__class__.__name__})")
     if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 503 and _error_code(exc) == "role_disabled":  # up, but not for this
+            return EngineFeatureOff(f"{what}: {_short(exc)}", what)
         if exc.status_code >= 500 or exc.status_code == 429:
             return EngineUnavailable(f"{what}: the engine answered {exc.status_code}: {_short(exc)}")
         message = f"{what}: the engine refused the request ({exc.status_code}): {_short(exc)}"
@@ -456,10 +511,23 @@ def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
     return EngineBadResponse(f"{what}: unusable engine response ({exc.__class__.__name__}: {exc})")
 
 
-def _is_length_error(exc: openai.APIStatusError) -> bool:
+def _without_extras(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in EXTRA_PARAMS}
+
+
+def _refused_extras(exc: openai.APIStatusError, params: dict[str, Any]) -> bool:
+    """True when a 400 names one of the sampler extras we sent."""
+    text = f"{exc.message} {exc.body}".lower()
+    return any(name in params and name in text for name in EXTRA_PARAMS)
+
+
+def _error_code(exc: openai.APIStatusError) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
-    code = str(body.get("code") or getattr(exc, "code", "") or "")
-    text = f"{exc.message} {code}".lower()
+    return str(body.get("code") or getattr(exc, "code", "") or "")
+
+
+def _is_length_error(exc: openai.APIStatusError) -> bool:
+    text = f"{exc.message} {_error_code(exc)}".lower()
     return any(phrase in text for phrase in _LENGTH_PHRASES)
 
 

@@ -7,10 +7,13 @@ transcribed first through /v1/audio/transcriptions and sent as text instead.
 from __future__ import annotations
 
 import base64
+import io
 import mimetypes
 from collections.abc import Sequence
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
+
+from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
     from bot.engine_client import EngineClient
@@ -60,9 +63,25 @@ async def transcribe_audio(engine: EngineClient, attachments: Sequence[InputAtta
 
 
 def attachment_meta(attachments: Sequence[InputAttachment]) -> list[dict]:
-    """What the store keeps about attachments (never the bytes): kind, name, url, type, size."""
-    return [{"kind": a.kind, "filename": a.filename, "url": a.url, "content_type": a.content_type,
-             "size": len(a.data)} for a in attachments]
+    """What the store keeps about attachments (never the bytes): kind, name, url, type, size, and an
+    image's width and height (read from its header)."""
+    out = []
+    for a in attachments:
+        meta = {"kind": a.kind, "filename": a.filename, "url": a.url, "content_type": a.content_type,
+                "size": len(a.data)}
+        if a.kind == "image":
+            meta.update(image_dimensions(a.data))
+        out.append(meta)
+    return out
+
+
+def image_dimensions(data: bytes) -> dict[str, int]:
+    """`{"width": W, "height": H}` from an image's header; {} when it is not an image Pillow knows."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return {"width": image.width, "height": image.height}
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return {}
 
 
 def annotate(meta: list[dict], heard: Sequence[str], seen: Sequence[str]) -> list[dict]:

@@ -17,19 +17,29 @@ import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from bot.cards import Card, expand
-from bot.engine_client import EngineBadResponse, EngineClient, EngineContextLength, EngineError, StreamEvent
+from bot.engine_client import (
+    EngineBadResponse,
+    EngineClient,
+    EngineContextLength,
+    EngineError,
+    EngineFeatureOff,
+    StreamEvent,
+)
 from bot.errors import NoStory, StoryError, UnknownPersona, UnknownTurn
 from bot.media import annotate, attachment_meta, media_parts, transcribe_audio
 from bot.memory import StoryMemory
+from bot.prefs import GuildPrefs, guild_prefs
 from bot.prompt_fit import Fitted, PromptFitter
 from bot.scene_art import SceneArtService, SceneImage
 from bot.settings import BotSettings
 from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Summary, Turn
 from bot.story import PromptParts, continue_instruction, estimate_tokens, format_transcript
-from bot.story.prompt import clean_reply, may_become_name_prefix, stop_sequences
+from bot.story.generation import Samplers, card_samplers, reply_tokens, resolve
+from bot.story.prompt import stop_sequences
+from bot.story.shaping import may_become_name_prefix, shape_partial, shape_reply
 
 log = logging.getLogger(__name__)
 __all__ = ["NoStory", "StoryError", "StoryPipeline", "UnknownPersona", "UnknownTurn", "UserInput"]
@@ -37,7 +47,12 @@ __all__ = ["NoStory", "StoryError", "StoryPipeline", "UnknownPersona", "UnknownT
 DEFAULT_USER_NAME = "User"
 HISTORY_TURNS = 200  # most turns read from SQL per prompt; the token budget then trims them
 FIRST_PAGE_TURNS = 32  # read first: usually enough to fill the budget, and far cheaper than 200
+NO_REPLY_TRIES = 3  # samples asked for before an empty or out-of-character reply is an error
 HISTORY_SLACK = 1.3  # turns vary in length: read this many more than the first page's average says fit
+
+
+class NoReplyInCharacter(EngineBadResponse):
+    """The model's reply shaped to nothing: only a name, or straight into another speaker's lines."""
 
 
 @dataclass
@@ -237,16 +252,19 @@ class StoryPipeline:
         """
         ready = await self.prepare_prompt(story_id, persona, user_name, media, before, instruction, query_turn)
         fitted, card = ready.fitted, persona_card(persona)
-        cap = min(fitted.max_tokens, max_tokens or fitted.max_tokens)
+        prefs = await guild_prefs(self.store, ready.story.guild_id)
+        samplers = self.samplers(prefs, card)
+        cap = min(fitted.max_tokens, max_tokens or fitted.max_tokens, self.reply_tokens(prefs, card))
         try:
-            result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix, cap)
+            result = await self._stream_in_character(fitted.prompt.messages, card, ready.turns, user_name, sink,
+                                                     prefix, cap, samplers)
         except EngineContextLength as exc:
             # The server counts differently from what it told us (or not at all): shrink and retry once.
             log.warning("the engine refused a prompt as too long (it counted %s tokens); retrying shorter",
                         exc.prompt_tokens or "?")
             fitted = await self.fitter.refit(fitted, exc.prompt_tokens)
-            result = await self._stream(fitted.prompt.messages, card, ready.turns, user_name, sink, prefix,
-                                        min(fitted.max_tokens, cap))
+            result = await self._stream_in_character(fitted.prompt.messages, card, ready.turns, user_name, sink,
+                                                     prefix, min(fitted.max_tokens, cap), samplers)
         await self.memory.after_prompt(ready.story, fitted.prompt, ready.turns, ready.query, query_turn)
         return result
 
@@ -286,22 +304,56 @@ class StoryPipeline:
             turns = older + turns
         return turns, summary
 
+    def samplers(self, prefs: GuildPrefs, card: Card) -> Samplers:
+        """The samplers of a reply: the preset, the server's values, the card's (bot/story/generation.py);
+        MASQUE_TEMPERATURE, when set, over the presets' temperature."""
+        base = resolve(self.settings.sampler_preset, prefs.sampler_layers())
+        if self.settings.temperature is not None and prefs.samplers.temperature is None:
+            base = Samplers(temperature=self.settings.temperature).over(base)
+        return card_samplers(card.data.masque).over(base)
+
+    def reply_tokens(self, prefs: GuildPrefs, card: Card) -> int:
+        """The reply's token limit: the server's setting (else the bot's), lowered to the length the card
+        itself asks for in its instructions."""
+        setting = prefs.reply_tokens or self.settings.reply_max_tokens
+        return reply_tokens(setting, card.data.post_history_instructions, card.data.system_prompt)
+
+    async def _stream_in_character(self, *args: Any) -> tuple[str, dict]:
+        """`_stream`, asked again when the model wrote nothing in character (only a name, or straight
+        into someone else's lines): a new sample usually does better, and the user never sees the miss."""
+        for attempt in range(1, NO_REPLY_TRIES + 1):
+            try:
+                return await self._stream(*args)
+            except NoReplyInCharacter:
+                if attempt == NO_REPLY_TRIES:
+                    raise
+                log.info("the model wrote nothing in character; asking again (%d/%d)", attempt + 1, NO_REPLY_TRIES)
+        raise AssertionError("unreachable")
+
     async def _stream(self, messages: list[dict], card: Card, turns: Sequence[Turn], user_name: str,
-                      sink: ReplySink, prefix: str, max_tokens: int) -> tuple[str, dict]:
+                      sink: ReplySink, prefix: str, max_tokens: int, samplers: Samplers) -> tuple[str, dict]:
+        """Stream a reply into `sink`, shaped as it goes (bot/story/shaping.py): the stream stops where the
+        model starts writing for someone else, and the end is trimmed to a whole sentence."""
         text, extras = "", {}
-        stream = self.engine.chat_stream(
-            messages, max_tokens=max_tokens, temperature=self.settings.temperature,
-            stop=stop_sequences(turns, user_name))
-        async for event in stream:
-            extras = _merge_extras(extras, event)
-            if event.text:
+        char = card.display_name
+        others = _other_names(turns, user_name, char)
+        stream = self.engine.chat_stream(messages, max_tokens=max_tokens, stop=stop_sequences(turns, user_name),
+                                         **samplers.request_params())
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                extras = _merge_extras(extras, event)
+                if not event.text:
+                    continue
                 text += event.text
-                if may_become_name_prefix(text, card.display_name):
+                if may_become_name_prefix(text, char):
                     continue  # do not flash "Wren" before the header is dropped
-                await sink.update(_joined(prefix, clean_reply(text, card.display_name)))
-        reply = clean_reply(text, card.display_name)
+                shown, ran_over = shape_partial(text, char, others)
+                if ran_over:  # the model is writing someone else's turn: stop it there
+                    break
+                await sink.update(_joined(prefix, shown))
+        reply = shape_reply(text, char, others, trim=self.settings.trim_incomplete)
         if not reply:
-            raise EngineBadResponse("the engine returned an empty reply")
+            raise NoReplyInCharacter("the engine returned no reply in character")
         return _joined(prefix, reply), extras
 
     async def _store_reply(self, story_id: int, persona: Persona, text: str, sink: ReplySink) -> Turn:
@@ -371,6 +423,7 @@ class StoryPipeline:
         """
         story = await self.story_of(channel_id)
         persona = await self.persona_of_story(story)
+        await self._check_images()
         turns = await self.store.recent_turns(story.id, HISTORY_TURNS)
         return await self.art.illustrate(story, persona_card(persona), turns, force=force, safe=safe, fresh=fresh)
 
@@ -378,9 +431,16 @@ class StoryPipeline:
         """One-off art from `prompt`, in the style of the channel's persona when there is one."""
         if not prompt.strip():
             raise StoryError("Describe what to draw, for example: /imagine prompt: a lighthouse in a storm.")
+        await self._check_images()
         ids = await self.store.channel_persona_ids(channel_id)
         persona = await self.store.get_persona_by_id(ids[0]) if ids else None
         return await self.art.imagine(prompt, persona_card(persona) if persona else None, safe=safe)
+
+    async def _check_images(self) -> None:
+        """EngineFeatureOff, saying which setting turns art on, when the engine has no image model (before
+        a scene prompt is written for nothing)."""
+        if await self.engine.makes_images() is False:
+            raise EngineFeatureOff("images: the engine serves no image model", "images")
 
     # ------------------------------------------------------------ history
 
@@ -461,6 +521,12 @@ class StoryPipeline:
 def persona_card(persona: Persona) -> Card:
     """The persona's card model (stored as V3 JSON)."""
     return Card.model_validate(persona.card)
+
+
+def _other_names(turns: Sequence[Turn], user_name: str, char: str) -> list[str]:
+    """Everyone in the story but `char`: the persona must not write their lines."""
+    names = [user_name, *(t.author_name for t in turns if t.author_name)]
+    return [n for n in dict.fromkeys(names) if n and n != char]
 
 
 def _merge_extras(extras: dict, event: StreamEvent) -> dict:

@@ -51,8 +51,15 @@ class BotSettings(BaseSettings):
     recall_turns: int = Field(default=4, ge=0, le=20, validation_alias="MASQUE_RECALL_TURNS")
     summary_min_turns: int = Field(default=8, ge=2, validation_alias="MASQUE_SUMMARY_MIN_TURNS")
     summary_max_tokens: int = Field(default=250, ge=32, validation_alias="MASQUE_SUMMARY_MAX_TOKENS")
+    # Replies (bot/story/generation.py, bot/story/shaping.py): the longest a reply may be (a server's
+    # /masque samplers reply_tokens and the card's own length instruction lower it), the sampler preset
+    # (roleplay, creative, precise, neutral), an optional temperature over the preset's, and whether an
+    # unfinished last sentence is trimmed.
     reply_max_tokens: int = Field(default=300, ge=1, validation_alias="MASQUE_REPLY_MAX_TOKENS")
-    temperature: float = Field(default=0.8, ge=0, le=2, validation_alias="MASQUE_TEMPERATURE")
+    sampler_preset: Literal["roleplay", "creative", "precise", "neutral"] = Field(
+        default="roleplay", validation_alias="MASQUE_SAMPLER_PRESET")
+    temperature: float | None = Field(default=None, ge=0, le=2, validation_alias="MASQUE_TEMPERATURE")
+    trim_incomplete: bool = Field(default=True, validation_alias="MASQUE_TRIM_INCOMPLETE")
     # Scene art (bot/scene_art.py): cosine similarity at or above which an earlier image is reused.
     scene_reuse_threshold: float = Field(default=0.9, ge=-1, le=1, validation_alias="MASQUE_SCENE_REUSE_THRESHOLD")
     # "WIDTHxHEIGHT", or "" for the engine's default size.

@@ -1,79 +1,34 @@
-"""/masque settings: how the bot behaves in this server (admins only).
+"""/masque settings and /masque samplers: how the bot behaves in this server (admins only).
 
-Stored as the guild's settings JSON through the store; `GuildPrefs` gives
-them types and defaults, so a new setting needs no migration.
+The settings themselves (types, defaults, storage) live in bot/prefs.py.
 """
 
 from __future__ import annotations
 
-import enum
-from typing import Literal, TypeVar
+from typing import Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
-from pydantic import BaseModel, Field
 
+from bot.engine_client import EngineFeatureOff
+from bot.prefs import (
+    MAX_ART_EVERY,
+    MAX_COOLDOWN_S,
+    MAX_IDLE_MIN,
+    MAX_REPLY_TOKENS,
+    MAX_SILENCE_MS,
+    MIN_REPLY_TOKENS,
+    MIN_SILENCE_MS,
+    ChannelPrefs,
+    GuildPrefs,
+    channel_prefs,
+    guild_prefs,
+)
 from bot.store import Store
+from bot.story.generation import PRESETS, Samplers
 
-MAX_COOLDOWN_S = 600
-MAX_ART_EVERY = 100
-MIN_SILENCE_MS, MAX_SILENCE_MS = 200, 5000
-MAX_IDLE_MIN = 24 * 60
-
-
-class ReplyMode(enum.StrEnum):
-    EVERY = "every"  # every message in a story channel
-    MENTIONS = "mentions"  # only messages that @mention the bot or name the persona
-    REPLIES = "replies"  # only replies to the persona's messages
-
-
-class VoiceReplies(enum.StrEnum):
-    OFF = "off"  # text only
-    SPOKEN = "spoken"  # a voice message answers a voice message
-    ALWAYS = "always"  # every reply also comes as a voice message
-
-
-class GuildPrefs(BaseModel):
-    """A server's settings, with defaults for anything never set."""
-
-    reply_mode: ReplyMode = ReplyMode.EVERY
-    scene_art: bool = False
-    scene_art_every: int = Field(default=5, ge=1, le=MAX_ART_EVERY)  # at most one image every N persona replies
-    cooldown_s: float = Field(default=3.0, ge=0, le=MAX_COOLDOWN_S)  # per user, between messages answered
-    # Voice channels (bot/voice/session.py).
-    voice_silence_ms: int = Field(default=700, ge=MIN_SILENCE_MS, le=MAX_SILENCE_MS)  # silence that ends a turn
-    voice_barge_in: bool = True  # talking over the persona stops it
-    voice_alone_leave_s: float = Field(default=60.0, ge=5, le=3600)  # leave when no human is in the call
-    voice_idle_leave_min: float = Field(default=15.0, ge=0, le=MAX_IDLE_MIN)  # leave when nobody spoke (0: never)
-
-
-class ChannelPrefs(BaseModel):
-    """A story channel's own settings."""
-
-    voice_replies: VoiceReplies = VoiceReplies.SPOKEN
-
-
-Prefs = TypeVar("Prefs", GuildPrefs, ChannelPrefs)
-
-
-def _typed(model: type[Prefs], stored: dict) -> Prefs:
-    """Stored settings with defaults filled in; unknown or broken keys fall back to defaults."""
-    known = {k: v for k, v in stored.items() if k in model.model_fields}
-    try:
-        return model.model_validate(known)
-    except ValueError:
-        return model()
-
-
-async def guild_prefs(store: Store, guild_id: int) -> GuildPrefs:
-    """The guild's settings."""
-    return _typed(GuildPrefs, await store.guild_settings(guild_id))
-
-
-async def channel_prefs(store: Store, channel_id: int) -> ChannelPrefs:
-    """The channel's own settings."""
-    return _typed(ChannelPrefs, await store.channel_settings(channel_id))
+ART_NEEDS_A_MODEL = EngineFeatureOff("", "images").user_message  # says which setting turns it on
 
 
 def describe(prefs: GuildPrefs, here: ChannelPrefs) -> str:
@@ -94,6 +49,7 @@ class Admin(commands.Cog):
                                 default_permissions=discord.Permissions(manage_guild=True))
 
     def __init__(self, bot: commands.Bot):
+        self.bot = bot
         self.store: Store = bot.store  # type: ignore[attr-defined]
 
     @masque.command()
@@ -134,7 +90,65 @@ class Admin(commands.Cog):
         prefs = await guild_prefs(self.store, interaction.guild_id)
         here = await channel_prefs(self.store, interaction.channel_id)
         verb = "Saved. " if changes or voice_replies is not None else ""
-        await interaction.response.send_message(verb + describe(prefs, here), ephemeral=True)
+        text = verb + describe(prefs, here)
+        if prefs.scene_art and await self.bot.engine.makes_images() is False:  # type: ignore[attr-defined]
+            text += f"\n{ART_NEEDS_A_MODEL}"
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @masque.command()
+    @app_commands.checks.has_permissions(manage_guild=True)
+    @app_commands.describe(
+        preset="A named sampler preset (roleplay is the default)",
+        temperature="Randomness: 0 always picks the likeliest word; 0.7-1.0 suits role-play",
+        top_p="Nucleus sampling: keep the likeliest words up to this probability mass (1: off)",
+        top_k="Keep only the K likeliest words (0: off)",
+        min_p="Drop words less likely than this share of the likeliest one (0: off; 0.05-0.1 suits role-play)",
+        repetition_penalty="Penalise words already in the story (1: off; 1.05-1.15 breaks loops)",
+        frequency_penalty="Penalise words by how often the reply used them (-2 to 2)",
+        presence_penalty="Penalise words the reply already used at all (-2 to 2)",
+        reply_tokens="The longest reply, in tokens",
+        reset="Forget this server's sampler values and length (back to the bot's defaults)")
+    async def samplers(self, interaction: discord.Interaction,
+                       preset: Literal["roleplay", "creative", "precise", "neutral"] | None = None,
+                       temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
+                       top_p: app_commands.Range[float, 0.01, 1.0] | None = None,
+                       top_k: app_commands.Range[int, 0, 1000] | None = None,
+                       min_p: app_commands.Range[float, 0.0, 1.0] | None = None,
+                       repetition_penalty: app_commands.Range[float, 1.0, 2.0] | None = None,
+                       frequency_penalty: app_commands.Range[float, -2.0, 2.0] | None = None,
+                       presence_penalty: app_commands.Range[float, -2.0, 2.0] | None = None,
+                       reply_tokens: app_commands.Range[int, MIN_REPLY_TOKENS, MAX_REPLY_TOKENS] | None = None,
+                       reset: bool = False) -> None:
+        """Show or tune how replies are sampled in this server (as SillyTavern's sampler settings)."""
+        prefs = await guild_prefs(self.store, interaction.guild_id)
+        values = {k: v for k, v in {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+                                    "repetition_penalty": repetition_penalty, "frequency_penalty": frequency_penalty,
+                                    "presence_penalty": presence_penalty}.items() if v is not None}
+        changed = reset or bool(values) or preset is not None or reply_tokens is not None
+        if reset:
+            prefs = prefs.model_copy(update={"sampler_preset": "", "samplers": Samplers(), "reply_tokens": None})
+        if preset is not None:  # a new preset starts clean: its own values, not the old overrides
+            prefs = prefs.model_copy(update={"sampler_preset": preset, "samplers": Samplers()})
+        if values:
+            prefs = prefs.model_copy(update={"samplers": Samplers(**values).over(prefs.samplers)})
+        if reply_tokens is not None:
+            prefs = prefs.model_copy(update={"reply_tokens": reply_tokens})
+        if changed:
+            await self.store.update_guild_settings(interaction.guild_id, **prefs.model_dump(mode="json"))
+        settings = self.bot.settings  # type: ignore[attr-defined]
+        text = describe_samplers(prefs, settings.sampler_preset, settings.reply_max_tokens)
+        await interaction.response.send_message(("Saved. " if changed else "") + text, ephemeral=True)
+
+
+def describe_samplers(prefs: GuildPrefs, base: str, reply_max_tokens: int) -> str:
+    """The server's sampler layer, in words."""
+    preset = prefs.sampler_preset or f"{base} (the bot's default)"
+    values = prefs.samplers.model_dump(exclude_none=True)
+    shown = ", ".join(f"{k} **{v:g}**" for k, v in values.items()) or "none: the preset's"
+    tokens = prefs.reply_tokens or f"{reply_max_tokens} (the bot's default)"
+    return (f"Sampler preset: **{preset}** · values over it: {shown} · longest reply: **{tokens}** tokens "
+            f"(lowered when a persona's card asks for shorter replies). A persona's card may set its own "
+            f"samplers in `extensions.masque.samplers`. Presets: {', '.join(PRESETS)}.")
 
 
 async def setup(bot: commands.Bot) -> None:

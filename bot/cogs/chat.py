@@ -16,10 +16,10 @@ import weakref
 import discord
 from discord.ext import commands
 
-from bot.cogs.admin import GuildPrefs, ReplyMode, guild_prefs
 from bot.discord_io.replies import ReplyService, identity_of, is_nsfw_channel
 from bot.discord_io.webhooks import NO_MENTIONS
 from bot.pipeline import InputAttachment, StoryError, StoryPipeline, UserInput
+from bot.prefs import GuildPrefs, ReplyMode, guild_prefs
 from bot.store import AuthorKind, Store
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.admin import guild_prefs
 from bot.discord_io.replies import ReplyService, identity_of
+from bot.prefs import guild_prefs
 from bot.store import Store
 from bot.voice.client import ListeningVoiceClient
 from bot.voice.session import VoiceSession

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 import discord
 
-from bot.cogs.admin import VoiceReplies, channel_prefs
 from bot.discord_io.streaming import WebhookReplySink
 from bot.discord_io.views import Action, reply_view, retry_view
 from bot.discord_io.webhooks import NO_MENTIONS, PersonaIdentity, WebhookChannel, WebhookPoster
 from bot.engine_client import EngineError
 from bot.pipeline import StoryError, StoryPipeline, UserInput, persona_card
+from bot.prefs import VoiceReplies, channel_prefs
 from bot.scene_art import SceneImage
 from bot.store import AuthorKind, Persona, Story, Turn
 from bot.voice.audio import AudioError

@@ -74,20 +74,30 @@ class Prompt:
 def render_turn(turn: TurnLike, skip_kinds: Sequence[str] = ()) -> str:
     """A turn as prompt text: its words, then what its attachments showed or said.
 
-    `skip_kinds` leaves out notes for media sent as real content parts (no double mention).
+    `skip_kinds` leaves out notes for media sent as real content parts (no double mention). An image
+    sent as a part keeps its note: the part carries no name, and a server that cannot see images (the
+    offline preset) invents nothing, so the note is all the persona knows of it.
     """
     notes = []
     for item in turn.attachments:
         kind = item.get("kind")
-        if kind in skip_kinds:
+        if kind in skip_kinds and not (kind == "image" and not item.get("caption")):
             continue
         if item.get("transcript"):
             notes.append(f"[voice message: {item['transcript']}]")
         elif item.get("caption"):
             notes.append(f"[image: {item['caption']}]")
-        elif kind in ("image", "audio"):
-            notes.append(f"[{kind}: {item.get('filename', 'attachment')}]")
+        elif kind == "image":
+            notes.append(image_note(item))
+        elif kind == "audio":
+            notes.append(f"[audio: {item.get('filename', 'attachment')}]")
     return "\n".join(p for p in [turn.text.strip(), *notes] if p)
+
+
+def image_note(item: dict[str, Any]) -> str:
+    """`[an image was shared: NAME, W×H]`: what is known of an image no model described."""
+    size = f", {item['width']}×{item['height']}" if item.get("width") and item.get("height") else ""
+    return f"[an image was shared: {item.get('filename') or 'image'}{size}]"
 
 
 def speaker_line(turn: TurnLike) -> str:
@@ -136,17 +146,6 @@ def stop_sequences(turns: Sequence[TurnLike], user_name: str) -> list[str]:
     names = [user_name] + [t.author_name for t in reversed(turns) if t.author_kind == "user"]
     unique = list(dict.fromkeys(n for n in names if n))[:MAX_STOP_NAMES]
     return [f"\n{n}:" for n in unique]
-
-
-def clean_reply(text: str, char: str) -> str:
-    """Drop a leading `Char:` the model may echo from the history format."""
-    return re.sub(rf"^\s*{re.escape(char)}\s*:\s*", "", text, count=1).strip()
-
-
-def may_become_name_prefix(text: str, char: str) -> bool:
-    """True while a streamed reply could still turn out to be the `Char:` header clean_reply drops."""
-    stripped = text.lstrip()
-    return len(stripped) <= len(char) + 1 and f"{char}:".startswith(stripped)
 
 
 def continue_instruction() -> str:

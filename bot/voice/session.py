@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 
 import discord
 
-from bot.cogs.admin import GuildPrefs
 from bot.discord_io.replies import ReplyService, identity_of
 from bot.discord_io.streaming import WebhookReplySink
 from bot.discord_io.views import retry_view
 from bot.discord_io.webhooks import NO_MENTIONS
 from bot.engine_client import EngineError
 from bot.pipeline import InputAttachment, StoryError, UserInput
+from bot.prefs import GuildPrefs
 from bot.settings import BotSettings
 from bot.store import Persona
 from bot.story import estimate_tokens

@@ -8,6 +8,8 @@
 - `pg_store`: the same on a fresh PostgreSQL database when MASQUE_TEST_POSTGRES_URL is set,
   skipped otherwise.
 - `bot_settings`: BotSettings pointing at the fake engine and the SQLite file, no token.
+- `script`: what the fake engine answers (tests.bot.story_helpers.Script); `pipeline`: a
+  StoryPipeline on `store` talking to the fake engine.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from pathlib import Path
 import pytest
 
 from bot.builtin import builtin_personas
+from bot.engine_client import EngineClient
+from bot.pipeline import StoryPipeline
 from bot.settings import BotSettings
 from bot.store import Store
+from tests.bot.story_helpers import Script, settings_for
 from tests.conftest import _drop_postgres_database, _postgres_database, require_postgres
 from tests.fakes.fake_engine import FakeEngine
 
@@ -76,3 +81,19 @@ def bot_settings(fake_engine: FakeEngine, sqlite_url: str) -> BotSettings:
     """Settings for a bot that talks to `fake_engine` and keeps its story in `sqlite_url`."""
     return BotSettings(MASQUE_ENGINE_URL=fake_engine.url, MASQUE_DATABASE_URL=sqlite_url, DISCORD_TOKEN=None,
                        _env_file=None)
+
+
+@pytest.fixture
+def script(fake_engine: FakeEngine) -> Script:
+    """What the fake engine answers (queued replies, then a default)."""
+    script = Script()
+    fake_engine.reply = script
+    return script
+
+
+@pytest.fixture
+async def pipeline(store: Store, fake_engine: FakeEngine, script: Script) -> AsyncIterator[StoryPipeline]:
+    settings = settings_for(fake_engine.url)
+    engine = EngineClient.from_settings(settings)
+    yield StoryPipeline(store, engine, settings)
+    await engine.close()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
+from bot.settings import BotSettings
 from tests.fakes.fake_engine import FakeEngine
 
 CHAT = "/v1/chat/completions"
@@ -31,6 +32,12 @@ class Script:
 def chats(engine: FakeEngine) -> list[dict[str, Any]]:
     """The chat request bodies the engine got, oldest first."""
     return [r.json for r in engine.requests_to(CHAT)]
+
+
+def settings_for(url: str, **extra: object) -> BotSettings:
+    """BotSettings for a pipeline test against the engine at `url` (no retries, short timeouts)."""
+    values = {"MASQUE_ENGINE_URL": url, "MASQUE_ENGINE_RETRIES": 0, "MASQUE_ENGINE_TIMEOUT_S": 5, **extra}
+    return BotSettings(**values)
 
 
 def next_id() -> int:

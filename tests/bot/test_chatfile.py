@@ -202,7 +202,7 @@ def test_attachment_notes_join_mes_and_no_media_travels() -> None:
                       selected_swipe=1, attachments=[{"kind": "image", "filename": "scene.png"}])]
     rows = lines(export(turns))
     assert rows[1]["mes"] == "Listen.\n[voice message: Open the door.]\n[image: a map]"
-    assert rows[2]["mes"] == "Look.\n[image: scene.png]" == rows[2]["swipes"][1]
+    assert rows[2]["mes"] == "Look.\n[an image was shared: scene.png]" == rows[2]["swipes"][1]
     assert rows[2]["swipes"][0] == "Other."
     assert b"cdn.discordapp.com" not in export(turns)
 

@@ -3,41 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from bot.builtin import builtin_personas
 from bot.engine_client import EngineBadResponse, EngineClient, EngineTimeout, EngineUnavailable
-from bot.pipeline import InputAttachment, NoStory, StoryError, StoryPipeline, UnknownPersona, UserInput
-from bot.settings import BotSettings
+from bot.pipeline import (
+    NO_REPLY_TRIES,
+    InputAttachment,
+    NoStory,
+    StoryError,
+    StoryPipeline,
+    UnknownPersona,
+    UserInput,
+)
 from bot.store import AuthorKind, Store
-from tests.bot.story_helpers import Collector, Script, chats, next_id
-from tests.fakes.fake_engine import FakeEngine
+from tests.bot.story_helpers import Collector, chats, next_id, settings_for
 
 CHANNEL, GUILD = 111, 222
-def settings_for(url: str, **extra: object) -> BotSettings:
-    values = {"MASQUE_ENGINE_URL": url, "MASQUE_ENGINE_RETRIES": 0, "MASQUE_ENGINE_TIMEOUT_S": 5, **extra}
-    return BotSettings(**values)
-
-
-@pytest.fixture
-def script(fake_engine: FakeEngine) -> Script:
-    """What the fake engine answers (queued replies, then a default)."""
-    script = Script()
-    fake_engine.reply = script
-    return script
-
-
-@pytest.fixture
-async def pipeline(store: Store, fake_engine: FakeEngine, script: Script) -> AsyncIterator[StoryPipeline]:
-    settings = settings_for(fake_engine.url)
-    engine = EngineClient.from_settings(settings)
-    yield StoryPipeline(store, engine, settings)
-    await engine.close()
-
-
 def said(text: str, name: str = "Ann", message_id: int | None = None, **kw: object) -> UserInput:
     return UserInput(text, author_id=7, author_name=name, message_id=message_id or next_id(), **kw)
 
@@ -123,11 +107,12 @@ async def test_engine_failure_keeps_the_user_turn_and_retry_answers_it(store, fa
     await client.close()
 
 
-async def test_an_empty_reply_is_a_bad_response(pipeline, fake_engine, script):
+async def test_an_empty_reply_is_asked_again_then_a_bad_response(pipeline, fake_engine, script):
     script.default = "   "
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway")
-    with pytest.raises(EngineBadResponse, match="empty"):
+    with pytest.raises(EngineBadResponse, match="no reply in character"):
         await pipeline.reply(CHANNEL, GUILD, said("hello?"), Collector())
+    assert len(chats(fake_engine)) == NO_REPLY_TRIES
 
 
 async def test_regenerate_adds_a_selected_swipe_and_swipe_moves_between_them(pipeline, fake_engine, script):

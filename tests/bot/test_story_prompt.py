@@ -9,8 +9,9 @@ from bot.builtin import builtin_personas
 from bot.cards import Card
 from bot.story import Memory, PromptParts, build_messages, estimate_tokens
 from bot.story.lorebook import triggered_entries
-from bot.story.prompt import DEFAULT_SYSTEM_PROMPT, clean_reply, may_become_name_prefix, stop_sequences
+from bot.story.prompt import DEFAULT_SYSTEM_PROMPT, stop_sequences
 from bot.story.scene import PROMPT_MAX_CHARS, clean_image_prompt, scene_prompt_messages
+from bot.story.shaping import clean_header, may_become_name_prefix
 
 
 @dataclass
@@ -104,10 +105,12 @@ def test_example_dialogue_is_included_when_it_fits_and_dropped_when_not():
 def test_media_parts_attach_to_the_newest_user_turn_only():
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     older = T("user", "look", "Ann", [{"kind": "image", "filename": "a.png", "caption": "a grey cat"}])
-    newest = T("user", "and this", "Ann", [{"kind": "image", "filename": "b.png"}])
+    newest = T("user", "and this", "Ann", [{"kind": "image", "filename": "b.png", "width": 640, "height": 480}])
     messages = build_messages(PromptParts(card(), "Ann", [older, T("persona", "Hm."), newest], media=[image]))
     assert messages[1]["content"] == "Ann: look\n[image: a grey cat]"
-    assert messages[-1]["content"] == [{"type": "text", "text": "Ann: and this"}, image]
+    # the part carries no name: the note says what the image is, whether or not the server can see it
+    assert messages[-1]["content"] == [
+        {"type": "text", "text": "Ann: and this\n[an image was shared: b.png, 640×480]"}, image]
 
 
 def test_past_voice_messages_appear_as_their_transcript():
@@ -174,8 +177,8 @@ def test_summary_goes_into_the_system_message():
 def test_stop_sequences_and_reply_cleaning():
     turns = [T("user", "a", "Bo"), T("persona", "b"), T("user", "c", "Ann")]
     assert stop_sequences(turns, "Ann") == ["\nAnn:", "\nBo:"]
-    assert clean_reply("Wren: *nods* Fine.", "Wren") == "*nods* Fine."
-    assert clean_reply("Fine, Wren: whatever.", "Wren") == "Fine, Wren: whatever."
+    assert clean_header("Wren: *nods* Fine.", "Wren") == "*nods* Fine."
+    assert clean_header("Fine, Wren: whatever.", "Wren") == "Fine, Wren: whatever."
     assert may_become_name_prefix("Wr", "Wren") and may_become_name_prefix(" Wren:", "Wren")
     assert not may_become_name_prefix("Wren: hi", "Wren") and not may_become_name_prefix("Well", "Wren")
 

@@ -61,6 +61,10 @@ FAILURE = web.RequestKey("failure", "FailureMode")
 Reply = str | Callable[[dict[str, Any]], str | Awaitable[str]]
 
 
+# Sampler fields vLLM, llama.cpp's server and our engine take that OpenAI's API refuses.
+NOT_OPENAI_PARAMS = ("top_k", "min_p", "repetition_penalty")
+
+
 class FailureMode(StrEnum):
     """How the fake misbehaves (OK = it does not)."""
 
@@ -111,8 +115,15 @@ class FakeEngine:
         model: str = DEFAULT_MODEL,
         api_key: str | None = None,
         error_status: int = 500,
+        openai_params_only: bool = False,
+        images: bool = True,
     ) -> None:
         self.reply = reply
+        # Like api.openai.com: a body field OpenAI does not know (top_k, min_p, repetition_penalty) is a 400.
+        self.openai_params_only = openai_params_only
+        # False: like our engine with no image model (the offline preset): image requests get its 503
+        # `role_disabled`, and /v1/models (role-tagged, as ours is) lists no image model.
+        self.images = images
         self.token_delay = token_delay
         self.latency = latency
         self.masque = masque
@@ -290,6 +301,9 @@ class FakeEngine:
             return _bad_request("you must provide a model parameter", "model")
         if not isinstance(messages, list) or not messages:
             return _bad_request("'messages' must be a non-empty array", "messages")
+        unknown = [k for k in body if k in NOT_OPENAI_PARAMS] if self.openai_params_only else []
+        if unknown:  # OpenAI's wording
+            return _bad_request(f"Unrecognized request argument supplied: {unknown[0]}")
         text = self.reply(body) if callable(self.reply) else self.reply
         if inspect.isawaitable(text):
             text = await text
@@ -362,6 +376,10 @@ class FakeEngine:
         body = await self._json(request)
         if isinstance(body, web.Response):
             return body
+        if not self.images:
+            return web.json_response(
+                error_body("The images role is disabled on this server.", "server_error", code="role_disabled"),
+                status=503, headers={"x-should-retry": "false"})
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             return _bad_request("'prompt' must be a non-empty string", "prompt")
@@ -437,8 +455,10 @@ class FakeEngine:
             {"id": v, "object": "voice", "language": "en_US"} for v in FAKE_VOICES]})
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": 0, "owned_by": "masque"}]})
+        data = [{"id": self.model, "object": "model", "created": 0, "owned_by": "masque"}]
+        if not self.images:  # our engine's listing: every loaded role, tagged
+            data[0]["masque"] = {"role": "chat"}
+        return web.json_response({"object": "list", "data": data})
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ready": True,

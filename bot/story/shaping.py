@@ -1,0 +1,135 @@
+"""Reply shaping: what the model wrote -> what the persona says.
+
+Models, small ones most, run past the persona's turn: they write the user's next line ("Ada: ...",
+"You say ..."), another character's, or stop mid-sentence at the token limit. Shaping, in order:
+1 drop a leading "Char:" header; 2 cut at the first line written for someone else (a human's or
+another cast member's "Name:" line, or a second-person "You say"); 3 trim an unfinished last
+sentence (as SillyTavern's "trim incomplete sentences"); 4 close an action or quote the trim left
+open. A reply that is nothing but a name shapes to "" (the caller treats it as no reply).
+
+`cut_point` is also used while streaming, so the stream stops as soon as the model starts writing
+someone else's lines.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# Generic names models use for the other side when they know no better.
+GENERIC_NAMES = ("User", "{{user}}", "You", "Anon", "Human")
+# "You say", "you reply to her:", "*You nod*": the model narrating the user's actions or words.
+_SECOND_PERSON = re.compile(
+    r"^[\s*_\"“]*you\s+(?:say|said|reply|replied|ask|asked|answer|answered|tell|told|respond|responded|"
+    r"whisper|whispered|shout|shouted|nod|nodded|smile|smiled|walk|walked|look|looked)\b",
+    re.IGNORECASE)
+# A sentence ends in . ! ? … (and the like), possibly followed by closing marks, then a space or the end.
+_SENTENCE_END = re.compile(r"[.!?…~♪](?:[\"'”’)\]*_]+)?(?=\s|$)")
+_END_CHARS = ".!?…~♪\"'”’)]*_"
+
+
+def clean_header(text: str, char: str) -> str:
+    """Drop a leading `Char:` the model may echo from the history format."""
+    return re.sub(rf"^\s*{re.escape(char)}\s*:\s*", "", text, count=1).strip()
+
+
+def may_become_name_prefix(text: str, char: str) -> bool:
+    """True while a streamed reply could still turn out to be the `Char:` header clean_header drops."""
+    stripped = text.lstrip()
+    return len(stripped) <= len(char) + 1 and f"{char}:".startswith(stripped)
+
+
+def _name_pattern(names: Sequence[str]) -> re.Pattern[str] | None:
+    """Line openings that belong to someone else: "Name:", "**Name:**", "[Name]", "Name says"."""
+    variants = set()
+    for name in names:
+        name = name.strip()
+        if not name:
+            continue
+        variants.add(re.escape(name))
+        first = name.split()[0]
+        if len(first) >= 3 and first != name:
+            variants.add(re.escape(first))
+    if not variants:
+        return None
+    alternatives = "|".join(sorted(variants, key=len, reverse=True))
+    return re.compile(rf"^[\s*_\[]*(?:{alternatives})(?:[\s*_\]]*:|\]|\s+(?:says|said|replies|replied|asks|asked)\b)",
+                      re.IGNORECASE | re.MULTILINE)
+
+
+def cut_point(text: str, others: Sequence[str]) -> int | None:
+    """Where the reply starts speaking for someone else (a line offset), or None.
+
+    The first line never counts for a second-person narration ("You say" at the very start is the
+    persona addressing the user: "You say that like it's easy.").
+    """
+    cuts = []
+    pattern = _name_pattern([*others, *GENERIC_NAMES])
+    if pattern is not None:
+        cuts += [m.start() for m in pattern.finditer(text)]
+    offset = 0
+    for index, line in enumerate(text.splitlines(keepends=True)):
+        if index and _SECOND_PERSON.match(line):
+            cuts.append(offset)
+        offset += len(line)
+    return min(cuts) if cuts else None
+
+
+def trim_incomplete(text: str) -> str:
+    """Cut an unfinished last sentence: back to the last sentence end, closed action (*...*) or closed
+    quote. Text with no such end at all is kept as it is."""
+    stripped = text.rstrip()
+    if not stripped or stripped[-1] in _END_CHARS:
+        return stripped
+    ends = [m.end() for m in _SENTENCE_END.finditer(stripped)]
+    ends += _closing_marks(stripped, r"(?<!\*)\*(?!\*)") + _closing_marks(stripped, '"') + \
+        [m.end() for m in re.finditer("”", stripped)]
+    return stripped[:max(ends)].rstrip() if ends else stripped
+
+
+def _closing_marks(text: str, mark: str) -> list[int]:
+    """End offsets of the marks that close a pair (the 2nd, 4th... occurrence)."""
+    return [m.end() for m in list(re.finditer(mark, text))[1::2]]
+
+
+def balance_marks(text: str) -> str:
+    """Close an action (*...*) or a quote the text leaves open; drop a lone trailing asterisk."""
+    out = text.rstrip()
+    if len(re.findall(r"(?<!\*)\*(?!\*)", out)) % 2:
+        out = out[:-1].rstrip() if out.endswith("*") and not out.endswith("**") else out + "*"
+    if out.count('"') % 2:
+        out += '"'
+    if out.count("“") > out.count("”"):
+        out += "”"
+    return out
+
+
+def shape_reply(text: str, char: str, others: Sequence[str] = (), trim: bool = True) -> str:
+    """The reply as the persona says it (see the module docstring for the steps).
+
+    `others`: the names the persona must not write for (the humans in the story, the rest of the cast).
+    """
+    reply = clean_header(text, char)
+    cut = cut_point(reply, others)
+    if cut is not None:
+        reply = reply[:cut]
+    reply = reply.strip()
+    if _only_a_name(reply, char):
+        return ""
+    if trim:
+        reply = trim_incomplete(reply)
+    return balance_marks(reply) if reply else ""
+
+
+def shape_partial(text: str, char: str, others: Sequence[str] = ()) -> tuple[str, bool]:
+    """A reply still streaming: what to show so far, and whether the model has run past its turn."""
+    reply = clean_header(text, char)
+    cut = cut_point(reply, others)
+    if cut is None:
+        return reply, False
+    return reply[:cut].strip(), True
+
+
+def _only_a_name(text: str, char: str) -> bool:
+    bare = text.strip(" \t\n*_:.-—\"'")
+    return not bare or bare.lower() in {char.lower(), char.split()[0].lower() if char.split() else ""}
