@@ -96,8 +96,13 @@ def overloaded(retry_after: float, message: str = "The server is busy; retry lat
 
 
 def unavailable(message: str, code: str = "model_not_loaded") -> APIError:
-    """503: the role is disabled or its model has not finished loading."""
-    return APIError(503, message, SERVER_ERROR, None, code, headers={"Retry-After": "5"})
+    """503: the role is disabled or its model has not finished loading.
+
+    A disabled role will not come back by waiting: no Retry-After, and ``x-should-retry: false`` (the
+    official OpenAI clients honour it) so a client fails at once instead of retrying.
+    """
+    headers = {"x-should-retry": "false"} if code == "role_disabled" else {"Retry-After": "5"}
+    return APIError(503, message, SERVER_ERROR, None, code, headers=headers)
 
 
 def from_validation(error: ValidationError) -> APIError:

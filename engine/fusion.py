@@ -30,6 +30,9 @@ from engine.registry import Registry
 from engine.settings import LimitSettings
 
 IMAGE_MARKER = "[Image: {text}]"
+# With no image model (the offline preset has none with real weights) nothing is invented: the
+# model is told that an image was shared, and its size.
+UNSEEN_IMAGE_MARKER = "[An image was shared: {width}×{height}]"
 AUDIO_MARKER = "[Voice message, transcribed: {text}]"
 EMPTY_AUDIO = "(no speech heard)"
 REMOTE_SCHEMES = ("http://", "https://")
@@ -179,9 +182,13 @@ def _template_role(role: str) -> str:
 
 async def compose(parsed: ParsedChat, registry: Registry) -> tuple[list[dict], dict[str, Any]]:
     """Text-only messages with captions and transcripts merged in, plus the masque report."""
-    captions = [await _caption(registry, item.value) for item in parsed.images]
+    sees = registry.enabled("caption")
+    captions = [await _caption(registry, item.value) if sees else "" for item in parsed.images]
     transcripts = [await _transcribe(registry, item.value) for item in parsed.audios]
-    images, audios = iter(captions), iter(transcripts)
+    markers = [IMAGE_MARKER.format(text=caption) if sees else
+               UNSEEN_IMAGE_MARKER.format(width=item.value.width, height=item.value.height)
+               for item, caption in zip(parsed.images, captions, strict=True)]
+    images, audios = iter(markers), iter(transcripts)
     out = []
     for message in parsed.messages:
         if isinstance(message.content, list):
@@ -190,7 +197,7 @@ async def compose(parsed: ParsedChat, registry: Registry) -> tuple[list[dict], d
                 if isinstance(part, TextPart):
                     pieces.append(part.text)
                 elif isinstance(part, ImagePart):
-                    pieces.append(IMAGE_MARKER.format(text=next(images)))
+                    pieces.append(next(images))
                 else:
                     pieces.append(AUDIO_MARKER.format(text=next(audios) or EMPTY_AUDIO))
             content = "\n".join(piece for piece in pieces if piece)
@@ -203,9 +210,10 @@ async def compose(parsed: ParsedChat, registry: Registry) -> tuple[list[dict], d
             {"message": item.message, "text": text}
             for item, text in zip(parsed.audios, transcripts, strict=True)
         ],
+        # Only real descriptions: with no image model the list is empty.
         "captions": [
             {"message": item.message, "text": text}
-            for item, text in zip(parsed.images, captions, strict=True)
+            for item, text in zip(parsed.images, captions, strict=True) if sees
         ],
     }
     return out, masque

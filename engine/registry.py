@@ -97,6 +97,10 @@ class Registry:
             raise unavailable(f"The {role} model failed to load.", code="model_load_failed")
         raise unavailable(f"The {role} model is still loading; retry shortly.")
 
+    def enabled(self, role: str) -> bool:
+        """True when ``role`` is configured (loaded, loading or failed), False when it is off."""
+        return self._state.get(role, DISABLED) != DISABLED
+
     def has(self, role: str) -> bool:
         """True when ``role`` is loaded."""
         return role in self._backends

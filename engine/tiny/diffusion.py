@@ -1,4 +1,4 @@
-"""``tiny:diffusion``: a tiny random Stable Diffusion pipeline for tests and the offline preset.
+"""``tiny:diffusion``: a tiny random Stable Diffusion pipeline for tests (never a default: its pictures are noise).
 
 No diffusion, VAE or CLIP weights are reachable offline, so this builds the real diffusers
 classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIMScheduler) at a

@@ -117,10 +117,18 @@ def offline_settings(**overrides: Any) -> EngineSettings:
     )
 
 
+# The offline preset has no captioner and no image model (no real weights small enough); the
+# tests load the tiny random ones explicitly, to test those roles' code.
+TINY_MEDIA = {
+    "caption": {"model": "tiny:caption", "device": "cpu", "dtype": "float32"},
+    "images": {"model": "tiny:diffusion", "device": "cpu", "dtype": "float32", "max_side": 1024},
+}
+
+
 @pytest.fixture(scope="session")
 def engine_settings() -> EngineSettings:
-    """The offline preset (SmolLM2, tiny captioner, Whisper tiny.en, piper, MiniLM, tiny SD)."""
-    return offline_settings()
+    """The offline preset (SmolLM2, Whisper tiny.en, piper, MiniLM) plus the tiny captioner and tiny SD."""
+    return offline_settings(**TINY_MEDIA)
 
 
 @pytest.fixture(scope="session")
