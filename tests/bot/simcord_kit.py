@@ -49,6 +49,12 @@ class World:
         """Messages posted through a webhook (as a persona), oldest first."""
         return [m for m in (channel or self.channel).history() if m.webhook_id is not None]
 
+    def error_types(self) -> list[str]:
+        """Every error the bot's handlers met so far, by the type of the original exception (a command's
+        CommandInvokeError by what it wraps). Reading them acknowledges them: SimCord fails a test whose errors
+        nobody looked at, so a test asserts exactly the ones it expects."""
+        return [type(getattr(error, "original", error)).__name__ for error in self.env.errors]
+
     def stored(self, message: discord.Message):
         """SimCord's own record of a message (ping lists, allowed mentions) for assertions."""
         return self.env.backend.get_message(message.channel.id, message.id)

@@ -298,9 +298,18 @@ async def test_an_engine_that_is_down_slow_or_stalling_gets_a_clear_message_and_
         assert not any(i in discord_server.messages for i in posted)
 
 
+@pytest.mark.parametrize("engine_seen", [False, True], ids=["engine-not-yet-seen", "engine-seen-speaking-masque"])
 async def test_a_voice_message_is_heard_and_quoted(bot: MasqueBot, discord_server: FakeDiscord,
-                                                   fake_engine: FakeEngine) -> None:
+                                                   fake_engine: FakeEngine, engine_seen: bool) -> None:
     await start_story(discord_server)
+    if engine_seen:  # one reply first: its `masque` extras tell the client the engine hears audio parts itself
+        since = len(discord_server.calls)
+        # the admin asks, so the player's voice message after it meets no per-user cooldown
+        await discord_server.user_says("Is the gate locked?", user_id=discord_server.world.admin_id)
+        await discord_server.wait_for_call(
+            lambda c: c.method == "PATCH" and c in discord_server.webhook_calls() and buttons(c.json or {}) != [],
+            since=since, wait_s=20)
+    assert bot.engine.speaks_masque() is engine_seen
     fake_engine.transcript = "open the gate before the tide turns"
     said = await discord_server.user_says("", attachments=[Attachment("voice-message.ogg", "audio/ogg",
                                                                       b"OggS fake opus", voice=True)])
@@ -308,14 +317,17 @@ async def test_a_voice_message_is_heard_and_quoted(bot: MasqueBot, discord_serve
         lambda c: c.method == "POST" and c.path == f"/channels/{said['channel_id']}/messages", wait_s=20)
     assert "open the gate before the tide turns" in quote.json["content"]
     assert quote.json["allowed_mentions"]["parse"] == []
-    # The audio reached the engine: as an input_audio part, or (before the client has seen that the engine
-    # speaks `masque`) through /v1/audio/transcriptions first, and then as text.
+    # The audio reached the engine one way only: as an input_audio part to an engine known to speak `masque`,
+    # else through /v1/audio/transcriptions first, and then as text.
     audio = base64.b64encode(b"OggS fake opus").decode()
     parts = [p for r in fake_engine.requests_to("/v1/chat/completions") for m in r.json["messages"]
              if isinstance(m["content"], list) for p in m["content"] if p["type"] == "input_audio"]
     uploads = [r.form["file"]["data"] for r in fake_engine.requests_to("/v1/audio/transcriptions")]
-    assert [p["input_audio"]["data"] for p in parts] == [audio] or uploads == [b"OggS fake opus"]
-    assert "open the gate before the tide turns" in str(fake_engine.requests_to("/v1/chat/completions")[-1].json)
+    if engine_seen:
+        assert [p["input_audio"]["data"] for p in parts] == [audio] and uploads == []
+    else:
+        assert parts == [] and uploads == [b"OggS fake opus"]
+        assert "open the gate before the tide turns" in str(fake_engine.requests_to("/v1/chat/completions")[-1].json)
     turn = await bot.store.turn_by_message(int(said["id"]))
     assert turn is not None and turn.attachments[0]["transcript"] == "open the gate before the tide turns"
 

@@ -6,7 +6,8 @@ import json
 
 import discord
 
-from bot.app import MasqueBot, apply_endpoints, masque_intents
+from bot.app import apply_endpoints, masque_intents
+from bot.cogs import COGS
 from tests.bot.simcord_kit import make_bot, start_story, world
 
 EXPECTED_COMMANDS = {"persona", "story", "memory", "lore", "scene", "imagine", "masque", "voice"}
@@ -46,7 +47,12 @@ async def test_commands_are_synced_with_descriptions(bot_settings, store, fake_e
             "create", "import", "export", "edit", "avatar", "voice", "list", "show", "delete"}
         assert synced["persona"].default_member_permissions.manage_guild
         assert synced["masque"].default_member_permissions.manage_guild
-        assert isinstance(w.bot, MasqueBot)
+        # discord.py falls back to "…" where a command has no docstring: every command and subcommand has one.
+        for command in synced.values():
+            assert command.description not in ("", "…"), command.name
+            for option in command.options:
+                assert option.description not in ("", "…"), f"{command.name} {option.name}"
+        assert set(w.bot.extensions) == set(COGS)  # setup_hook loaded every cog
 
 
 async def test_a_new_persona_gets_the_channel_webhook_dressed_as_it(bot_settings, store, fake_engine):

