@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+CARDS = REPO / "tests" / "fixtures" / "cards"  # the project's own cards (see make_cards.py there)
 SHARED_FIXTURES = Path(os.environ.get("MASQUE_SHARED_DIR", REPO.parent / "shared")) / "fixtures"
 POSTGRES_ENV = "MASQUE_TEST_POSTGRES_URL"
 
@@ -35,12 +36,20 @@ def require_postgres() -> str:
     return url
 
 
-@pytest.fixture
-def shared_cards() -> Path:
+def ecosystem_cards() -> Path:
+    """The ecosystem's real cards (SillyTavern's defaults), beside the repository when present.
+
+    Tests on them are extras: every behaviour is also tested on the project's own cards in CARDS.
+    """
     folder = SHARED_FIXTURES / "cards"
     if not folder.is_dir():
-        pytest.skip(f"the ecosystem's real cards are not here ({folder} is missing)")
+        pytest.skip(f"an extra on the ecosystem's real cards, which are not here ({folder} is missing)")
     return folder
+
+
+@pytest.fixture
+def shared_cards() -> Path:
+    return ecosystem_cards()
 
 
 async def _postgres_database(server_url: str) -> tuple[str, str]:
@@ -78,6 +87,18 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'masque.db'}"
         return
+    async for url in _fresh_postgres_database():
+        yield url
+
+
+@pytest.fixture
+async def postgres_database_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database (skips without MASQUE_TEST_POSTGRES_URL)."""
+    async for url in _fresh_postgres_database():
+        yield url
+
+
+async def _fresh_postgres_database() -> AsyncIterator[str]:
     server = require_postgres()
     url, name = await _postgres_database(server)
     try:

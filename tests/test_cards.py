@@ -28,6 +28,9 @@ from bot.cards import (
 )
 from bot.cards import png as pngmod
 from bot.cards.parser import placeholder_avatar
+from tests.conftest import CARDS, ecosystem_cards
+
+OWN_CARDS = ("Ilse.png", "Tobin.png", "Maud.json", "Pell.charx")
 
 
 def v2_card(**data) -> dict:
@@ -44,42 +47,62 @@ def b64json(obj: dict) -> str:
     return base64.b64encode(json.dumps(obj).encode()).decode()
 
 
-# ------------------------------------------------------------------ real cards
+# ------------------------------------------------------------------ the project's own cards
 
 
-def test_seraphina_png_reads_with_her_lorebook(shared_cards: Path):
-    parsed = load_card(shared_cards / "Seraphina.png")
-    assert parsed.card.name == "Seraphina"
+def test_a_v2_png_reads_with_its_lorebook():
+    parsed = load_card(CARDS / "Ilse.png")
+    assert parsed.card.name == "Ilse"
     assert parsed.source_spec == "v2" and parsed.format == "png"
     book = parsed.card.data.character_book
-    assert book is not None and book.name == "Eldoria"
+    assert book is not None and book.name == "Emberfall"
     assert len(book.entries) == 4
-    assert book.entries[1].keys[:2] == ["shadowfang", "beast"]
+    assert book.entries[1].keys[:2] == ["glassmoth", "glassmoths"]
     # SillyTavern's own top-level extras survive normalisation.
     v3 = parsed.card.to_v3()
-    assert v3["spec"] == "chara_card_v3" and v3["create_date"].startswith("2023-5-12")
-    assert v3["data"]["extensions"]["world"] == "Eldoria"
+    assert v3["spec"] == "chara_card_v3" and v3["create_date"].startswith("2024-1-1")
+    assert v3["fav"] is False and v3["data"]["extensions"]["world"] == "Emberfall"
     assert v3["data"]["character_book"]["entries"][1]["extensions"] == {
         "position": 0, "probability": None, "useProbability": False,
     }
     Image.open(io.BytesIO(parsed.avatar)).verify()
+    assert "chara" not in pngmod.text_chunks(pngmod.read_chunks(parsed.avatar))  # the avatar is the bare image
 
 
-def test_seraphina_round_trips_through_png_json_and_charx(shared_cards: Path, tmp_path: Path):
-    parsed = load_card(shared_cards / "Seraphina.png")
+def test_a_png_with_only_a_ccv3_chunk_is_v3():
+    parsed = load_card(CARDS / "Tobin.png")
+    assert (parsed.format, parsed.source_spec) == ("png", "v3")
+    assert parsed.card.name == "Tobin Quill" and parsed.card.display_name == "Tobin"
+    assert parsed.card.to_v3()["data"]["group_only_greetings"] == ['"Everyone, to the table."']
+
+
+def test_a_json_card_and_a_charx_card():
+    maud = load_card(CARDS / "Maud.json")
+    assert (maud.card.name, maud.format, maud.source_spec, maud.avatar) == ("Maud", "json", "v2", None)
+    pell = load_card(CARDS / "Pell.charx")
+    assert (pell.card.name, pell.format, pell.source_spec) == ("Pell", "charx", "v3")
+    with zipfile.ZipFile(CARDS / "Pell.charx") as archive:
+        assert pell.avatar == archive.read("assets/icon/images/main.png")
+
+
+@pytest.mark.parametrize("name", [*OWN_CARDS, "ecosystem:Seraphina.png"])
+def test_every_card_round_trips_through_png_json_and_charx(name: str):
+    path = ecosystem_cards() / name.removeprefix("ecosystem:") if name.startswith("ecosystem:") else CARDS / name
+    parsed = load_card(path)
     original = parsed.card.to_v3()
     again = parse_card(to_png_card(parsed.card, parsed.avatar), "again.png")
     assert again.card.to_v3() == original
     assert parse_card(to_json(parsed.card), "again.json").card.to_v3() == original
     charx = parse_card(to_charx(parsed.card, parsed.avatar), "again.charx")
-    assert charx.avatar is not None
+    assert (charx.avatar is not None) == (parsed.avatar is not None)
     charx_v3 = charx.card.to_v3()
-    charx_v3["data"].pop("assets")
+    if "assets" not in original["data"]:  # the writer names the avatar as the card's icon asset
+        charx_v3["data"].pop("assets", None)
     assert charx_v3 == original
 
 
-def test_png_export_writes_both_chunks_v3_read_first(shared_cards: Path):
-    parsed = load_card(shared_cards / "Seraphina.png")
+def test_png_export_writes_both_chunks_v3_read_first():
+    parsed = load_card(CARDS / "Ilse.png")
     texts = pngmod.text_chunks(pngmod.read_chunks(to_png_card(parsed.card, parsed.avatar)))
     v2 = json.loads(base64.b64decode(texts["chara"]))
     v3 = json.loads(base64.b64decode(texts["ccv3"]))
@@ -91,14 +114,41 @@ def test_png_export_writes_both_chunks_v3_read_first(shared_cards: Path):
     assert parse_card(both, "both.png").card.name == "New"
 
 
-def test_eldoria_world_info_becomes_a_lorebook(shared_cards: Path):
-    book = load_lorebook(shared_cards / "Eldoria.lorebook.json")
+def test_world_info_becomes_a_lorebook():
+    book = load_lorebook(CARDS / "Emberfall.lorebook.json")
     assert len(book.entries) == 4
     first = book.entries[0]
-    assert first.keys == ["eldoria", "wood", "forest", "magical forest"]
+    assert first.keys == ["emberfall", "monastery", "cloister", "mountain monastery"]
     assert first.id == 0 and first.insertion_order == 100 and first.enabled is True
     assert first.position == "before_char"
     assert first.extensions["position"] == 0  # SillyTavern's raw fields kept in extensions
+
+
+# ------------------------------------------------------------------ the ecosystem's real cards (extras)
+
+
+def test_seraphina_png_reads_with_her_lorebook(shared_cards: Path):
+    parsed = load_card(shared_cards / "Seraphina.png")
+    assert parsed.card.name == "Seraphina"
+    assert parsed.source_spec == "v2" and parsed.format == "png"
+    book = parsed.card.data.character_book
+    assert book is not None and book.name == "Eldoria"
+    assert len(book.entries) == 4
+    assert book.entries[1].keys[:2] == ["shadowfang", "beast"]
+    v3 = parsed.card.to_v3()
+    assert v3["spec"] == "chara_card_v3" and v3["create_date"].startswith("2023-5-12")
+    assert v3["data"]["extensions"]["world"] == "Eldoria"
+    Image.open(io.BytesIO(parsed.avatar)).verify()
+
+
+def test_eldoria_world_info_becomes_a_lorebook(shared_cards: Path):
+    from bot.story.lorebook import activate, book_problems
+
+    book = load_lorebook(shared_cards / "Eldoria.lorebook.json")
+    assert book.name == "Eldoria" and book_problems(book) == [] and len(book.entries) == 4
+    assert book.entries[0].keys == ["eldoria", "wood", "forest", "magical forest"]
+    result = activate([book], ["User: tell me about the forest"], turn=1, budget=10_000)
+    assert sorted(h.uid for h in result.hits) == ["0", "1", "2", "3"]
 
 
 # ------------------------------------------------------------------ formats
@@ -176,10 +226,10 @@ def _bad(blob: bytes, source: str) -> CardError:
     return info.value
 
 
-def test_truncated_png_names_the_chunk(shared_cards: Path):
-    blob = (shared_cards / "Seraphina.png").read_bytes()[:5000]
-    err = _bad(blob, "Seraphina.png")
-    assert "Seraphina.png" in str(err) and "truncated" in err.reason and "IDAT" in err.reason
+def test_truncated_png_names_the_chunk():
+    blob = (CARDS / "Ilse.png").read_bytes()
+    err = _bad(blob[: blob.index(b"IDAT") + 100], "Ilse.png")
+    assert "Ilse.png" in str(err) and "truncated" in err.reason and "IDAT" in err.reason
 
 
 def test_png_without_card():
@@ -215,8 +265,14 @@ def test_file_over_the_size_limit(tmp_path: Path):
     with pytest.raises(CardError) as info:
         load_card(big)
     assert "huge.png" in str(info.value) and "limit" in info.value.reason
-    assert len(b"x" * (MAX_CARD_BYTES + 1)) > MAX_CARD_BYTES
     assert "limit" in _bad(b"{" + b" " * MAX_CARD_BYTES + b"}", "big.json").reason
+    # Bytes that never were a file (a Discord attachment): a real card padded to one byte over the limit is
+    # refused by its size, and the same card one byte shorter is read (a PNG ends at IEND).
+    card = (CARDS / "Ilse.png").read_bytes()
+    oversized = card + b"\0" * (MAX_CARD_BYTES + 1 - len(card))
+    err = _bad(oversized, "padded.png")
+    assert err.source == "padded.png" and err.reason == "file is 16.0 MiB, over the 16.0 MiB limit"
+    assert parse_card(oversized[:-1], "padded.png").card.name == "Ilse"
 
 
 def test_lorebook_with_100k_entries():
@@ -289,18 +345,18 @@ def _bad_lorebook(blob: bytes, source: str = "world.json") -> CardError:
     return info.value
 
 
-def test_eldoria_converts_with_its_positions_depths_and_logic(shared_cards: Path):
+def test_world_info_converts_with_its_positions_depths_and_logic():
     from bot.story.lorebook import activate, book_problems
 
-    book = load_lorebook(shared_cards / "Eldoria.lorebook.json")
-    assert book.name == "Eldoria" and book_problems(book) == []
+    book = load_lorebook(CARDS / "Emberfall.lorebook.json")
+    assert book.name == "Emberfall" and book_problems(book) == []
     assert [e.extensions["position"] for e in book.entries] == [0, 0, 0, 0]
     assert all(e.position == "before_char" and e.selective is False for e in book.entries)
-    once = activate([book], ["User: tell me about the forest"], turn=1, budget=10_000, max_recursion=1)
+    once = activate([book], ["User: tell me about the monastery"], turn=1, budget=10_000, max_recursion=1)
     assert [(h.position, h.book, h.uid, h.depth, h.role) for h in once.hits] == [
-        ("before_char", "Eldoria", "0", 4, "system")]
-    # its entries name each other (Shadowfangs, beasts...), so recursion brings in the whole book
-    result = activate([book], ["User: tell me about the forest"], turn=1, budget=10_000)
+        ("before_char", "Emberfall", "0", 4, "system")]
+    # its entries name each other (glassmoths, the bellwright...), so recursion brings in the whole book
+    result = activate([book], ["User: tell me about the monastery"], turn=1, budget=10_000)
     assert sorted(h.uid for h in result.hits) == ["0", "1", "2", "3"]
 
 

@@ -4,22 +4,22 @@ persona is then told (the prompt the fake engine receives)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import simcord
 
 from bot.story.chatfile import from_sillytavern_jsonl
 from tests.bot.simcord_kit import make_bot, start_story, world
+from tests.conftest import CARDS
 
-ELDORIA = Path("/work/shared/fixtures/cards/Eldoria.lorebook.json")
-SHADOWFANG_LORE = "The Shadowfangs are beasts of darkness"  # in Eldoria's "shadowfang" entry
+EMBERFALL = CARDS / "Emberfall.lorebook.json"
+GLASSMOTH_LORE = "The Glassmoths are moths of living crystal"  # in Emberfall's "glassmoth" entry
 
 
 @pytest.fixture
-def eldoria() -> tuple[str, bytes]:
-    """The World Info file as a Discord attachment."""
-    return ELDORIA.name, ELDORIA.read_bytes()
+def emberfall() -> tuple[str, bytes]:
+    """A SillyTavern World Info file (the project's own) as a Discord attachment."""
+    return EMBERFALL.name, EMBERFALL.read_bytes()
 
 
 def said(result: simcord.InteractionResult) -> str:
@@ -82,7 +82,7 @@ async def test_only_the_author_or_an_admin_may_unpin_a_fact(bot_settings, store,
         refused = await other.slash(w.channel, "memory remove", id=fact.id)
         assert refused.response.ephemeral and "Only whoever pinned a fact" in refused.response.content
         assert [f.id for f in await store.facts(story.id)] == [fact.id]
-        assert [type(e).__name__ for e in w.env.errors] == ["CheckFailure"]  # answered by tree.on_error
+        assert w.error_types() == ["CheckFailure"]  # answered by tree.on_error
 
         missing = await w.admin.slash(w.channel, "memory remove", id=fact.id + 99)
         assert missing.response.ephemeral and f"no pinned fact #{fact.id + 99}" in missing.response.content
@@ -96,7 +96,7 @@ async def test_only_the_author_or_an_admin_may_unpin_a_fact(bot_settings, store,
         fake_engine.reply = "Wren shrugs."  # not the default echo of the prompt
         await w.player.send(w.channel, "Where is the key?")
         assert "under the mat" not in prompt_for(fake_engine, "Where is the key?")
-        w.env.errors  # noqa: B018 (acknowledge the StoryError tree.on_error answered)
+        assert w.error_types() == ["CheckFailure", "StoryError"]  # and the unknown fact
 
 
 async def test_the_author_of_a_fact_may_unpin_it(bot_settings, store, fake_engine):
@@ -114,7 +114,7 @@ async def test_memory_without_a_story_says_how_to_start_one(bot_settings, store,
     async with world(make_bot(bot_settings, store)) as w:
         result = await w.player.slash(w.channel, "memory add", text="Anything.")
         assert result.response.ephemeral and "/story start" in result.response.content
-        w.env.errors  # noqa: B018 (acknowledge the StoryError tree.on_error answered)
+        assert w.error_types() == ["NoStory"]
 
 
 # ---------------------------------------------------------------- /story note and /story summary
@@ -178,10 +178,10 @@ async def test_summary_is_shown_and_only_an_admin_may_edit_it(bot_settings, stor
 # ---------------------------------------------------------------- /lore
 
 
-async def test_import_a_sillytavern_world_info_then_list_and_show_it(bot_settings, store, fake_engine, eldoria):
+async def test_import_a_sillytavern_world_info_then_list_and_show_it(bot_settings, store, fake_engine, emberfall):
     async with world(make_bot(bot_settings, store)) as w:
         await start_story(w)
-        imported = await w.admin.slash(w.channel, "lore import", file=eldoria)
+        imported = await w.admin.slash(w.channel, "lore import", file=emberfall)
         assert imported.ephemeral
         assert "4 entries, for this story" in said(imported) and "problem" not in said(imported)
         story = await store.active_story(w.channel.id)
@@ -195,27 +195,27 @@ async def test_import_a_sillytavern_world_info_then_list_and_show_it(bot_setting
         embed = shown.response.embeds[0]
         assert shown.ephemeral and embed.title == record.name
         assert len(embed.fields) == 4 and not any(f.name.startswith("⚠️") for f in embed.fields)
-        assert "keys: eldoria, wood, forest, magical forest" in embed.fields[0].value
-        assert any("keys: shadowfang" in f.value for f in embed.fields)
+        assert "keys: emberfall, monastery, cloister, mountain monastery" in embed.fields[0].value
+        assert any("keys: glassmoth" in f.value for f in embed.fields)
 
         choices = await w.player.autocomplete(w.channel, "lore show", "name", record.name[:3].lower())
         assert [c["value"] for c in choices] == [record.name]
 
 
-async def test_a_lore_key_in_a_message_puts_its_entry_in_the_next_prompt(bot_settings, store, fake_engine, eldoria):
+async def test_a_lore_key_in_a_message_puts_its_entry_in_the_next_prompt(bot_settings, store, fake_engine, emberfall):
     async with world(make_bot(bot_settings, store)) as w:
         await start_story(w)
-        await w.admin.slash(w.channel, "lore import", file=eldoria)
+        await w.admin.slash(w.channel, "lore import", file=emberfall)
         fake_engine.reply = "Wren pours."  # not the default echo of the prompt
         await w.player.send(w.channel, "I order a pint and sit down.")
-        assert SHADOWFANG_LORE not in prompt_for(fake_engine, "I order a pint")
-        await w.player.send(w.channel, "Have you ever seen a shadowfang?")
-        assert SHADOWFANG_LORE in prompt_for(fake_engine, "Have you ever seen a shadowfang?")
+        assert GLASSMOTH_LORE not in prompt_for(fake_engine, "I order a pint")
+        await w.player.send(w.channel, "Have you ever seen a glassmoth?")
+        assert GLASSMOTH_LORE in prompt_for(fake_engine, "Have you ever seen a glassmoth?")
 
 
-async def test_a_server_wide_book_reaches_every_story_and_can_be_removed(bot_settings, store, fake_engine, eldoria):
+async def test_a_server_wide_book_reaches_every_story_and_can_be_removed(bot_settings, store, fake_engine, emberfall):
     async with world(make_bot(bot_settings, store)) as w:
-        no_story = await w.admin.slash(w.channel, "lore import", file=eldoria)
+        no_story = await w.admin.slash(w.channel, "lore import", file=emberfall)
         assert "no story in this channel" in no_story.response.content
         assert await store.lorebooks(w.guild.id, None) == []
 
@@ -233,7 +233,7 @@ async def test_a_server_wide_book_reaches_every_story_and_can_be_removed(bot_set
         assert await store.lorebooks(w.guild.id, None) == []
         gone = await w.player.slash(w.channel, "lore list")
         assert gone.response.content.startswith("No lorebooks here.")
-        w.env.errors  # noqa: B018 (acknowledge the CheckFailure tree.on_error answered)
+        assert w.error_types() == ["CheckFailure"]  # the import without a story, answered above
 
 
 async def test_importing_a_book_again_replaces_it(bot_settings, store, fake_engine):
@@ -281,20 +281,20 @@ async def test_a_malformed_world_info_is_refused_or_its_bad_entries_shown(bot_se
         assert "Gulls circle the harbour." in prompt and "Never shown." not in prompt
 
 
-async def test_a_player_may_not_import_or_remove_lore(bot_settings, store, fake_engine, eldoria):
+async def test_a_player_may_not_import_or_remove_lore(bot_settings, store, fake_engine, emberfall):
     async with world(make_bot(bot_settings, store)) as w:
         await start_story(w)
         story = await store.active_story(w.channel.id)
-        denied = await w.player.slash(w.channel, "lore import", file=eldoria)
+        denied = await w.player.slash(w.channel, "lore import", file=emberfall)
         assert denied.response.ephemeral and "Manage Server" in denied.response.content
         assert await store.lorebooks(w.guild.id, story.id) == []
 
-        await w.admin.slash(w.channel, "lore import", file=eldoria)
+        await w.admin.slash(w.channel, "lore import", file=emberfall)
         [record] = await store.lorebooks(w.guild.id, story.id)
         denied = await w.player.slash(w.channel, "lore remove", name=record.name)
         assert denied.response.ephemeral and "Manage Server" in denied.response.content
         assert len(await store.lorebooks(w.guild.id, story.id)) == 1
-        assert {type(e).__name__ for e in w.env.errors} == {"MissingPermissions"}
+        assert w.error_types() == ["MissingPermissions", "MissingPermissions"]
 
 
 # ---------------------------------------------------------------- /story export and /story import
@@ -385,7 +385,7 @@ async def test_story_import_is_admin_only_and_names_a_bad_file(bot_settings, sto
         unknown = await w.admin.slash(w.channel, "story import", file=("tavern.jsonl", jsonl), persona="Nobody")
         assert "Nobody" in said(unknown)
         assert (await store.active_story(w.channel.id)).id == before
-        w.env.errors  # noqa: B018 (acknowledge the errors tree.on_error answered)
+        assert w.error_types() == ["MissingPermissions", "UnknownPersona"]
 
 
 @pytest.mark.parametrize("fmt", ["text", "sillytavern", "masque"])
@@ -393,4 +393,4 @@ async def test_export_without_a_story_says_how_to_start_one(bot_settings, store,
     async with world(make_bot(bot_settings, store)) as w:
         result = await w.player.slash(w.channel, "story export", format=fmt)
         assert result.response.ephemeral and "/story start" in result.response.content
-        w.env.errors  # noqa: B018 (acknowledge the StoryError tree.on_error answered)
+        assert w.error_types() == ["NoStory"]
