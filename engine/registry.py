@@ -6,6 +6,11 @@ sees its settings, the registry resolves the offline model references (``package
 ``tiny:``, see :mod:`engine.settings`) into real paths, so backends only ever get a hub id or a
 local path. Roles load one after another (the machine may have two cores), with progress logs;
 /health is ready only when every configured role has loaded.
+
+Every configured role is required: an operator who names a model expects it to serve, and a broken one
+found at start beats a 503 found by the first user who asks for a picture. So loading stops at the
+first failure and ``masque-engine`` exits with code 3, unless ``start_degraded`` is set: then the
+other roles still load and the engine serves them (/health says ``degraded``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ CHAT_MODULES = {
 }
 
 DISABLED, PENDING, LOADING, READY, FAILED = "disabled", "pending", "loading", "ready", "failed"
+# What /health says of the whole engine (HTTP 200 for OK and DEGRADED, else 503).
+OK, DEGRADED = "ok", "degraded"
 
 
 def resolve_model(ref: str, cache_dir: Path) -> str:
@@ -119,8 +126,21 @@ class Registry:
         """True when every configured role has loaded."""
         return all(state in (READY, DISABLED) for state in self._state.values())
 
+    def failures(self) -> dict[str, str]:
+        """The roles that failed to load, with their errors."""
+        return {role: self._errors[role] for role, state in self._state.items() if state == FAILED}
+
+    def overall(self) -> str:
+        """ok, loading, failed, or degraded (failures, but start_degraded and loading is over)."""
+        if self.ready:
+            return OK
+        if not self.failures():
+            return LOADING
+        finished = all(state in (READY, DISABLED, FAILED) for state in self._state.values())
+        return DEGRADED if self.settings.start_degraded and finished else FAILED
+
     def status(self) -> dict[str, Any]:
-        """Per-role state for /health."""
+        """The engine's state and each role's, for /health."""
         roles = {}
         for role in ROLES:
             entry: dict[str, Any] = {"state": self._state[role]}
@@ -129,7 +149,10 @@ class Registry:
             if role in self._errors:
                 entry["error"] = self._errors[role]
             roles[role] = entry
-        return {"ready": self.ready, "roles": roles}
+        body: dict[str, Any] = {"status": self.overall(), "ready": self.ready, "roles": roles}
+        if failed := self.failures():
+            body["failed"] = failed
+        return body
 
     def queue_depths(self) -> dict[str, int]:
         """Jobs in flight per role, for /metrics."""
@@ -151,11 +174,13 @@ class Registry:
             self._state[role] = LOADING
             try:
                 backend = await asyncio.to_thread(self._load_one, role)
-            except Exception as exc:  # a broken role must not take the others down
+            except Exception as exc:
                 log.exception("Loading the %s model failed", role)
                 self._state[role] = FAILED
                 self._errors[role] = f"{type(exc).__name__}: {exc}"
-                continue
+                if not self.settings.start_degraded:
+                    break  # the engine will not serve (see the module docstring): the rest would only delay that
+                continue  # degraded: a broken role must not take the others down
             attach = getattr(backend, "attach_metrics", None)
             if self.metrics is not None and callable(attach):
                 attach(self.metrics)

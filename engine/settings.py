@@ -191,6 +191,10 @@ class EngineSettings(BaseSettings):
     # CPU threads for torch; 0 = torch's default (all cores). On a shared, busy CPU fewer
     # threads than cores is often faster: OpenMP workers spin waiting for a stolen core.
     torch_threads: int = Field(0, ge=0)
+    # Every configured role (a non-empty model) is required. When one fails to load, `masque-engine` exits
+    # with code 3 (a broken deployment shows at once: docker/systemd report it and restart). True keeps
+    # serving the roles that loaded; /health then answers 200 "degraded" and names the failed roles.
+    start_degraded: bool = False
     chat: ChatSettings = Field(default_factory=ChatSettings)
     caption: CaptionSettings = Field(default_factory=CaptionSettings)
     stt: SttSettings = Field(default_factory=SttSettings)

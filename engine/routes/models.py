@@ -9,6 +9,7 @@ from aiohttp import web
 
 from engine.errors import not_found
 from engine.metrics import CONTENT_TYPE
+from engine.registry import DEGRADED, OK
 from engine.routes import METRICS, REGISTRY, SETTINGS
 from engine.settings import ROLES, EngineSettings
 
@@ -69,10 +70,10 @@ async def get_model(request: web.Request) -> web.Response:
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """200 once every configured model has loaded, else 503; says which roles are ready."""
-    status = request.app[REGISTRY].status()
-    body = {"status": "ok" if status["ready"] else "loading", **status}
-    return web.json_response(body, status=200 if status["ready"] else 503)
+    """200 once every configured model has loaded (or "degraded", when allowed), else 503 "loading" or
+    "failed"; says each role's state, and which failed with what error."""
+    body = request.app[REGISTRY].status()
+    return web.json_response(body, status=200 if body["status"] in (OK, DEGRADED) else 503)
 
 
 @routes.get("/metrics")

@@ -4,12 +4,16 @@ client disconnects, settings and the command line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +24,7 @@ from aiohttp import web
 from engine.__main__ import parse_args
 from engine.app import create_app
 from engine.settings import EngineSettings, load_settings
-from tests.engine.conftest import API_KEY, RunningEngine, make_client, request
+from tests.engine.conftest import API_KEY, Reply, RunningEngine, make_client, request
 
 MODEL = "masque-chat"
 LONG_STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
@@ -38,32 +42,97 @@ async def test_health_says_which_roles_are_ready(engine_url: str) -> None:
     assert roles["chat"]["model"].endswith(".gguf")
 
 
-async def test_health_is_503_until_ready_and_names_the_failure(tmp_path: Path) -> None:
-    settings = EngineSettings(preset="none", cache_dir=tmp_path,
-                              chat={"model": str(tmp_path / "missing-model")})
+MISSING = "package:masque_no_such_package/model"  # fails at once, before any backend is imported
+
+
+@asynccontextmanager
+async def serving(settings: EngineSettings) -> AsyncIterator[str]:
+    """The real app on a free loopback port, in this test's loop; yields its URL."""
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def health_once_loaded(url: str) -> Reply:
+    """/health once no role is pending or loading any more ("loading" 503 until then)."""
+    for _ in range(400):
         health = await request("GET", f"{url}/health")
-        for _ in range(200):
-            if health.body["roles"]["chat"]["state"] == "failed":
-                break
-            assert health.status == 503 and health.body["status"] == "loading"
-            await asyncio.sleep(0.05)
-            health = await request("GET", f"{url}/health")
+        if health.body["status"] != "loading":
+            return health
         assert health.status == 503
-        assert health.body["roles"]["chat"]["state"] == "failed"
-        assert health.body["roles"]["chat"]["error"]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"still loading: {health.body}")
+
+
+async def test_health_says_failed_with_the_role_and_its_error(tmp_path: Path) -> None:
+    settings = EngineSettings(preset="none", cache_dir=tmp_path,
+                              chat={"model": str(tmp_path / "missing-model")}, stt={"model": MISSING})
+    async with serving(settings) as url:
+        health = await health_once_loaded(url)
+        assert health.status == 503 and health.body["status"] == "failed" and health.body["ready"] is False
+        error = health.body["roles"]["chat"]["error"]
+        assert error and health.body["failed"] == {"chat": error}
+        assert health.body["roles"]["stt"] == {"state": "pending", "model": MISSING}  # not loaded: no point
         assert health.body["roles"]["images"] == {"state": "disabled"}
         chat = await request("POST", f"{url}/v1/chat/completions",
                              body={"model": MODEL, "messages": LONG_STORY})
         assert chat.status == 503
         assert chat.body["error"]["code"] == "model_load_failed"
+
+
+async def test_start_degraded_loads_the_other_roles_and_serves_them(tmp_path: Path) -> None:
+    settings = EngineSettings(preset="none", cache_dir=tmp_path, start_degraded=True,
+                              chat={"model": MISSING}, stt={"model": MISSING})
+    async with serving(settings) as url:
+        health = await health_once_loaded(url)
+        assert health.status == 200 and health.body["status"] == "degraded" and health.body["ready"] is False
+        assert set(health.body["failed"]) == {"chat", "stt"}  # the failed chat did not stop stt's turn
+        assert "masque_no_such_package" in health.body["failed"]["stt"]
+
+
+def start_engine_process(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`masque-engine` whose chat model cannot load, on a free port; returns the process and its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASQUE_CACHE_DIR": str(tmp_path), "MASQUE_ENGINE_CHAT__MODEL": MISSING, **env}
+    process = subprocess.Popen([sys.executable, "-m", "engine", "--preset", "none", "--port", str(port)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_a_model_that_fails_to_load_stops_the_engine_with_code_3(tmp_path: Path) -> None:
+    process, _ = start_engine_process(tmp_path)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 3, err
+    assert "masque-engine: the chat model (package:masque_no_such_package/model) failed to load" in err
+    assert "MASQUE_ENGINE_START_DEGRADED" in err
+
+
+async def test_a_degraded_engine_keeps_serving_until_sigterm(tmp_path: Path) -> None:
+    process, url = start_engine_process(tmp_path, MASQUE_ENGINE_START_DEGRADED="true")
+    try:
+        health = None
+        for _ in range(600):
+            assert process.poll() is None, process.communicate()[1]
+            with contextlib.suppress(aiohttp.ClientError):
+                health = await request("GET", f"{url}/health")
+                if health.body["status"] != "loading":
+                    break
+            await asyncio.sleep(0.1)
+        assert health is not None and health.status == 200 and health.body["status"] == "degraded"
+        process.send_signal(signal.SIGTERM)  # docker stop, systemd
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err
+        assert "Serving degraded, without: chat" in err
     finally:
-        await runner.cleanup()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_models_lists_every_served_model(openai_client: openai.OpenAI) -> None:
