@@ -3,14 +3,17 @@
 Steps: read settings from the environment, open the store (migrations, built-in
 personas), find the engine (MASQUE_ENGINE_URL, else a local child engine on the
 offline preset), then run the Discord bot when DISCORD_TOKEN is set, else
-console role-play (also with `--console`).
+console role-play (also with `--console`). SIGTERM (docker stop, systemd) stops it as
+Ctrl+C does, child engine included.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -74,6 +77,35 @@ async def run(args: argparse.Namespace, settings: BotSettings) -> int:
         await store.close()
 
 
+async def run_until_stopped(args: argparse.Namespace, settings: BotSettings) -> int:
+    """`run`, with SIGTERM handled as asyncio handles Ctrl+C: the run is cancelled, so every `finally` runs.
+
+    Without this SIGTERM would end the process on the spot, and the child engine, which sits in its own
+    session (so a terminal's Ctrl+C reaches only the bot), would be left running.
+    """
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    with contextlib.suppress(NotImplementedError):  # Windows has no loop signal handlers
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await run(args, settings)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        log.info("stopped by SIGTERM")
+        return 0  # a requested stop, not a failure
+    finally:
+        with contextlib.suppress(NotImplementedError):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `masque-bot`."""
     args = parse_args(argv)
@@ -87,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        return asyncio.run(run(args, settings))
+        return asyncio.run(run_until_stopped(args, settings))
     except EngineStartError as exc:
         print(f"masque-bot: the local engine did not start: {exc}\n"
               "Set MASQUE_ENGINE_URL to use an engine that is already running.", file=sys.stderr)

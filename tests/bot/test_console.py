@@ -134,6 +134,65 @@ async def test_child_engine_starts_answers_and_stops(tmp_path: Path):
     assert any("ready" in n for n in notes)
 
 
+# A stand-in package for `python -m engine`, the command the bot runs for its child: the fake engine on the
+# port the bot chose, its pid written where the test reads it.
+FAKE_ENGINE_PACKAGE_MAIN = """
+import asyncio, os, sys
+from pathlib import Path
+from tests.fakes.fake_engine import FakeEngine
+
+async def main():
+    Path(os.environ["FAKE_ENGINE_PID_FILE"]).write_text(str(os.getpid()))
+    engine = FakeEngine(reply="child says hi")
+    engine.port = int(sys.argv[sys.argv.index("--port") + 1])
+    await engine.start()
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its parent to reap it has stopped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+async def test_stopping_the_bot_stops_its_child_engine(tmp_path: Path, stop: signal.Signals, code: int):
+    """docker stop and systemd send SIGTERM, a terminal Ctrl+C (SIGINT): either way the child engine goes too."""
+    shadow = tmp_path / "shadow"
+    (shadow / "engine").mkdir(parents=True)
+    (shadow / "engine" / "__init__.py").write_text("")
+    (shadow / "engine" / "__main__.py").write_text(FAKE_ENGINE_PACKAGE_MAIN)
+    pid_file = tmp_path / "engine.pid"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISCORD_TOKEN", "MASQUE_ENGINE_URL")}
+    env.update(PYTHONPATH=os.pathsep.join([str(shadow), str(REPO)]), FAKE_ENGINE_PID_FILE=str(pid_file),
+               XDG_STATE_HOME=str(tmp_path / "state"),  # the engine log (platformdirs' user_log_dir)
+               MASQUE_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--console", "--persona", "wren", cwd=tmp_path, env=env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        while b"Wren: " not in await asyncio.wait_for(process.stdout.readline(), RUN_TIMEOUT_S):
+            pass  # the greeting: the child engine answered /health, the console waits for input
+        child = int(pid_file.read_text())
+        assert alive(child)
+        process.send_signal(stop)
+        assert await asyncio.wait_for(process.wait(), 30) == code
+        assert not alive(child)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if pid_file.exists() and alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)  # a failed test leaves no engine behind
+
+
 async def test_child_engine_that_exits_reports_its_log(tmp_path: Path):
     command = [sys.executable, "-c", "import sys; print('no models here', flush=True); sys.exit(3)"]
     child = EngineProcess(command=command, log_path=tmp_path / "engine.log", progress=lambda _: None)
