@@ -463,18 +463,40 @@ class EngineClient:
         out: dict[str, bool] = {}
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
             for endpoint in self._endpoints:
-                out[endpoint.base_url] = await _probe(session, health_url(endpoint.base_url))
+                out[endpoint.base_url] = (await probe_health(session, endpoint.base_url)).ready
                 if out[endpoint.base_url]:
                     endpoint.unhealthy_until = 0.0
         return out
 
 
-async def _probe(session: aiohttp.ClientSession, url: str) -> bool:
+@dataclass(frozen=True)
+class Health:
+    """What a server's /health said: ready (a 200), and from our engine which models load or failed."""
+
+    ready: bool
+    loading: list[str] = field(default_factory=list)  # "the chat model (its name)"
+    failed: dict[str, str] = field(default_factory=dict)  # role -> why it did not load
+
+
+async def probe_health(session: aiohttp.ClientSession, base_url: str) -> Health:
+    """GET the /health beside `base_url`. Any 200 is ready (vLLM answers one with an empty body); our
+    engine's JSON also names each role's state. Unreachable or unreadable: not ready."""
     try:
-        async with session.get(url) as response:
-            return response.status == 200
-    except (aiohttp.ClientError, TimeoutError):
-        return False
+        async with session.get(health_url(base_url)) as response:
+            ready, text = response.status == 200, await response.text()
+    except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+        return Health(False)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    roles = body.get("roles") if isinstance(body, dict) else None
+    states = {role: entry for role, entry in (roles or {}).items() if isinstance(entry, dict)}
+    loading = [f"the {role} model ({entry.get('model', '?')})" for role, entry in states.items()
+               if entry.get("state") == "loading"]
+    failed = {role: str(entry.get("error") or "no reason given") for role, entry in states.items()
+              if entry.get("state") == "failed"}
+    return Health(ready, loading, failed)
 
 
 def _chunk_event(chunk: Any) -> StreamEvent:

@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 from platformdirs import user_log_dir
 
-from bot.engine_client import health_url
+from bot.engine_client import probe_health
 from bot.settings import BotSettings
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,15 @@ class EngineProcess:
                 if self._process.returncode is not None:
                     raise EngineStartError(f"the engine exited with code {self._process.returncode}:\n"
                                            f"{self.log_tail()}")
-                ready, loading = await _health(session, health_url(self.base_url))
-                if ready:
+                health = await probe_health(session, self.base_url)
+                if health.ready:
                     self.progress(f"The engine is ready ({time.monotonic() - started:.0f} s).")
                     return
+                if health.failed:  # it exits on its own too; say why now rather than after its shutdown
+                    why = "; ".join(f"the {role} model failed to load: {error}"
+                                    for role, error in health.failed.items())
+                    raise EngineStartError(f"{why}\n{self.log_tail()}")
+                loading = ", ".join(health.loading)
                 now = time.monotonic()
                 if now - started > self.start_timeout_s:
                     raise EngineStartError(f"the engine was not ready after {self.start_timeout_s:.0f} s "
@@ -131,20 +136,6 @@ class EngineProcess:
         except OSError:
             return "(no engine log)"
         return "\n".join(text.splitlines()[-lines:])
-
-
-async def _health(session: aiohttp.ClientSession, url: str) -> tuple[bool, str]:
-    """(ready, what loads now: "the chat model (…)" or ""), from the engine's /health."""
-    try:
-        async with session.get(url) as response:
-            body = await response.json(content_type=None) if response.status in (200, 503) else {}
-            ready = response.status == 200
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return False, ""
-    roles = body.get("roles") if isinstance(body, dict) else None
-    loading = [f"the {role} model ({entry.get('model', '?')})" for role, entry in (roles or {}).items()
-               if isinstance(entry, dict) and entry.get("state") == "loading"]
-    return ready, ", ".join(loading)
 
 
 @contextlib.asynccontextmanager

@@ -25,6 +25,7 @@ from bot.cards import (
     to_charx,
     to_json,
     to_png_card,
+    write_card,
 )
 from bot.cards import png as pngmod
 from bot.cards.parser import placeholder_avatar
@@ -230,6 +231,29 @@ def test_truncated_png_names_the_chunk():
     blob = (CARDS / "Ilse.png").read_bytes()
     err = _bad(blob[: blob.index(b"IDAT") + 100], "Ilse.png")
     assert "Ilse.png" in str(err) and "truncated" in err.reason and "IDAT" in err.reason
+
+
+def test_garbage_is_named_by_the_format_its_file_claims():
+    garbage = bytes(range(128, 256)) * 4  # neither a PNG, a zip nor UTF-8 text
+    assert _bad(garbage, "photo.png").reason == "not a PNG file (it does not start with the PNG signature)"
+    assert _bad(garbage, "card.charx").reason == "not a CHARX file (it is not a zip archive)"
+    assert _bad(garbage, "card.json").reason.startswith("not UTF-8 text")
+    # The content decides, not the name: a JSON card saved as .png is still read.
+    assert parse_card(json.dumps(v2_card()).encode(), "misnamed.png").card.name == "Ada"
+
+
+def test_writing_to_an_unknown_extension_is_refused(tmp_path: Path):
+    card = load_card(CARDS / "Maud.json").card
+    with pytest.raises(CardError) as info:
+        write_card(card, tmp_path / "maud.txt")
+    assert str(info.value) == ("maud.txt: unknown card extension '.txt': "
+                               "write to a file ending .png, .charx, .json, .v2.json")
+    assert not (tmp_path / "maud.txt").exists()
+    for name, spec in (("m.json", "chara_card_v3"), ("m.v2.json", "chara_card_v2"), ("M.PNG", "chara_card_v3")):
+        write_card(card, tmp_path / name)
+        assert load_card(tmp_path / name).card.to_v3()["data"]["name"] == "Maud", name
+        if name.endswith("json"):
+            assert json.loads((tmp_path / name).read_text())["spec"] == spec
 
 
 def test_png_without_card():

@@ -47,6 +47,13 @@ def test_card_convert_png_json_png(tmp_path: Path, db: str):
     assert json.loads(v2.read_text())["spec"] == "chara_card_v2"
 
 
+def test_card_convert_to_an_unknown_extension_is_refused(tmp_path: Path, db: str):
+    out = tmp_path / "ilse.txt"
+    result = run("card", "convert", str(CARDS / "Ilse.png"), str(out), db=db)
+    assert result.returncode == 2 and not out.exists()
+    assert "unknown card extension '.txt'" in result.stderr and ".png, .charx, .json, .v2.json" in result.stderr
+
+
 def test_lore_show(db: str):
     result = run("lore", "show", str(CARDS / "Emberfall.lorebook.json"), db=db)
     assert result.returncode == 0, result.stderr
@@ -88,6 +95,7 @@ async def test_persona_import_into_postgres(postgres_database_url: str):
     (lambda src, p: p.write_bytes(src.read_bytes()[:2000]), "truncated PNG"),
     (lambda src, p: p.write_text("{not json"), "invalid JSON"),
     (lambda src, p: p.write_text(json.dumps({"spec": "chara_card_v2", "data": {"name": "x" * 500}})), "data.name"),
+    (lambda src, p: p.write_bytes(bytes(range(128, 256)) * 8), "not a PNG file"),
 ])
 def test_bad_cards_exit_2_and_store_nothing(tmp_path: Path, db: str, make, expected):
     bad = tmp_path / "bad.png"

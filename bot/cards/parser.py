@@ -34,6 +34,11 @@ from bot.cards.model import (
 
 CardFormat = Literal["json", "png", "charx"]
 ZIP_SIGNATURE = b"PK\x03\x04"
+# A binary card by its file's extension, and what to say when the bytes are neither that nor text.
+_NOT_BINARY_CARD = {".png": "not a PNG file (it does not start with the PNG signature)",
+                    ".charx": "not a CHARX file (it is not a zip archive)"}
+# What `write_card` writes, by the output's extension (.v2.json is a JSON card in V2).
+CARD_EXTENSIONS = (".png", ".charx", ".json", ".v2.json")
 MAX_CHARX_UNPACKED = 4 * MAX_CARD_BYTES
 _AVATAR_SIDE = 512
 
@@ -82,6 +87,8 @@ def parse_card(blob: bytes, source: str) -> ParsedCard:
         return _parse_png(blob, source)
     if blob.startswith(ZIP_SIGNATURE):
         return _parse_charx(blob, source)
+    if (wrong := _NOT_BINARY_CARD.get(Path(source).suffix.lower())) and not _is_utf8(blob):
+        raise CardError(source, None, wrong)  # not text either: a JSON card named .png is still read as JSON
     card, spec = card_from_json(_json(blob, source, None), source)
     return ParsedCard(card, None, "json", spec)
 
@@ -326,15 +333,18 @@ def to_charx(card: Card, avatar: bytes | None = None) -> bytes:
 
 
 def write_card(card: Card, path: str | Path, avatar: bytes | None = None) -> None:
-    """Write by extension: .png, .charx, or JSON (.v2.json gives V2, else V3)."""
+    """Write by extension: .png, .charx, .json (V3) or .v2.json (V2); any other extension is a CardError."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".png":
+    name = path.name.lower()
+    if name.endswith(".png"):
         blob = to_png_card(card, avatar)
-    elif suffix == ".charx":
+    elif name.endswith(".charx"):
         blob = to_charx(card, avatar)
+    elif name.endswith(".json"):
+        blob = to_json(card, "v2" if name.endswith(".v2.json") else "v3")
     else:
-        blob = to_json(card, "v2" if path.name.lower().endswith(".v2.json") else "v3")
+        raise CardError(path.name, None, f"unknown card extension {path.suffix or '(none)'!r}: "
+                                         f"write to a file ending {', '.join(CARD_EXTENSIONS)}")
     path.write_bytes(blob)
 
 
@@ -376,6 +386,14 @@ def _check_image(image: bytes, source: str) -> None:
             img.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise CardError(source, "image", f"the PNG image data is broken ({exc})") from exc
+
+
+def _is_utf8(blob: bytes) -> bool:
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _json(raw: bytes, source: str, field: str | None) -> Any:

@@ -201,6 +201,29 @@ async def test_child_engine_that_exits_reports_its_log(tmp_path: Path):
     assert "no models here" in str(caught.value)
 
 
+# A child that stays up while its /health says a model failed (our engine exits too, a moment later).
+FAILED_ENGINE_MAIN = """
+import sys
+from aiohttp import web
+
+async def health(request):
+    return web.json_response({"status": "failed", "ready": False, "failed": {"chat": "OSError: no model here"},
+                              "roles": {"chat": {"state": "failed", "error": "OSError: no model here"}}}, status=503)
+
+app = web.Application()
+app.router.add_get("/health", health)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]))
+"""
+
+
+async def test_child_engine_whose_model_failed_is_reported_at_once_and_stopped(tmp_path: Path):
+    child = EngineProcess(command=[sys.executable, "-c", FAILED_ENGINE_MAIN, "{port}"],
+                          log_path=tmp_path / "engine.log", progress=lambda _: None, start_timeout_s=60)
+    with pytest.raises(EngineStartError, match="the chat model failed to load: OSError: no model here"):
+        await child.start()
+    assert not child.running
+
+
 async def test_child_engine_that_never_gets_ready_times_out_and_is_stopped(tmp_path: Path):
     command = [sys.executable, "-c", "import time; time.sleep(60)"]
     child = EngineProcess(command=command, log_path=tmp_path / "engine.log", progress=lambda _: None,

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import io
+import json
 
+import aiohttp
 import pytest
+from aiohttp import web
 from PIL import Image
 
-from bot.engine_client import EngineBadResponse, EngineClient, EngineTimeout, EngineUnavailable, health_url
+from bot.engine_client import (
+    EngineBadResponse,
+    EngineClient,
+    EngineTimeout,
+    EngineUnavailable,
+    Health,
+    health_url,
+    probe_health,
+)
 from bot.engine_process import free_port
 from tests.fakes.fake_engine import FakeEngine, embed_text
 
@@ -150,6 +161,41 @@ def test_health_url_sits_beside_v1():
     assert health_url("http://h:8000/v1") == "http://h:8000/health"
     assert health_url("http://h:8000/v1/") == "http://h:8000/health"
     assert health_url("http://h:8000") == "http://h:8000/health"
+
+
+LOADING = {"status": "loading", "ready": False, "roles": {
+    "chat": {"state": "ready", "model": "smol"}, "stt": {"state": "loading", "model": "whisper"},
+    "images": {"state": "disabled"}}}
+FAILED = {"status": "failed", "ready": False, "failed": {"chat": "OSError: no such file"}, "roles": {
+    "chat": {"state": "failed", "model": "smol", "error": "OSError: no such file"}, "stt": {"state": "pending"}}}
+
+
+@pytest.mark.parametrize("status, body, expected", [
+    (200, {"status": "ok", "ready": True, "roles": {"chat": {"state": "ready"}}}, Health(True)),
+    (503, LOADING, Health(False, loading=["the stt model (whisper)"])),
+    (503, FAILED, Health(False, failed={"chat": "OSError: no such file"})),
+    (200, "", Health(True)),  # vLLM: 200 and an empty body
+    (502, "<html>Bad Gateway</html>", Health(False)),  # a proxy in front of a dead server
+], ids=["ready", "loading", "failed", "vllm", "proxy-error"])
+async def test_the_health_probe_reads_our_engine_and_any_other_server(status, body, expected):
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=status, text=body if isinstance(body, str) else json.dumps(body))
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await probe_health(session, url) == expected
+            assert await probe_health(session, dead_url()) == Health(False)
+        client = EngineClient([url])
+        assert await client.health() == {url: expected.ready}  # the client's probe is the same one
+        await client.close()
+    finally:
+        await runner.cleanup()
 
 
 def test_a_client_needs_a_url():
