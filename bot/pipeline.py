@@ -464,7 +464,7 @@ class StoryPipeline:
         return StoryStatusInfo(
             story=story, persona_name=persona.name, turns=await self.store.count_turns(story.id),
             last_activity=_aware(recent[0].updated_at if recent else story.created_at),
-            scene_images=len(await self.store.scene_art(story.id)))
+            scene_images=await self.store.count_scene_art(story.id))
 
     async def edit_user_turn(self, message_id: int, text: str) -> Turn | None:
         """A user edited their message: the turn follows. None when the message is not a user turn."""

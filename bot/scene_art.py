@@ -2,10 +2,11 @@
 
 Steps in `illustrate`: 1 skip when nothing happened since the last image,
 2 a chat call writes an image prompt (persona art style + appearance + scene),
-3 the prompt is embedded (/v1/embeddings), 4 the story's earlier images are
-searched by cosine similarity and the best is reused when it reaches the
-threshold, 5 otherwise /v1/images/generations paints a new one, which is kept
-in the scene-art table with its embedding. Works with any OpenAI-compatible engine.
+3 the prompt is embedded (/v1/embeddings), 4 the embeddings of the story's
+earlier images are searched by cosine similarity (their pixels stay in the
+database) and the best is reused when it reaches the threshold: only its PNG is
+loaded, 5 otherwise /v1/images/generations paints a new one, which is kept in
+the scene-art table with its embedding. Works with any OpenAI-compatible engine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from bot.cards import Card
 from bot.engine_client import EngineBadResponse, EngineClient
 from bot.settings import BotSettings
-from bot.store import SceneArt, Store, Story, Turn
+from bot.store import SceneArt, SceneKey, Store, Story, Turn
 from bot.story.scene import clean_image_prompt, scene_prompt_messages
 
 SCENE_PROMPT_MAX_TOKENS = 60  # CLIP reads 77 tokens and the art style comes first
@@ -61,11 +62,11 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return dot / norm if norm else 0.0
 
 
-def best_match(query: Sequence[float], bank: Sequence[SceneArt]) -> tuple[SceneArt | None, float]:
+def best_match(query: Sequence[float], bank: Sequence[SceneKey]) -> tuple[SceneKey | None, float]:
     """The earlier image whose prompt is closest to `query` (only those with stored pixels)."""
     best, score = None, -1.0
     for art in bank:
-        if art.embedding and art.image:
+        if art.embedding and art.has_image:
             similarity = cosine(query, art.embedding)
             if similarity > score:
                 best, score = art, similarity
@@ -82,7 +83,7 @@ class SceneArtService:
     async def illustrate(self, story: Story, card: Card, turns: Sequence[Turn], *, force: bool = False,
                          safe: bool = True, fresh: bool = False) -> SceneImage | None:
         """Art for the story's current scene, or None when nothing changed and not `force`."""
-        bank = await self.store.scene_art(story.id)
+        bank = await self.store.scene_keys(story.id)
         latest_turn = turns[-1].id if turns else None
         if not force and (latest_turn is None or (bank and bank[0].turn_id == latest_turn)):
             self.stats.skipped += 1
@@ -95,8 +96,10 @@ class SceneArtService:
         [embedding] = await self.engine.embed([prompt])
         match, score = best_match(embedding, bank)
         if match is not None and not fresh and score >= self.settings.scene_reuse_threshold:
-            self.stats.hits += 1
-            return SceneImage(png=match.image or b"", prompt=match.prompt, reused=True, art_id=match.id)
+            png = await self.store.scene_art_image(match.id)
+            if png:  # (else it was deleted since: paint instead)
+                self.stats.hits += 1
+                return SceneImage(png=png, prompt=match.prompt, reused=True, art_id=match.id)
         self.stats.misses += 1
         return await self._paint(story, latest_turn, prompt, embedding, safe)
 

@@ -10,7 +10,17 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from bot.cards import parse_card
-from bot.store import GLOBAL_GUILD, AuthorKind, NewTurn, PersonaExists, SceneArt, Store, Story, StoryStatus
+from bot.store import (
+    GLOBAL_GUILD,
+    AuthorKind,
+    NewTurn,
+    PersonaExists,
+    SceneArt,
+    SceneKey,
+    Store,
+    Story,
+    StoryStatus,
+)
 
 GUILD, CHANNEL, OTHER_CHANNEL = 111, 222, 333
 
@@ -140,6 +150,13 @@ async def test_channels_settings_summaries_and_scene_art(store: Store):
                                              image=b"\x89PNG", width=64, height=64, seed=1))
     bank = await store.scene_art(story.id)
     assert [a.id for a in bank] == [art.id] and bank[0].embedding == [0.1, 0.2]
+    bare = await store.add_scene_art(SceneArt(story_id=story.id, prompt="a link", embedding=[0.3, 0.4],
+                                              image_url="https://cdn.example/a.png"))
+    assert await store.scene_keys(story.id) == [  # newest first, without the pixels
+        SceneKey(bare.id, None, "a link", [0.3, 0.4], has_image=False),
+        SceneKey(art.id, None, "a forest", [0.1, 0.2], has_image=True)]
+    assert await store.scene_art_image(art.id) == b"\x89PNG" and await store.scene_art_image(bare.id) is None
+    assert await store.count_scene_art(story.id) == 2 and await store.count_scene_art(story.id + 1) == 0
 
 
 async def test_state_survives_a_restart(database_url: str):

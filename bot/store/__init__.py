@@ -23,7 +23,7 @@ from bot.store.models import (
     Turn,
 )
 from bot.store.personas import PersonaExists, PersonaRepo
-from bot.store.stories import NewTurn, StoryRepo
+from bot.store.stories import NewTurn, SceneKey, StoryRepo
 
 
 class Store(PersonaRepo, StoryRepo, GuildRepo, Database):
@@ -33,5 +33,5 @@ class Store(PersonaRepo, StoryRepo, GuildRepo, Database):
 __all__ = [
     "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "LorebookRecord", "NewTurn",
     "Persona", "PersonaExists", "PersonaScope", "PinnedFact",
-    "SceneArt", "Store", "Story", "StoryStatus", "Summary", "Swipe", "Turn", "default_database_url",
+    "SceneArt", "SceneKey", "Store", "Story", "StoryStatus", "Summary", "Swipe", "Turn", "default_database_url",
 ]

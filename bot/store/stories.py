@@ -26,6 +26,19 @@ from bot.store.models import (
     utcnow,
 )
 
+SCENE_BANK_SIZE = 200  # the newest scene images a new scene is compared with
+
+
+@dataclass(frozen=True)
+class SceneKey:
+    """A stored scene image as reuse compares it: the prompt's embedding, without the pixels."""
+
+    id: int
+    turn_id: int | None
+    prompt: str
+    embedding: list[float]
+    has_image: bool
+
 
 @dataclass
 class NewTurn:
@@ -306,10 +319,34 @@ class StoryRepo(MemoryRepo):
             session.add(art)
         return art
 
-    async def scene_art(self, story_id: int, limit: int = 200) -> list[SceneArt]:
-        """The story's scene art, newest first (the bank searched for reuse)."""
+    async def scene_art(self, story_id: int, limit: int = SCENE_BANK_SIZE) -> list[SceneArt]:
+        """The story's scene art, newest first, whole rows (images included)."""
         async with self.read() as session:
             return list(await session.scalars(
                 select(SceneArt).where(SceneArt.story_id == story_id)
                 .order_by(SceneArt.id.desc()).limit(limit)
             ))
+
+    async def scene_keys(self, story_id: int, limit: int = SCENE_BANK_SIZE) -> list[SceneKey]:
+        """The story's scene art as reuse searches it, newest first: prompts and embeddings, never the PNGs.
+
+        `length(image)` is read from the row's header (SQLite) or the TOAST pointer (PostgreSQL), so the
+        blobs stay on disk; `image IS NOT NULL` would make SQLite load each one.
+        """
+        has_image = func.coalesce(func.length(SceneArt.image), 0) > 0
+        async with self.read() as session:
+            rows = await session.execute(
+                select(SceneArt.id, SceneArt.turn_id, SceneArt.prompt, SceneArt.embedding, has_image)
+                .where(SceneArt.story_id == story_id).order_by(SceneArt.id.desc()).limit(limit))
+            return [SceneKey(id, turn_id, prompt, embedding or [], bool(image))
+                    for id, turn_id, prompt, embedding, image in rows]
+
+    async def scene_art_image(self, art_id: int) -> bytes | None:
+        """One scene image's PNG (the one reuse picked)."""
+        async with self.read() as session:
+            return await session.scalar(select(SceneArt.image).where(SceneArt.id == art_id))
+
+    async def count_scene_art(self, story_id: int) -> int:
+        """How many scene images the story has (/story status), counted by the database."""
+        async with self.read() as session:
+            return await session.scalar(select(func.count()).where(SceneArt.story_id == story_id)) or 0

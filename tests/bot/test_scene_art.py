@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from sqlalchemy import event
 
 from bot.engine_client import EngineBadResponse, EngineClient
 from bot.pipeline import NoStory, StoryError, StoryPipeline, UserInput
 from bot.scene_art import ArtStats, best_match, cosine
 from bot.settings import BotSettings
-from bot.store import SceneArt, Store
+from bot.store import SceneKey, Store
 from tests.bot.story_helpers import Script, chats
 from tests.fakes import fake_engine as fake_engine_module
 from tests.fakes.fake_engine import FakeEngine
@@ -163,10 +165,45 @@ def test_similarity_helpers():
     assert cosine([1, 0], [1, 0]) == pytest.approx(1.0)
     assert cosine([1, 0], [0, 1]) == pytest.approx(0.0)
     assert cosine([1, 0], [1, 0, 0]) == 0.0 and cosine([0, 0], [0, 0]) == 0.0
-    near = SceneArt(id=1, prompt="a", embedding=[1.0, 0.1], image=b"x")
-    far = SceneArt(id=2, prompt="b", embedding=[0.0, 1.0], image=b"y")
-    pixelless = SceneArt(id=3, prompt="c", embedding=[1.0, 0.1], image=None)
+    near = SceneKey(id=1, turn_id=None, prompt="a", embedding=[1.0, 0.1], has_image=True)
+    far = SceneKey(id=2, turn_id=None, prompt="b", embedding=[0.0, 1.0], has_image=True)
+    pixelless = SceneKey(id=3, turn_id=None, prompt="c", embedding=[1.0, 0.1], has_image=False)
     match, score = best_match([1.0, 0.0], [far, pixelless, near])
     assert match is near and score > 0.99
     assert best_match([1.0, 0.0], []) == (None, -1.0)
     assert ArtStats().hit_rate == 0.0
+
+
+@contextmanager
+def scene_art_queries(store: Store):
+    """The SQL statements that read the scene_art table while the block runs."""
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement: str, *_args) -> None:
+        if "FROM scene_art" in statement:
+            seen.append(" ".join(statement.split()))
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", record)
+
+
+async def test_reuse_compares_embeddings_and_loads_only_the_matched_image(pipeline, fake_engine, script):
+    await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    first = await pipeline.illustrate(CHANNEL)
+    for scene in ("a sunny beach with seagulls and ice cream", "a snowy mountain pass with a broken cart"):
+        await talk(pipeline, "And then?")
+        script.scene = scene
+        assert not (await pipeline.illustrate(CHANNEL)).reused
+    await talk(pipeline, "Back to the office.")
+    script.scene = Script().scene  # the first scene again
+    with scene_art_queries(pipeline.store) as queries:
+        again = await pipeline.illustrate(CHANNEL)
+        assert (await pipeline.status(CHANNEL)).scene_images == 3
+    assert again.reused and again.art_id == first.art_id and again.png == first.png
+    # Three images stored; the pixels read are the match's alone (length() reads no blob).
+    pixels = [q for q in queries if "scene_art.image" in q.replace("length(scene_art.image)", "")]
+    assert len(pixels) == 1 and "WHERE scene_art.id =" in pixels[0]
+    assert any(q.startswith("SELECT count(*)") for q in queries)  # /story status counts in SQL
