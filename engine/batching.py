@@ -7,8 +7,11 @@ waits for the others to finish. Sequences have left-padded rows in one shared KV
 2-D attention mask hides the padding and per-row position ids keep RoPE right. A finished or
 cancelled sequence leaves the batch at the next step.
 
-Each sequence samples with its own settings (temperature, top_p, seed), stops on EOS, its own
-stop strings or its token budget, and streams text deltas back to the event loop.
+Each sequence samples with its own settings (see engine.sampling: penalties, temperature,
+top-k/top-p/min-p, seed), stops on EOS, its own stop strings or its token budget, and streams
+text deltas back to the event loop. While any row has a penalty, the batch keeps a
+:class:`~engine.sampling.TokenHistory` row for every sequence, updated one token per step and
+carried through merges and drops like the KV cache; without penalties there is none.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 from transformers import DynamicCache
 
 from engine.queueing import Admission
+from engine.sampling import SamplingParams, TokenHistory, sample_rows  # re-exported for callers
 
 log = logging.getLogger(__name__)
 
@@ -33,37 +37,6 @@ log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.5
 
 StepObserver = Callable[[int, float, int], None]  # (new tokens, seconds, batch size)
-
-
-@dataclass
-class SamplingParams:
-    """How one sequence is sampled and when it stops."""
-
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-
-def sample_rows(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    """One next token per row of ``logits`` [batch, vocab], each row with its own settings."""
-    tokens = logits.argmax(dim=-1)
-    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
-        if p.temperature <= 0:
-            continue
-        scaled = logits[row] / p.temperature
-        if p.top_p < 1.0:
-            ordered, order = scaled.sort(descending=True)
-            cumulative = ordered.softmax(-1).cumsum(-1)
-            # keep the smallest set whose mass reaches top_p (always at least the best token)
-            drop = cumulative - ordered.softmax(-1) >= p.top_p
-            scaled[order[drop]] = float("-inf")
-        probs = scaled.softmax(-1)
-        tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
-    return tokens
 
 
 class TextStream:
@@ -171,6 +144,7 @@ class _Batch:
     cache: DynamicCache
     mask: torch.Tensor  # [batch, cached length], 1 = real token
     last: torch.Tensor  # [batch] the token to feed next
+    history: TokenHistory | None = None  # while any row has a penalty
 
 
 class Batcher:
@@ -312,7 +286,15 @@ class Batcher:
         """Sample one token per row, stream the text, and note who is done."""
         params = [seq.params for seq in batch.seqs]
         generators = [seq.generator for seq in batch.seqs]
-        tokens = sample_rows(logits.float(), params, generators)
+        if batch.history is None and any(p.penalised for p in params):
+            # counted once (a penalised row joined); from here on one token per step
+            batch.history = TokenHistory.count(
+                [(seq.prompt, seq.generated) for seq in batch.seqs], logits.shape[-1],
+                logits.device,
+            )
+        tokens = sample_rows(logits.float(), params, generators, batch.history)
+        if batch.history is not None:
+            batch.history.add(tokens)
         batch.last = tokens
         self.peak_batch = max(self.peak_batch, len(batch.seqs))
         for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
@@ -359,6 +341,9 @@ class Batcher:
             batch.cache.batch_select_indices(index)
             batch.mask, batch.last = batch.mask[index], batch.last[index]
             batch.seqs = [batch.seqs[i] for i in keep]
+            if batch.history is not None:
+                penalised = any(seq.params.penalised for seq in batch.seqs)
+                batch.history = batch.history.select(index) if penalised else None
             _trim_padding(batch)
         return batch
 
@@ -382,11 +367,15 @@ def _merge(running: _Batch, fresh: _Batch) -> _Batch:
     for mine, theirs in zip(running.cache.layers, fresh.cache.layers, strict=True):
         mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
         mine.values = torch.cat([mine.values, theirs.values], dim=0)
+    history = None  # when only one side has one, the next step counts the whole batch afresh
+    if running.history is not None and fresh.history is not None:
+        history = running.history.concat(fresh.history)
     return _Batch(
         running.seqs + fresh.seqs,
         running.cache,
         torch.cat([running.mask, fresh.mask], dim=0),
         torch.cat([running.last, fresh.last], dim=0),
+        history,
     )
 
 

@@ -19,8 +19,9 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from engine.backends.llm import locate_checkpoint, text_chat_ids
-from engine.batching import Delta, SamplingParams, SequenceHandle, TextStream
+from engine.batching import Delta, SequenceHandle, TextStream
 from engine.queueing import Admission
+from engine.sampling import SamplingParams
 from engine.settings import ChatSettings, EngineSettings
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,15 @@ class LlamaCppBackend:
         try:
             if params.seed is not None:
                 self.llama.set_seed(params.seed)
+            # top_k 0 and min_p 0 are off in llama.cpp too. Unlike the batcher (and vLLM), which
+            # penalise over the whole prompt and output, llama.cpp applies all three penalties
+            # only to its last-n window (Llama's last_n_tokens_size, 64 by default), and it
+            # filters before it applies the temperature, so sampled text differs between the two.
             tokens = self.llama.generate(
-                prompt, temp=params.temperature, top_p=params.top_p, top_k=0, min_p=0.0,
-                repeat_penalty=1.0, reset=True,
+                prompt, temp=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                min_p=params.min_p, repeat_penalty=params.repetition_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty, reset=True,
             )
             finish = "length"
             for token in tokens:

@@ -14,19 +14,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import is_torchvision_available
 
 from engine.backends import pick_device, pick_dtype
-from engine.batching import Delta, SamplingParams, SequenceHandle, TextStream
+from engine.batching import Delta, SequenceHandle, TextStream
 from engine.queueing import Admission
+from engine.sampling import SamplingParams, TokenHistory, penalise
 from engine.settings import ChatSettings, EngineSettings
 
 log = logging.getLogger(__name__)
@@ -156,6 +162,47 @@ class _Halt(StoppingCriteria):
         return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
 
 
+class _OutputPenalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties inside ``generate``, with the batcher's maths
+    (engine.sampling). ``generate`` has no such options of its own."""
+
+    def __init__(self, params: SamplingParams, prompt_tokens: int) -> None:
+        # generate's own repetition_penalty has run by the time this does
+        self.params = replace(params, repetition_penalty=1.0)
+        self.prompt_tokens = prompt_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # one request at a time: counting its few hundred output ids per step costs nothing
+        # next to the forward pass
+        outputs = [((), row[self.prompt_tokens:].tolist()) for row in input_ids]
+        history = TokenHistory.count(outputs, scores.shape[-1], scores.device)
+        return penalise(scores, [self.params] * len(outputs), history)
+
+
+def generate_options(params: SamplingParams, prompt_tokens: int) -> dict[str, Any]:
+    """``generate`` keyword arguments for ``params``, in vLLM's order: penalties (also when
+    greedy), then temperature, top-k, top-p, min-p when sampling.
+
+    Every sampler is passed, off ones included, so the model's generation-config defaults
+    (transformers' top_k=50, a checkpoint's repetition_penalty) never apply unasked: a request
+    means the same on every backend.
+    """
+    options: dict[str, Any] = {
+        "do_sample": params.temperature > 0,
+        "repetition_penalty": float(params.repetition_penalty),
+    }
+    if params.frequency_penalty or params.presence_penalty:
+        options["logits_processor"] = LogitsProcessorList(
+            [_OutputPenalties(params, prompt_tokens)]
+        )
+    if options["do_sample"]:
+        options.update(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            min_p=params.min_p or None,  # None: no min-p step at all
+        )
+    return options
+
+
 class OmniBackend:
     """An omni model generating one request at a time on its own thread."""
 
@@ -202,10 +249,7 @@ class OmniBackend:
         try:
             if handle.cancelled.is_set():
                 return
-            sampled = params.temperature > 0
-            options: dict[str, Any] = {"do_sample": sampled}
-            if sampled:
-                options.update(temperature=params.temperature, top_p=params.top_p)
+            options = generate_options(params, len(prompt))
             if params.seed is not None:
                 torch.manual_seed(params.seed)  # one worker thread: the global RNG is ours
             with torch.inference_mode():

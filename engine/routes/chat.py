@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from jinja2 import TemplateError
 
-from engine.batching import Delta, SamplingParams, SequenceHandle
+from engine.batching import Delta, SequenceHandle
 from engine.errors import APIError, invalid_request, not_found, read_json
 from engine.fusion import compose, native_messages, native_report, parse_media
 from engine.protocol.chat import (
@@ -26,6 +26,7 @@ from engine.protocol.chat import (
     usage_body,
 )
 from engine.routes import METRICS, REGISTRY, SETTINGS
+from engine.sampling import SamplingParams
 from engine.settings import ChatSettings
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,26 @@ def token_budget(body: ChatCompletionRequest, role: ChatSettings, prompt: int, c
     return asked
 
 
+def _given(value: Any, default: Any) -> Any:
+    """``value`` unless the client left it out or sent null."""
+    return default if value is None else value
+
+
 def sampling(body: ChatCompletionRequest, max_tokens: int, choice: int) -> SamplingParams:
-    """Sampling settings of choice ``choice`` (seeds differ per choice, so n>1 differs)."""
+    """Sampling settings of choice ``choice`` (seeds differ per choice, so n>1 differs).
+
+    A sampler the request does not name gets its neutral value (SamplingParams' default).
+    """
+    neutral = SamplingParams(max_tokens)
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-        top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
+        temperature=_given(body.temperature, DEFAULT_TEMPERATURE),
+        top_p=_given(body.top_p, DEFAULT_TOP_P),
+        top_k=max(_given(body.top_k, neutral.top_k), 0),  # vLLM's -1 means off, as 0 does
+        min_p=_given(body.min_p, neutral.min_p),
+        repetition_penalty=_given(body.repetition_penalty, neutral.repetition_penalty),
+        frequency_penalty=_given(body.frequency_penalty, neutral.frequency_penalty),
+        presence_penalty=_given(body.presence_penalty, neutral.presence_penalty),
         stop=body.stop_strings(),
         seed=None if body.seed is None else body.seed + choice,
     )
