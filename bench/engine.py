@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/engine.py                # offline models, a few minutes on 2 cores
     .venv/bin/python bench/engine.py --dtype float32 --threads 2 --max-tokens 48
+    .venv/bin/python bench/engine.py --samplers --max-tokens 64   # each sampler's cost instead
 
 It prints, side by side:
 - aggregate chat tokens/s at 1, 4, 8 and 16 concurrent requests through the real server
@@ -13,6 +14,12 @@ It prints, side by side:
   and the TTS real-time factor of piper (the backends are called directly);
 - llama.cpp (llama-cpp-python, when installed) on the same GGUF at batch 1, the anchor for the
   goals: one channel >= llama.cpp batch 1, eight channels >= 2x llama.cpp batch 1.
+
+With ``--samplers`` it prints instead what each sampler costs (greedy for reference, then
+none, repetition penalty, frequency + presence penalties, top-k, min-p, all together):
+aggregate tokens/s through the server at batch 1 and 8 (seeded sampling at temperature 1, best
+of ``--rounds`` interleaved rounds), and the milliseconds per decode step that ``sample_rows``
+itself takes for those rows, timed apart from the model.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +62,21 @@ CLIP_TEXT = ("The captain raised the black flag and the crew cheered as the ship
              "toward the island of lost treasure.")
 PERCENTILES = (50, 99)
 LOAD_TIMEOUT_POLLS = 1500  # 5 minutes: the first run converts the GGUF
+GREEDY = {"temperature": 0}
+# --samplers: each set's request fields, on top of seeded sampling at temperature 1
+SAMPLER_TEMPERATURE = 1.0
+SAMPLER_SETS = {
+    "greedy": {"temperature": 0},  # the reference: no sampling at all
+    "none": {},
+    "repetition_penalty": {"repetition_penalty": 1.1},
+    "frequency+presence": {"frequency_penalty": 0.5, "presence_penalty": 0.5},
+    "top_k": {"top_k": 40},
+    "min_p": {"min_p": 0.05},
+    "all": {"repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": 0.5,
+            "top_k": 40, "min_p": 0.05},
+}
+SAMPLER_VOCAB = 49152  # SmolLM2's, for timing sample_rows apart from the model
+SAMPLER_PROMPT_TOKENS = 300
 
 
 @dataclass
@@ -76,11 +100,12 @@ def percentile(values: list[float], pct: int) -> float:
 
 
 async def one_request(client: openai.AsyncOpenAI, question: str, max_tokens: int,
-                      started: float) -> tuple[int, float]:
-    """Stream one chat completion; return (completion tokens, time to first token)."""
+                      started: float, sampling: dict | None = None) -> tuple[int, float]:
+    """Stream one chat completion (greedy unless ``sampling`` holds other request fields);
+    return (completion tokens, time to first token)."""
     stream = await client.chat.completions.create(
-        model="masque-chat", max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True},
+        model="masque-chat", max_tokens=max_tokens, stream=True,
+        stream_options={"include_usage": True}, extra_body=sampling or GREEDY,
         messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
     )
     ttft, tokens = float("nan"), 0
@@ -92,10 +117,13 @@ async def one_request(client: openai.AsyncOpenAI, question: str, max_tokens: int
     return tokens, ttft
 
 
-async def concurrent(client: openai.AsyncOpenAI, questions: list[str], max_tokens: int) -> Run:
+async def concurrent(client: openai.AsyncOpenAI, questions: list[str], max_tokens: int,
+                     samplings: list[dict] | None = None) -> Run:
+    """All ``questions`` at once (question i with ``samplings[i]`` when given)."""
     started = time.perf_counter()
-    results = await asyncio.gather(*(one_request(client, q, max_tokens, started)
-                                     for q in questions))
+    samplings = samplings or [GREEDY] * len(questions)
+    results = await asyncio.gather(*(one_request(client, q, max_tokens, started, sampling)
+                                     for q, sampling in zip(questions, samplings, strict=True)))
     return Run(sum(r[0] for r in results), time.perf_counter() - started, [r[1] for r in results])
 
 
@@ -108,8 +136,9 @@ async def sequential(client: openai.AsyncOpenAI, questions: list[str], max_token
     return Run(total, time.perf_counter() - started, ttfts)
 
 
-async def bench_chat(settings: EngineSettings, levels: list[int], max_tokens: int) -> dict:
-    """Serve SmolLM2 and measure each load level, batched and one at a time."""
+@asynccontextmanager
+async def chat_server(settings: EngineSettings) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The real server on a free port, its models loaded and warm; yields a client for it."""
     runner = web.AppRunner(create_app(settings), handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -117,13 +146,22 @@ async def bench_chat(settings: EngineSettings, levels: list[int], max_tokens: in
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0,
                                 timeout=600)
-    results = {}
     try:
         for _ in range(LOAD_TIMEOUT_POLLS):
             if _ready(runner):
                 break
             await asyncio.sleep(0.2)
         await concurrent(client, QUESTIONS[:2], 4)  # warm-up
+        yield client
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+async def bench_chat(settings: EngineSettings, levels: list[int], max_tokens: int) -> dict:
+    """Serve SmolLM2 and measure each load level, batched and one at a time."""
+    results = {}
+    async with chat_server(settings) as client:
         for level in levels:
             questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(level)]
             batched = await concurrent(client, questions, max_tokens)
@@ -131,10 +169,51 @@ async def bench_chat(settings: EngineSettings, levels: list[int], max_tokens: in
             results[level] = (batched, alone)
             print(f"  level {level:2d}: batched {batched.rate:6.1f} tok/s, "
                   f"one at a time {alone.rate:6.1f} tok/s", flush=True)
-    finally:
-        await client.close()
-        await runner.cleanup()
     return results
+
+
+async def bench_samplers(settings: EngineSettings, levels: list[int], max_tokens: int,
+                         rounds: int) -> dict[str, dict[int, float]]:
+    """Tokens/s of every sampler set at every level: the best of ``rounds``, the sets
+    interleaved within each round so that a noisy neighbour hurts them alike."""
+    rates: dict[str, dict[int, float]] = {name: {} for name in SAMPLER_SETS}
+    async with chat_server(settings) as client:
+        for round_ in range(rounds):
+            for name, fields in SAMPLER_SETS.items():
+                for level in levels:
+                    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(level)]
+                    samplings = [{"temperature": SAMPLER_TEMPERATURE, "seed": i, **fields}
+                                 for i in range(level)]
+                    run = await concurrent(client, questions, max_tokens, samplings)
+                    rates[name][level] = max(rates[name].get(level, 0.0), run.rate)
+                    # sampled replies may stop early: the token count says how comparable
+                    print(f"  round {round_ + 1}, {name}, b{level}: {run.rate:.1f} tok/s "
+                          f"({run.tokens} tokens)", flush=True)
+    return rates
+
+
+def sampling_ms(fields: dict, batch: int, steps: int = 64) -> float:
+    """Milliseconds per decode step that ``sample_rows`` and the token-history update take for
+    ``batch`` rows sampled with ``fields``: the samplers' own cost, apart from the model."""
+    import torch
+
+    from engine.sampling import SamplingParams, TokenHistory, sample_rows
+
+    rng = torch.Generator().manual_seed(0)
+    params = [SamplingParams(steps, seed=row, **{"temperature": SAMPLER_TEMPERATURE, **fields})
+              for row in range(batch)]
+    generators = [torch.Generator().manual_seed(row) for row in range(batch)]
+    prompt = torch.randint(SAMPLER_VOCAB, (SAMPLER_PROMPT_TOKENS,), generator=rng).tolist()
+    history = None
+    if any(p.penalised for p in params):
+        history = TokenHistory.count([(prompt, [])] * batch, SAMPLER_VOCAB)
+    logits = torch.randn(batch, SAMPLER_VOCAB, generator=rng)
+    started = time.perf_counter()
+    for _ in range(steps):
+        tokens = sample_rows(logits, params, generators, history)
+        if history is not None:
+            history.add(tokens)
+    return (time.perf_counter() - started) / steps * 1000
 
 
 def _ready(runner: web.AppRunner) -> bool:
@@ -230,6 +309,22 @@ def report(chat: dict, llama: float | None, audio: dict[str, float], args: argpa
     print(f"total bench time {wall:.0f} s")
 
 
+def report_samplers(rates: dict[str, dict[int, float]], timings: dict[str, dict[int, float]],
+                    args: argparse.Namespace, wall: float) -> None:
+    levels = args.levels
+    print(f"\nSamplers: SmolLM2-135M-Instruct (transformers, {args.dtype}, "
+          f"{args.threads or 'default'} threads), max_tokens={args.max_tokens}, seeded sampling "
+          f"at temperature {SAMPLER_TEMPERATURE:g}, best of {args.rounds} rounds")
+    header = " | ".join(f"{f'b{level} tok/s':>9}" for level in levels)
+    timing = " | ".join(f"{f'b{level} sample ms/step':>18}" for level in levels)
+    print(f"{'sampler':>18} | {header} | {timing}")
+    for name in SAMPLER_SETS:
+        served = " | ".join(f"{rates[name][level]:>9.1f}" for level in levels)
+        own = " | ".join(f"{timings[name][level]:>18.2f}" for level in levels)
+        print(f"{name:>18} | {served} | {own}")
+    print(f"total bench time {wall:.0f} s")
+
+
 def default_dtype() -> str:
     """bfloat16 when the CPU computes it natively (AVX512-BF16/AMX), else float32."""
     import torch
@@ -237,10 +332,10 @@ def default_dtype() -> str:
     return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--levels", default="1,4,8,16",
-                        type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")],
+                        help="concurrent requests (default 1,4,8,16; with --samplers 1,8)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default=default_dtype(), choices=["float32", "bfloat16"],
                         help="transformers weights (default: bfloat16 where the CPU has it)")
@@ -249,9 +344,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--skip-audio", action="store_true")
     parser.add_argument("--skip-llama", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--samplers", action="store_true",
+                        help="measure each sampler's cost instead (no llama.cpp, no audio)")
+    parser.add_argument("--rounds", type=int, default=2, help="--samplers: keep the best of N")
+    args = parser.parse_args(argv)
+    args.levels = args.levels or ([1, 8] if args.samplers else [1, 4, 8, 16])
     started = time.perf_counter()
     settings = chat_settings(args)
+    if args.samplers:
+        print("sampler sets (each: every level, seeded sampling)")
+        rates = asyncio.run(bench_samplers(settings, args.levels, args.max_tokens, args.rounds))
+        timings = {name: {level: min(sampling_ms(fields, level) for _ in range(args.rounds))
+                          for level in args.levels} for name, fields in SAMPLER_SETS.items()}
+        report_samplers(rates, timings, args, time.perf_counter() - started)
+        return
     print("chat load levels (each: concurrent, then the same requests one at a time)")
     chat = asyncio.run(bench_chat(settings, args.levels, args.max_tokens))
     llama = None if args.skip_llama else bench_llama_cpp(settings, args.max_tokens, args.threads)
