@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from bot.cards import Card, expand
+from bot.cast import Cast, persona_card
 from bot.engine_client import (
     EngineBadResponse,
     EngineClient,
@@ -37,6 +38,7 @@ from bot.scene_art import SceneArtService, SceneImage
 from bot.settings import BotSettings
 from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Summary, Turn
 from bot.story import PromptParts, continue_instruction, estimate_tokens, format_transcript
+from bot.story.cast import group_nudge, present_from, scene_members
 from bot.story.generation import Samplers, card_samplers, reply_tokens, resolve
 from bot.story.prompt import stop_sequences
 from bot.story.shaping import may_become_name_prefix, shape_partial, shape_reply
@@ -99,6 +101,7 @@ class PreparedPrompt:
     turns: list[Turn]
     fitted: Fitted
     query: asyncio.Task | None  # the recall query, still running or done
+    cast: list[str] = field(default_factory=list)  # the other personas in the scene, by name
 
 
 @dataclass
@@ -116,6 +119,7 @@ class StoryPipeline:
     def __init__(self, store: Store, engine: EngineClient, settings: BotSettings):
         self.store, self.engine, self.settings = store, engine, settings
         self.art = SceneArtService(store, engine, settings)
+        self.cast = Cast(store)
         self.fitter = PromptFitter(engine, settings)
         self._replying = 0  # replies being made now: background memory work waits for none
         self.memory = StoryMemory(store, engine, settings, self.fitter, busy=lambda: self._replying > 0)
@@ -183,10 +187,14 @@ class StoryPipeline:
         turns = await self.store.recent_turns(story.id, 1)
         if not turns or turns[0].author_kind != AuthorKind.PERSONA:
             return None
-        ids = await sink.finish(turns[0].text)
+        return await self.show_turn(turns[0], sink)
+
+    async def show_turn(self, turn: Turn, sink: ReplySink) -> Turn:
+        """Show a stored persona turn through `sink` and record the messages that show it."""
+        ids = await sink.finish(turn.text)
         if ids:
-            await self.store.set_turn_messages(turns[0].id, ids)
-        return turns[0]
+            await self.store.set_turn_messages(turn.id, ids)
+        return turn
 
     async def end(self, channel_id: int) -> Story | None:
         """Archive the channel's story (it stays in the database for export)."""
@@ -204,7 +212,9 @@ class StoryPipeline:
 
     async def reply(self, channel_id: int, guild_id: int, user: UserInput, sink: ReplySink, *,
                     max_tokens: int | None = None, instruction: str = "") -> ReplyResult:
-        """Answer a user's turn as the channel's persona (see the module docstring for the steps).
+        """Answer a user's turn as the story's lead persona (the console, a voice call): store the turn,
+        then `respond`. Discord text goes through its scene queue instead (bot/discord_io/scene_queue.py),
+        which chooses the speaker of a cast and answers several people's messages together.
 
         `max_tokens` caps the reply below the usual setting and `instruction` adds a line to the
         prompt (a voice channel asks for short spoken replies).
@@ -212,26 +222,52 @@ class StoryPipeline:
         async with self._lock(self._channel_locks, channel_id):
             story = await self.story_of(channel_id)
             persona = await self.persona_of_story(story)
-            return await self._reply_locked(story, persona, user, sink, max_tokens, instruction)
+            turn = await self.add_user_turn(story, user)
+            return await self.respond(story, persona, [(turn, user)], sink, max_tokens=max_tokens,
+                                      instruction=instruction)
 
-    async def _reply_locked(self, story: Story, persona: Persona, user: UserInput, sink: ReplySink,
-                            max_tokens: int | None = None, instruction: str = "") -> ReplyResult:
+    async def add_user_turn(self, story: Story, user: UserInput) -> Turn:
+        """Keep a person's message as a story turn (whether or not it is answered)."""
+        return await self.store.add_turn(story.id, NewTurn(
+            AuthorKind.USER, user.text, author_id=user.author_id, author_name=user.author_name,
+            attachments=attachment_meta(user.attachments), token_count=estimate_tokens(user.text),
+            message_ids=[user.message_id] if user.message_id else []))
+
+    async def respond(self, story: Story, persona: Persona, inputs: Sequence[tuple[Turn, UserInput]],
+                      sink: ReplySink, *, max_tokens: int | None = None, instruction: str = "") -> ReplyResult:
+        """`persona`'s next turn, answering `inputs` (the people's stored turns since the last answer, with
+        their media; none when a persona answers another). The caller holds the channel's lock."""
+        last = inputs[-1] if inputs else None
         async with self._making_reply(story.id):
-            user_turn = await self.store.add_turn(story.id, NewTurn(
-                AuthorKind.USER, user.text, author_id=user.author_id, author_name=user.author_name,
-                attachments=attachment_meta(user.attachments), token_count=estimate_tokens(user.text),
-                message_ids=[user.message_id] if user.message_id else []))
+            # What came while an earlier reply was written is answered after it, and people's messages that
+            # came after these wait for the next answer: the prompt ends with what this reply answers.
+            await self.store.answer_after(story.id, [turn for turn, _ in inputs])
+            before = max(turn.position for turn, _ in inputs) + 1 if inputs else None
             try:
-                parts, heard = await self._media_in(user_turn, user.attachments)
-                text, extras = await self._generate(story.id, persona, user.author_name, parts, sink,
-                                                    instruction=instruction, query_turn=user_turn,
+                parts, heard = await self._media_for(inputs)
+                user_name = last[1].author_name if last else await self._last_user_name(story.id)
+                text, extras = await self._generate(story.id, persona, user_name, parts, sink, before=before,
+                                                    instruction=instruction, query_turn=last[0] if last else None,
                                                     max_tokens=max_tokens)
             except EngineError as exc:
-                exc.turn_id = user_turn.id  # the turn is kept; a retry regenerates from it
+                exc.turn_id = last[0].id if last else None  # the turn is kept; a retry regenerates from it
                 raise
             persona_turn = await self._store_reply(story.id, persona, text, sink)
-            heard, seen = await self._record_media(user_turn, extras, heard)
-        return ReplyResult(user_turn, persona_turn, heard, seen)
+            heard, seen = await self._record_media(last[0], extras, heard) if last else ([], [])
+        return ReplyResult(last[0] if last else None, persona_turn, heard, seen)
+
+    async def _media_for(self, inputs: Sequence[tuple[Turn, UserInput]]) -> tuple[list[dict], list[str]]:
+        """Content parts of the newest message; earlier ones (answered together with it) have their audio
+        transcribed into their turns, since only the newest turn carries parts."""
+        for turn, user in inputs[:-1]:
+            heard = await transcribe_audio(self.engine, user.attachments)
+            if any(heard):
+                turn.attachments = annotate(turn.attachments, heard, [])
+                await self.store.edit_turn(turn.id, turn.text, attachments=turn.attachments)
+        if not inputs:
+            return [], []
+        turn, user = inputs[-1]
+        return await self._media_in(turn, user.attachments)
 
     async def _media_in(self, turn: Turn, attachments: Sequence[InputAttachment]) -> tuple[list[dict], list[str]]:
         """Content parts for the engine; audio is transcribed first when the engine cannot hear (vLLM, OpenAI)."""
@@ -257,14 +293,14 @@ class StoryPipeline:
         cap = min(fitted.max_tokens, max_tokens or fitted.max_tokens, self.reply_tokens(prefs, card))
         try:
             result = await self._stream_in_character(fitted.prompt.messages, card, ready.turns, user_name, sink,
-                                                     prefix, cap, samplers)
+                                                     prefix, cap, samplers, ready.cast)
         except EngineContextLength as exc:
             # The server counts differently from what it told us (or not at all): shrink and retry once.
             log.warning("the engine refused a prompt as too long (it counted %s tokens); retrying shorter",
                         exc.prompt_tokens or "?")
             fitted = await self.fitter.refit(fitted, exc.prompt_tokens)
             result = await self._stream_in_character(fitted.prompt.messages, card, ready.turns, user_name, sink,
-                                                     prefix, min(fitted.max_tokens, cap), samplers)
+                                                     prefix, min(fitted.max_tokens, cap), samplers, ready.cast)
         await self.memory.after_prompt(ready.story, fitted.prompt, ready.turns, ready.query, query_turn)
         return result
 
@@ -280,15 +316,23 @@ class StoryPipeline:
         query = self.memory.start_query(story, query_turn)
         turns, summary = await self._prompt_history(story_id, before)
         memory, books = self.memory.layers(story, facts, records, summary)
-        parts = PromptParts(card=persona_card(persona), user_name=user_name or DEFAULT_USER_NAME, turns=turns,
+        card, members = persona_card(persona), await self.cast.members(story)
+        scene = ""
+        if len(members) > 1:  # a group scene: the speaker's view of it (bot/story/cast.py)
+            turns = turns[present_from(turns, persona.id, card.display_name):]
+            scene = scene_members(members, persona.id)
+            others = [m.name for m in members if m.persona_id != persona.id]
+            instruction = "\n\n".join(p for p in [instruction, group_nudge(card.display_name, [
+                *_people(turns, user_name), *others])] if p)
+        parts = PromptParts(card=card, user_name=user_name or DEFAULT_USER_NAME, turns=turns,
                             media=list(media), seed=story_id, instruction=instruction, memory=memory, books=books,
-                            turn_number=story.turn_seq)
+                            turn_number=story.turn_seq, scene=scene)
         fitted = await self.fitter.fit(parts)
         if query is not None and fitted.prompt.window_start < len(turns):
             recalled = await self.memory.recalled(story_id, query, turns[fitted.prompt.window_start].position)
             if recalled:
                 fitted = await self.fitter.fit(replace(parts, memory=replace(memory, recalled=recalled)), base=fitted)
-        return PreparedPrompt(story, turns, fitted, query)
+        return PreparedPrompt(story, turns, fitted, query, [m.name for m in members if m.persona_id != persona.id])
 
     async def _prompt_history(self, story_id: int, before: int | None) -> tuple[list[Turn], Summary | None]:
         """The latest summary and the turns after it a prompt may use, reading no more than needed:
@@ -331,13 +375,14 @@ class StoryPipeline:
         raise AssertionError("unreachable")
 
     async def _stream(self, messages: list[dict], card: Card, turns: Sequence[Turn], user_name: str,
-                      sink: ReplySink, prefix: str, max_tokens: int, samplers: Samplers) -> tuple[str, dict]:
+                      sink: ReplySink, prefix: str, max_tokens: int, samplers: Samplers,
+                      cast: Sequence[str] = ()) -> tuple[str, dict]:
         """Stream a reply into `sink`, shaped as it goes (bot/story/shaping.py): the stream stops where the
         model starts writing for someone else, and the end is trimmed to a whole sentence."""
         text, extras = "", {}
         char = card.display_name
-        others = _other_names(turns, user_name, char)
-        stream = self.engine.chat_stream(messages, max_tokens=max_tokens, stop=stop_sequences(turns, user_name),
+        others = list(dict.fromkeys([*_other_names(turns, user_name, char), *cast]))
+        stream = self.engine.chat_stream(messages, max_tokens=max_tokens, stop=stop_sequences(turns, user_name, cast),
                                          **samplers.request_params())
         async with contextlib.aclosing(stream):
             async for event in stream:
@@ -379,7 +424,7 @@ class StoryPipeline:
     async def regenerate(self, turn_id: int, sink: ReplySink) -> Turn:
         """A new swipe for a persona turn, selected. On a user turn whose reply failed, answer it anew."""
         turn = await self._turn(turn_id)
-        persona = await self._persona_of(turn)
+        persona = await self.persona_of_turn(turn)
         async with self._making_reply(turn.story_id):
             user_name = await self._last_user_name(turn.story_id)
             if turn.author_kind == AuthorKind.USER:
@@ -392,7 +437,7 @@ class StoryPipeline:
     async def continue_turn(self, turn_id: int, sink: ReplySink) -> Turn:
         """Extend a persona turn where it stopped (the continuation is appended to the selected swipe)."""
         turn = await self._turn(turn_id)
-        persona = await self._persona_of(turn)
+        persona = await self.persona_of_turn(turn)
         async with self._making_reply(turn.story_id):
             user_name = await self._last_user_name(turn.story_id)
             text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1,
@@ -425,7 +470,9 @@ class StoryPipeline:
         persona = await self.persona_of_story(story)
         await self._check_images()
         turns = await self.store.recent_turns(story.id, HISTORY_TURNS)
-        return await self.art.illustrate(story, persona_card(persona), turns, force=force, safe=safe, fresh=fresh)
+        cast = [persona_card(p) for p in await self.cast.personas(story) if p.id != persona.id]
+        return await self.art.illustrate(story, persona_card(persona), turns, force=force, safe=safe, fresh=fresh,
+                                         cast=cast)
 
     async def imagine(self, channel_id: int, guild_id: int, prompt: str, safe: bool = True) -> SceneImage:
         """One-off art from `prompt`, in the style of the channel's persona when there is one."""
@@ -500,7 +547,7 @@ class StoryPipeline:
             raise UnknownTurn()
         return turn
 
-    async def _persona_of(self, turn: Turn) -> Persona:
+    async def persona_of_turn(self, turn: Turn) -> Persona:
         """The persona that speaks in `turn`'s story (the turn's own, else the story's latest persona turn)."""
         persona_id = turn.persona_id
         if persona_id is None:
@@ -518,9 +565,10 @@ class StoryPipeline:
         return DEFAULT_USER_NAME
 
 
-def persona_card(persona: Persona) -> Card:
-    """The persona's card model (stored as V3 JSON)."""
-    return Card.model_validate(persona.card)
+def _people(turns: Sequence[Turn], user_name: str) -> list[str]:
+    """The people in the story's recent turns, the one speaking now first."""
+    names = [user_name, *(t.author_name for t in reversed(turns) if t.author_kind == AuthorKind.USER)]
+    return [n for n in dict.fromkeys(names) if n]
 
 
 def _other_names(turns: Sequence[Turn], user_name: str, char: str) -> list[str]:

@@ -13,6 +13,7 @@ from typing import TypeVar
 from pydantic import BaseModel, Field
 
 from bot.store import Store
+from bot.story.cast import Strategy
 from bot.story.generation import PRESETS, Samplers
 
 MAX_COOLDOWN_S = 600
@@ -20,6 +21,8 @@ MAX_ART_EVERY = 100
 MIN_SILENCE_MS, MAX_SILENCE_MS = 200, 5000
 MAX_IDLE_MIN = 24 * 60
 MIN_REPLY_TOKENS, MAX_REPLY_TOKENS = 16, 2048
+MAX_PERSONA_CHAIN = 6
+MAX_MERGE_WINDOW_S = 30.0
 
 
 class ReplyMode(enum.StrEnum):
@@ -62,6 +65,12 @@ class ChannelPrefs(BaseModel):
     """A story channel's own settings."""
 
     voice_replies: VoiceReplies = VoiceReplies.SPOKEN
+    # Group scenes (bot/story/cast.py): who speaks when no persona is addressed; how many persona replies
+    # may follow one another before the scene waits for a person; how long to wait for more people's
+    # messages before answering them together.
+    speaker_strategy: Strategy = Strategy.NATURAL
+    persona_chain: int = Field(default=2, ge=1, le=MAX_PERSONA_CHAIN)
+    merge_window_s: float = Field(default=2.0, ge=0, le=MAX_MERGE_WINDOW_S)
 
 
 Prefs = TypeVar("Prefs", GuildPrefs, ChannelPrefs)

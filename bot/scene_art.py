@@ -81,15 +81,16 @@ class SceneArtService:
         self.stats = ArtStats()
 
     async def illustrate(self, story: Story, card: Card, turns: Sequence[Turn], *, force: bool = False,
-                         safe: bool = True, fresh: bool = False) -> SceneImage | None:
-        """Art for the story's current scene, or None when nothing changed and not `force`."""
+                         safe: bool = True, fresh: bool = False, cast: Sequence[Card] = ()) -> SceneImage | None:
+        """Art for the story's current scene (`cast`: the other personas in it), or None when nothing
+        changed and not `force`."""
         bank = await self.store.scene_keys(story.id)
         latest_turn = turns[-1].id if turns else None
         if not force and (latest_turn is None or (bank and bank[0].turn_id == latest_turn)):
             self.stats.skipped += 1
             return None
-        reply = await self.engine.chat(scene_prompt_messages(card, turns), max_tokens=SCENE_PROMPT_MAX_TOKENS,
-                                       temperature=SCENE_PROMPT_TEMPERATURE)
+        reply = await self.engine.chat(scene_prompt_messages(card, turns, cast=cast),
+                                       max_tokens=SCENE_PROMPT_MAX_TOKENS, temperature=SCENE_PROMPT_TEMPERATURE)
         prompt = clean_image_prompt(reply.text, card.art_style)
         if not prompt:
             raise EngineBadResponse("the engine wrote an empty image prompt")

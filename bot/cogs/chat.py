@@ -1,26 +1,31 @@
-"""The story listener: user messages in a story channel become turns answered by the persona.
+"""The story listener: people's messages in a story channel become turns the cast answers.
 
-Never answers the bot's own messages, other bots, or any webhook message
-(Discord echoes every webhook post back through the gateway, so answering
-them would loop). Edits and deletions of a user's message update or remove
-their turn.
+Every message is kept as a turn, answered or not (context for later prompts); the scene queue
+(bot/discord_io/scene_queue.py) decides when the scene answers, the cast (bot/cast.py) who
+speaks, and a persona named in another's reply may answer it, a few replies in a row at most.
+Never answers the bot's own messages, other bots, or any webhook message (Discord echoes every
+webhook post back through the gateway, so answering them would loop). Edits and deletions of a
+user's message update or remove their turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import weakref
 
 import discord
 from discord.ext import commands
 
-from bot.discord_io.replies import ReplyService, identity_of, is_nsfw_channel
+from bot.cast import RECENT_TURNS
+from bot.discord_io.replies import ReplyService, is_nsfw_channel
+from bot.discord_io.scene_queue import SceneQueue, Waiting
 from bot.discord_io.webhooks import NO_MENTIONS
+from bot.engine_client import EngineError
 from bot.pipeline import InputAttachment, StoryError, StoryPipeline, UserInput
-from bot.prefs import GuildPrefs, ReplyMode, guild_prefs
-from bot.store import AuthorKind, Store
+from bot.prefs import GuildPrefs, ReplyMode, channel_prefs, guild_prefs
+from bot.store import AuthorKind, Persona, Store, Story, Turn
+from bot.story.cast import named_in
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,10 @@ class Chat(commands.Cog):
         self._cooldowns: dict[float, commands.CooldownMapping] = {}
         self._since_art: dict[int, int] = {}  # channel id -> replies since the last scene image
         self._queues: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.scene = SceneQueue(self.answer)
+
+    async def cog_unload(self) -> None:
+        await self.scene.close()
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
@@ -68,27 +77,70 @@ class Chat(commands.Cog):
             await self.handle(message)
 
     async def handle(self, message: discord.Message) -> None:
-        """Answer one story-channel message if the server's reply mode and cooldown allow."""
+        """Keep the message as a turn; queue it for an answer if the reply mode says it wants one."""
         story = await self.store.active_story(message.channel.id)
         if story is None:
             return
         prefs = await guild_prefs(self.store, message.guild.id)
-        if not await self.addressed(message, prefs):
-            return
-        if prefs.cooldown_s > 0 and self.cooldown(prefs).update_rate_limit(message):
-            await message.add_reaction(COOLDOWN_EMOJI)
-            return
-        try:
-            user = await self.user_input(message)
-            turn = await self.replies.answer(message, user)
-            if turn is not None:
-                await self.maybe_illustrate(message.channel, prefs, turn.id)
-        except StoryError as exc:
-            await message.reply(str(exc), allowed_mentions=NO_MENTIONS, mention_author=False)
-        except discord.Forbidden:
-            # The turn is stored; an admin can fix the permission and press regenerate / write again.
-            log.warning("missing permissions to answer in channel %s", message.channel.id)
-            await message.reply(MISSING_PERMISSIONS, allowed_mentions=NO_MENTIONS, mention_author=False)
+        user = await self.user_input(message)
+        turn = await self.pipeline.add_user_turn(story, user)
+        if not await self.addressed(message, prefs, story):
+            return  # part of the story all the same: the cast reads it next time it speaks
+        ready_at = 0.0
+        if prefs.cooldown_s > 0 and (wait := self.cooldown(prefs).update_rate_limit(message)):
+            await message.add_reaction(COOLDOWN_EMOJI)  # answered when the cooldown ends, or with the next answer
+            ready_at = asyncio.get_running_loop().time() + wait
+        here = await channel_prefs(self.store, message.channel.id)
+        self.scene.add(Waiting(message, user, turn, ready_at), here.merge_window_s)
+
+    async def answer(self, batch: list[Waiting]) -> None:
+        """Answer waiting messages as one turn: the speaker the cast chooses, then any persona its reply
+        addresses (within the story's limit), then scene art when it is due."""
+        newest = batch[-1].message
+        channel = newest.channel
+        async with self.pipeline.channel_lock(channel.id):
+            story = await self.store.active_story(channel.id)
+            batch = [w for w in batch if story is not None and w.turn.story_id == story.id]
+            if not batch:
+                return  # the story ended or started over meanwhile
+            try:
+                persona = await self.speaker(story, batch)
+                if persona is None:
+                    return  # the manual strategy: /story next chooses
+                turn = await self.replies.answer(newest, persona, [(w.turn, w.user) for w in batch])
+                if turn is not None:
+                    await self.follow_ups(channel, story, persona, turn)
+                    await self.maybe_illustrate(channel, await guild_prefs(self.store, newest.guild.id), turn.id)
+            except StoryError as exc:
+                await newest.reply(str(exc), allowed_mentions=NO_MENTIONS, mention_author=False)
+            except discord.Forbidden:
+                # The turns are stored; an admin can fix the permission and press regenerate / write again.
+                log.warning("missing permissions to answer in channel %s", channel.id)
+                await newest.reply(MISSING_PERMISSIONS, allowed_mentions=NO_MENTIONS, mention_author=False)
+
+    async def speaker(self, story: Story, batch: list[Waiting]) -> Persona | None:
+        """Who answers: the persona a message replies to or names, else the story's strategy."""
+        reply_to = None
+        for waiting in reversed(batch):
+            reference = waiting.message.reference.message_id if waiting.message.reference else None
+            replied = await self.store.turn_by_message(reference) if reference else None
+            if replied is not None and replied.persona_id is not None:
+                reply_to = replied.persona_id
+                break
+        turns = await self.store.recent_turns(story.id, RECENT_TURNS)
+        text = "\n".join(w.user.text for w in batch)
+        return await self.pipeline.cast.speaker(story, text, reply_to, turns)
+
+    async def follow_ups(self, channel: discord.abc.Messageable, story: Story, persona: Persona, turn: Turn) -> None:
+        """Personas answering each other: the one a reply names speaks next, a few in a row at most."""
+        in_a_row = 1
+        while (nxt := await self.pipeline.cast.answerer(story, turn.text, persona.id, in_a_row)) is not None:
+            try:
+                turn = await self.replies.speak(channel, nxt)
+            except EngineError as exc:
+                log.warning("%s could not answer %s in channel %s: %s", nxt.name, persona.name, channel.id, exc)
+                return
+            persona, in_a_row = nxt, in_a_row + 1
 
     def is_story_candidate(self, message: discord.Message) -> bool:
         """A human's ordinary message in a server channel (never a bot, a webhook or ourselves)."""
@@ -98,16 +150,14 @@ class Chat(commands.Cog):
             return False
         return message.type in _ANSWERED_TYPES and not message.content.lstrip().startswith(OOC_PREFIXES)
 
-    async def addressed(self, message: discord.Message, prefs: GuildPrefs) -> bool:
+    async def addressed(self, message: discord.Message, prefs: GuildPrefs, story: Story) -> bool:
         """Whether the channel's reply mode says this message wants an answer."""
         if prefs.reply_mode == ReplyMode.EVERY:
             return True
         if self.bot.user is not None and self.bot.user in message.mentions:
             return True
         if prefs.reply_mode == ReplyMode.MENTIONS:
-            persona = await self.replies.channel_persona(message.channel.id)
-            name = identity_of(persona).name
-            return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message.content, re.I) is not None
+            return bool(named_in(message.content, await self.pipeline.cast.members(story)))
         reference = message.reference.message_id if message.reference else None
         turn = await self.store.turn_by_message(reference) if reference else None
         return turn is not None and turn.author_kind == AuthorKind.PERSONA

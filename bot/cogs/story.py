@@ -1,4 +1,5 @@
-"""/story: start, end, reset, rewind, export, import, status, note, summary."""
+"""/story: start, end, reset, rewind, export, import, status, note, summary; the cast: add, remove, next,
+settings."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from discord.ext import commands
 from bot.discord_io.replies import ReplyService
 from bot.discord_io.summary_view import SummaryView, summary_text
 from bot.discord_io.uploads import refuse_if_too_big
+from bot.discord_io.webhooks import NO_MENTIONS
 from bot.pipeline import StoryPipeline
+from bot.prefs import MAX_MERGE_WINDOW_S, MAX_PERSONA_CHAIN, channel_prefs
 from bot.store import GLOBAL_GUILD, Store
 from bot.story.chatfile import MAX_CHAT_FILE_BYTES, ChatFileError, from_sillytavern_jsonl
 from bot.story.memory import DEFAULT_NOTE_DEPTH
@@ -37,6 +40,13 @@ class StoryCog(commands.Cog, name="Story"):
                                    current: str) -> list[app_commands.Choice[str]]:
         names = await self.store.persona_names(interaction.guild_id or GLOBAL_GUILD, current)
         return [app_commands.Choice(name=n, value=n) for n in names]
+
+    async def cast_autocomplete(self, interaction: discord.Interaction,
+                                current: str) -> list[app_commands.Choice[str]]:
+        story = await self.store.active_story(interaction.channel_id)
+        cast = await self.pipeline.cast.personas(story) if story else []
+        return [app_commands.Choice(name=p.name, value=p.name) for p in cast
+                if current.lower() in p.name.lower()][:25]
 
     @story.command()
     @app_commands.describe(persona="Who plays the story (see /persona list)")
@@ -129,9 +139,74 @@ class StoryCog(commands.Cog, name="Story"):
         """Who plays this channel's story and how long it is."""
         info = await self.pipeline.status(interaction.channel_id)
         when = discord.utils.format_dt(info.last_activity, "R") if info.last_activity else "never"
+        story = await self.pipeline.story_of(interaction.channel_id)
+        cast = [p.name for p in await self.pipeline.cast.personas(story)]
+        here = await channel_prefs(self.store, interaction.channel_id)
+        scene = (f"\nCast: {', '.join(f'**{n}**' for n in cast)} · who speaks when nobody is addressed: "
+                 f"**{here.speaker_strategy.value}** · persona replies in a row: **{here.persona_chain}**"
+                 if len(cast) > 1 else "")
         await interaction.response.send_message(
             f"**{info.persona_name}** · {info.turns} turns · {info.scene_images} scene images · "
-            f"last activity {when}", ephemeral=True)
+            f"last activity {when}{scene}", ephemeral=True)
+
+    @story.command()
+    @app_commands.describe(persona="Who joins the scene (see /persona list)")
+    @app_commands.autocomplete(persona=persona_autocomplete)
+    async def add(self, interaction: discord.Interaction, persona: str) -> None:
+        """Bring another persona into this channel's story (it knows what happens from now on)."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        story = await self.pipeline.story_of(interaction.channel_id)
+        chosen = await self.pipeline.cast.persona_named(interaction.guild_id, persona)
+        await self.pipeline.cast.add(story, chosen)
+        await interaction.channel.send(f"-# {chosen.name} joins the scene.", allowed_mentions=NO_MENTIONS)
+        greeting = await self.pipeline.cast.greet(story, chosen, interaction.user.display_name)
+        if greeting is not None:
+            await self.replies.show_turn(interaction.channel, chosen, greeting)
+        await interaction.followup.send(f"**{chosen.name}** is in the scene. Name a persona to speak to it.",
+                                        ephemeral=True)
+
+    @story.command()
+    @app_commands.describe(persona="Who leaves the scene")
+    @app_commands.autocomplete(persona=cast_autocomplete)
+    async def remove(self, interaction: discord.Interaction, persona: str) -> None:
+        """Take a persona out of this channel's story (it speaks no more)."""
+        story = await self.pipeline.story_of(interaction.channel_id)
+        chosen = await self.pipeline.cast.persona_named(interaction.guild_id, persona)
+        await self.pipeline.cast.remove(story, chosen)
+        await interaction.response.send_message(f"-# {chosen.name} leaves the scene.", allowed_mentions=NO_MENTIONS)
+
+    @story.command(name="next")
+    @app_commands.describe(persona="Who speaks (empty: the story's strategy chooses)")
+    @app_commands.autocomplete(persona=cast_autocomplete)
+    async def next_(self, interaction: discord.Interaction, persona: str | None = None) -> None:
+        """Make a persona of the scene speak now."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        async with self.pipeline.channel_lock(interaction.channel_id):
+            story = await self.pipeline.story_of(interaction.channel_id)
+            chosen = await self.pipeline.cast.next_speaker(story, persona)
+            await self.replies.speak(interaction.channel, chosen)
+        await interaction.followup.send(f"**{chosen.name}** spoke.", ephemeral=True)
+
+    @story.command()
+    @app_commands.describe(
+        strategy="Who speaks when a message addresses nobody: natural (mentions, then talkativeness), "
+                 "round_robin, random, or manual (only /story next)",
+        persona_replies="Persona replies in a row after a person's message before the scene waits for people",
+        merge_window="Seconds to wait for more people's messages to answer them together (groups only)")
+    async def settings(self, interaction: discord.Interaction,
+                       strategy: Literal["natural", "round_robin", "random", "manual"] | None = None,
+                       persona_replies: app_commands.Range[int, 1, MAX_PERSONA_CHAIN] | None = None,
+                       merge_window: app_commands.Range[float, 0.0, MAX_MERGE_WINDOW_S] | None = None) -> None:
+        """Show or change how this channel's scene takes turns."""
+        changes = {k: v for k, v in {"speaker_strategy": strategy, "persona_chain": persona_replies,
+                                     "merge_window_s": merge_window}.items() if v is not None}
+        if changes:
+            await self.store.update_channel_settings(interaction.channel_id, interaction.guild_id, **changes)
+        here = await channel_prefs(self.store, interaction.channel_id)
+        await interaction.response.send_message(
+            f"{'Saved. ' if changes else ''}Who speaks when nobody is addressed: **{here.speaker_strategy.value}** · "
+            f"persona replies in a row: **{here.persona_chain}** · several people's messages within "
+            f"**{here.merge_window_s:g} s** are answered together", ephemeral=True)
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -72,14 +72,16 @@ class ReplyService:
 
     # ------------------------------------------------------------ replies
 
-    async def answer(self, message: discord.Message, user: UserInput) -> Turn | None:
-        """Answer a user's message as the channel's persona; on engine failure say so, keep the turn, offer retry."""
+    async def answer(self, message: discord.Message, persona: Persona,
+                     inputs: Sequence[tuple[Turn, UserInput]]) -> Turn | None:
+        """Answer people's stored messages (`message`: the newest) as `persona`; on engine failure say so,
+        keep the turns, offer retry. The caller holds the channel's lock."""
         channel = message.channel
-        persona = await self.channel_persona(channel.id)
+        story = await self.pipeline.story_of(channel.id)
         sink = WebhookReplySink(self.poster, channel, identity_of(persona))
         typing = asyncio.create_task(keep_typing(channel))  # not awaited first: the engine starts at once
         try:
-            result = await self.pipeline.reply(channel.id, message.guild.id, user, sink)
+            result = await self.pipeline.respond(story, persona, inputs, sink)
         except EngineError as exc:
             await sink.discard()
             view = retry_view(exc.turn_id) if exc.turn_id else discord.utils.MISSING
@@ -90,14 +92,30 @@ class ReplyService:
         await self.seal(sink, result.persona_turn)
         if line := heard_line(result.heard):
             await message.reply(line, allowed_mentions=NO_MENTIONS, mention_author=False)
-        if await self.wants_voice_note(channel.id, user):
+        if await self.wants_voice_note(channel.id, [user for _, user in inputs]):
             await self.send_voice_note(channel, persona, result.persona_turn.text, reply_to=message)
         return result.persona_turn
 
-    async def wants_voice_note(self, channel_id: int, user: UserInput) -> bool:
+    async def speak(self, channel: WebhookChannel, persona: Persona) -> Turn:
+        """A persona's turn with no new message from people (it answers another persona, or /story next).
+        Engine failures are raised (the caller says so where it can)."""
+        story = await self.pipeline.story_of(channel.id)
+        sink = WebhookReplySink(self.poster, channel, identity_of(persona))
+        typing = asyncio.create_task(keep_typing(channel))
+        try:
+            result = await self.pipeline.respond(story, persona, [], sink)
+        except EngineError:
+            await sink.discard()
+            raise
+        finally:
+            typing.cancel()
+        await self.seal(sink, result.persona_turn)
+        return result.persona_turn
+
+    async def wants_voice_note(self, channel_id: int, users: Sequence[UserInput]) -> bool:
         """Whether this reply also comes as a voice message (the channel's `voice_replies` setting)."""
         mode = (await channel_prefs(self.store, channel_id)).voice_replies
-        spoke = any(a.kind == "audio" for a in user.attachments)
+        spoke = any(a.kind == "audio" for user in users for a in user.attachments)
         return mode == VoiceReplies.ALWAYS or (mode == VoiceReplies.SPOKEN and spoke)
 
     async def send_voice_note(self, channel: WebhookChannel, persona: Persona, text: str, *,
@@ -124,6 +142,13 @@ class ReplyService:
         if turn is not None:
             await self.seal(sink, turn)
         return turn
+
+    async def show_turn(self, channel: WebhookChannel, persona: Persona, turn: Turn) -> Turn:
+        """Post a stored persona turn (a joining persona's greeting) with its buttons."""
+        sink = WebhookReplySink(self.poster, channel, identity_of(persona))
+        shown = await self.pipeline.show_turn(turn, sink)
+        await self.seal(sink, shown)
+        return shown
 
     async def post_image(self, channel: WebhookChannel, image: SceneImage, caption: str = "",
                          turn_id: int | None = None) -> discord.Message:
@@ -194,7 +219,7 @@ class ReplyService:
         story = await self.store.active_story(channel.id)
         if turn is None or story is None or turn.story_id != story.id:
             raise StoryError("That message is no longer part of the story.")
-        persona = await self.channel_persona(channel.id)
+        persona = await self.pipeline.persona_of_turn(turn)
         existing = [] if action == Action.RETRY else [m.message_id for m in turn.messages]
         sink = WebhookReplySink(self.poster, channel, identity_of(persona), existing_ids=existing)
         if action == Action.RETRY:

@@ -63,12 +63,17 @@ class PersonaIdentity:
         return sanitise_webhook_name(self.name)
 
 
+MAX_OWN_WEBHOOKS = 10  # per channel: a cast of 8 and room to spare, under Discord's 15
+
+
 class WebhookPoster:
     """Get-or-create the channel webhook and send/edit/delete messages through it."""
 
     def __init__(self, client: discord.Client):
         self._client = client
-        self._hooks: dict[int, discord.Webhook] = {}  # parent channel id -> webhook
+        # (parent channel id, persona's webhook name) -> webhook: one per persona of the channel's cast, so a
+        # persona's messages stay editable (swipes, continue) whoever spoke after it.
+        self._hooks: dict[tuple[int, str], discord.Webhook] = {}
         # One lookup/creation at a time per channel, so a reply and a button press never make two webhooks.
         self._setup_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         # Discord lets application-owned webhooks carry buttons; some proxies and
@@ -106,32 +111,42 @@ class WebhookPoster:
             log.debug("message %s was already gone", message_id)
 
     async def webhook(self, channel: WebhookChannel, who: PersonaIdentity) -> discord.Webhook:
-        """The parent channel's webhook, dressed as `who` (created or replaced when needed)."""
+        """The parent channel's webhook of persona `who` (its name and avatar), found or created.
+
+        Each persona has its own: a message can only be edited through the webhook that posted it. When
+        the channel already holds `MAX_OWN_WEBHOOKS` of ours (Discord allows 15 per channel), the oldest
+        other one is deleted first (personas of stories long over).
+        """
         parent = _parent(channel)
-        hook = self._hooks.get(parent.id)
-        if hook is not None and hook.name == who.webhook_name:
+        key = (parent.id, who.webhook_name)
+        hook = self._hooks.get(key)
+        if hook is not None:
             return hook
         async with self._setup_locks[parent.id]:
-            hook = self._hooks.get(parent.id) or await self._find_own(parent)
-            if hook is not None and hook.name != who.webhook_name:
-                await _delete_quietly(hook)
-                hook = None
+            if (hook := self._hooks.get(key)) is not None:
+                return hook
+            own = await self._own(parent)
+            hook = next((h for h in own if h.name == who.webhook_name), None)
             if hook is None:
+                for old in sorted(own, key=lambda h: h.id)[: max(0, len(own) - MAX_OWN_WEBHOOKS + 1)]:
+                    await _delete_quietly(old)
+                    self._hooks.pop((parent.id, old.name), None)
                 hook = await parent.create_webhook(name=who.webhook_name, avatar=who.avatar,
-                                                   reason="Masque: speak as the channel's persona")
-            self._hooks[parent.id] = hook
+                                                   reason="Masque: speak as a persona of this channel's story")
+            self._hooks[key] = hook
             return hook
 
     def forget(self, channel: WebhookChannel) -> None:
-        """Drop the cached webhook (it was deleted)."""
-        self._hooks.pop(_parent(channel).id, None)
+        """Drop the channel's cached webhooks (one was deleted)."""
+        parent = _parent(channel).id
+        for key in [k for k in self._hooks if k[0] == parent]:
+            del self._hooks[key]
 
-    async def _find_own(self, parent: discord.abc.GuildChannel) -> discord.Webhook | None:
+    async def _own(self, parent: discord.abc.GuildChannel) -> list[discord.Webhook]:
+        """The channel's webhooks this bot made (and can post through)."""
         me = self._client.user
-        for hook in await parent.webhooks():
-            if hook.token and hook.user is not None and me is not None and hook.user.id == me.id:
-                return hook
-        return None
+        return [hook for hook in await parent.webhooks()
+                if hook.token and hook.user is not None and me is not None and hook.user.id == me.id]
 
     async def with_webhook(self, channel: WebhookChannel, who: PersonaIdentity,
                             action: Callable[[discord.Webhook], Awaitable[T]]) -> T:

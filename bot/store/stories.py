@@ -118,6 +118,14 @@ class StoryRepo(MemoryRepo):
         self.forget(ACTIVE_STORIES, channel_id)
         return story
 
+    async def set_story_persona(self, story_id: int, persona_id: int | None) -> None:
+        """Change who leads a story (its persona when nobody else is chosen: the cast's first)."""
+        async with self.session() as session:
+            story = await session.get_one(Story, story_id)
+            story.persona_id = persona_id
+            channel_id = story.channel_id
+        self.forget(ACTIVE_STORIES, channel_id)
+
     async def active_story(self, channel_id: int) -> Story | None:
         """The channel's active story (cached: read on every message in every channel).
 
@@ -183,6 +191,25 @@ class StoryRepo(MemoryRepo):
             )
             session.add(turn)
         return turn
+
+    async def answer_after(self, story_id: int, turns: Sequence[Turn]) -> None:
+        """Put people's turns about to be answered after any persona turn stored since they came (they
+        arrived while another reply was being written), so the story reads each answer after what it
+        answers. New positions come from the story's counter; `turns` are updated in place."""
+        if not turns:
+            return
+        first = min(t.position for t in turns)
+        async with self.session() as session:
+            later = await session.scalar(select(func.max(Turn.position)).where(
+                Turn.story_id == story_id, Turn.author_kind == AuthorKind.PERSONA, Turn.position > first))
+            if later is None:
+                return
+            for turn in sorted(turns, key=lambda t: t.position):
+                position = await session.scalar(
+                    update(Story).where(Story.id == story_id)
+                    .values(turn_seq=Story.turn_seq + 1).returning(Story.turn_seq))
+                await session.execute(update(Turn).where(Turn.id == turn.id).values(position=position))
+                turn.position = position
 
     async def get_turn(self, turn_id: int) -> Turn | None:
         async with self.read() as session:

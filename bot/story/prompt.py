@@ -59,6 +59,7 @@ class PromptParts:
     books: Sequence[Lorebook] = ()  # story and guild books; the card's own book is added first
     turn_number: int = 0  # the story's turn counter, for lore's timed effects
     counter: TokenCounter = field(default_factory=TokenCounter)
+    scene: str = ""  # in a group scene: the rest of the cast (bot.story.cast.scene_members)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def build_prompt(parts: PromptParts) -> Prompt:
     books = [b for b in [card.data.character_book, *parts.books] if b is not None]
     lore = activate(books, [speaker_line(t) for t in parts.turns], turn=parts.turn_number,
                     timed=parts.memory.lore_timed, budget=int(budget * layers.LORE_SHARE), count_tokens=count)
-    system = _system_text(card, lore, parts.memory, budget, count, ex)
+    system = _system_text(card, lore, parts.memory, budget, count, ex, parts.scene)
     recall = layers.recall_block(parts.memory.recalled, int(budget * layers.RECALL_SHARE), count)
     post = "\n\n".join(p for p in [ex(card.data.post_history_instructions).strip(), parts.instruction] if p)
     notes = _depth_notes(parts.memory, lore, ex)
@@ -141,9 +142,11 @@ def build_prompt(parts: PromptParts) -> Prompt:
     return Prompt(merged, start, lore, tokens)
 
 
-def stop_sequences(turns: Sequence[TurnLike], user_name: str) -> list[str]:
-    """Stop strings that end a reply where the model starts speaking for a user."""
-    names = [user_name] + [t.author_name for t in reversed(turns) if t.author_kind == "user"]
+def stop_sequences(turns: Sequence[TurnLike], user_name: str, cast: Sequence[str] = ()) -> list[str]:
+    """Stop strings that end a reply where the model starts speaking for a user (the newest speakers
+    first) or, in a group scene, for another cast member. Reply shaping catches the names that do not
+    fit OpenAI's four stop strings."""
+    names = [user_name, *cast] + [t.author_name for t in reversed(turns) if t.author_kind == "user"]
     unique = list(dict.fromkeys(n for n in names if n))[:MAX_STOP_NAMES]
     return [f"\n{n}:" for n in unique]
 
@@ -158,7 +161,7 @@ def _expander(parts: PromptParts) -> Callable[[str], str]:
 
 
 def _system_text(card: Card, lore: LoreResult, memory: Memory, budget: int, count: Callable[[str], int],
-                 ex: Callable[[str], str]) -> str:
+                 ex: Callable[[str], str], scene: str = "") -> str:
     data = card.data
     base = data.system_prompt.replace("{{original}}", DEFAULT_SYSTEM_PROMPT) if data.system_prompt.strip() \
         else DEFAULT_SYSTEM_PROMPT
@@ -166,6 +169,7 @@ def _system_text(card: Card, lore: LoreResult, memory: Memory, budget: int, coun
         base, *lore.at("before_char"), data.description,
         f"{{{{char}}}}'s personality: {data.personality}" if data.personality.strip() else "",
         f"Scenario: {data.scenario}" if data.scenario.strip() else "",
+        scene,
         *lore.at("after_char"),
         layers.facts_block(memory.facts, int(budget * layers.FACTS_SHARE), count),
         layers.summary_block(memory.summary, int(budget * layers.SUMMARY_SHARE), count),
@@ -202,7 +206,7 @@ def _history(parts: PromptParts, budget: int) -> tuple[list[dict[str, Any]], int
     for index in range(last, -1, -1):
         turn = parts.turns[index]
         media = parts.media if index == last and turn.author_kind == "user" else []
-        message = _turn_message(turn, media)
+        message = _turn_message(turn, media, parts.card.display_name)
         cost = parts.counter.message(_plain(message["content"]))
         if picked and used + cost > budget:
             break
@@ -212,11 +216,13 @@ def _history(parts: PromptParts, budget: int) -> tuple[list[dict[str, Any]], int
     return list(reversed(picked)), start
 
 
-def _turn_message(turn: TurnLike, media: list[dict[str, Any]]) -> dict[str, Any]:
-    if turn.author_kind == "persona":
+def _turn_message(turn: TurnLike, media: list[dict[str, Any]], char: str) -> dict[str, Any]:
+    """A turn as a chat message: the speaker's own turns are the assistant's; everyone else (people, and
+    in a group scene the other personas) speaks on the user side under their name."""
+    if turn.author_kind == "persona" and (not turn.author_name or turn.author_name == char):
         return {"role": "assistant", "content": turn.text}
     text = render_turn(turn, skip_kinds=[_PART_KINDS[p["type"]] for p in media if p.get("type") in _PART_KINDS])
-    if turn.author_kind == "user":
+    if turn.author_kind in ("user", "persona"):
         text = f"{turn.author_name or 'User'}: {text}"
     else:  # narrator or system notes join the user side: not every template allows system mid-chat
         text = f"[{turn.author_name or turn.author_kind.capitalize()}] {text}"

@@ -16,6 +16,7 @@ from bot.story.prompt import TurnLike, render_turn
 
 SCENE_TURNS = 6  # turns of context the image prompt is written from
 SCENE_CHARS = 2400  # cap on the scene text sent (the newest text is kept)
+APPEARANCE_CHARS = 600  # per persona in the scene
 PROMPT_MAX_CHARS = 320  # CLIP text encoders read 77 tokens (~300 characters); longer is wasted
 SCENE_INSTRUCTION = (
     "You write prompts for an image generator. Describe the CURRENT scene of this role-play as one "
@@ -25,15 +26,17 @@ SCENE_INSTRUCTION = (
 )
 
 
-def scene_prompt_messages(card: Card, turns: Sequence[TurnLike], user_name: str = "User") -> list[dict[str, Any]]:
-    """Chat messages asking the engine for an image prompt of the current scene."""
+def scene_prompt_messages(card: Card, turns: Sequence[TurnLike], user_name: str = "User",
+                          cast: Sequence[Card] = ()) -> list[dict[str, Any]]:
+    """Chat messages asking the engine for an image prompt of the current scene (`card`: the story's lead,
+    whose art style the picture takes; `cast`: the other personas in the scene, whose looks it shows)."""
     char = card.display_name
-    appearance = str(card.data.masque.get("appearance", "")) or card.data.description
     lines = [f"{t.author_name or char}: {render_turn(t)}" for t in turns[-SCENE_TURNS:]]
     scene = "\n".join(lines)[-SCENE_CHARS:]
+    looks = [_appearance(member) for member in [card, *cast]]
     context = "\n\n".join(s for s in [
         f"Art style: {card.art_style}" if card.art_style else "",
-        f"{char}'s appearance: {appearance}" if appearance else "",
+        *(look for look in looks if look),
         f"Setting: {card.data.scenario}" if card.data.scenario.strip() else "",
         f"Latest turns:\n{scene}" if scene else "",
     ] if s)
@@ -41,6 +44,16 @@ def scene_prompt_messages(card: Card, turns: Sequence[TurnLike], user_name: str 
         {"role": "system", "content": SCENE_INSTRUCTION},
         {"role": "user", "content": expand(context, char=char, user=user_name)},
     ]
+
+
+def _appearance(card: Card) -> str:
+    """A persona's look for the image prompt: its card's `appearance` (Masque extension), else its
+    description (cut short: the scene needs the looks of everyone, not one life story)."""
+    look = str(card.data.masque.get("appearance", "")) or card.data.description
+    look = " ".join(expand(look, char=card.display_name, user="User").split())
+    if len(look) > APPEARANCE_CHARS:
+        look = look[:APPEARANCE_CHARS].rsplit(" ", 1)[0] + "…"
+    return f"{card.display_name}'s appearance: {look}" if look else ""
 
 
 def clean_image_prompt(text: str, art_style: str = "") -> str:

@@ -92,22 +92,48 @@ async def test_engine_failure_says_so_keeps_the_turn_and_retry_answers_it(bot_se
         assert all(m.id != note.id for m in w.channel.history())  # the error note is gone
 
 
-async def test_two_messages_at_once_are_both_answered_in_order(bot_settings, store, fake_engine):
+async def test_messages_are_kept_and_answered_in_order(bot_settings, store, fake_engine):
     fake_engine.token_delay = 0.01
-    fake_engine.reply = lambda request: "Answer to: " + request["messages"][-1]["content"].split(": ", 1)[-1]
+    fake_engine.reply = lambda request: "Answer to: " + request["messages"][-1]["content"].replace("\n\n", " | ")
     async with world(make_bot(bot_settings, store)) as w:
         await start_story(w)
-        # Both messages reach the gateway before the bot gets to run.
+        # Both messages reach the gateway before the bot gets to run; the second is inside Pip's cooldown
+        # (3 s): kept at once, answered when the cooldown ends, after the first answer.
         w.env.backend.create_message(w.channel.id, w.player.id, "first question")
-        w.env.backend.create_message(w.channel.id, w.admin.id, "second question")
+        w.env.backend.create_message(w.channel.id, w.player.id, "second question")
         await w.env.settle(timeout=10)
+        await w.env.advance_time(3.5)
+        await w.player.send(w.channel, "third question")
+        await w.env.advance_time(3.5)
         story = await store.active_story(w.channel.id)
         turns = await store.recent_turns(story.id)
         assert [(t.author_kind.value, t.text) for t in turns[1:]] == [
-            ("user", "first question"), ("persona", "Answer to: first question"),
-            ("user", "second question"), ("persona", "Answer to: second question")]
+            ("user", "first question"), ("persona", "Answer to: Pip: first question"),
+            ("user", "second question"), ("persona", "Answer to: Pip: second question"),
+            ("user", "third question"), ("persona", "Answer to: Pip: third question")]
         shown = [m.content for m in w.persona_messages()[1:]]
-        assert shown == ["Answer to: first question", "Answer to: second question"]
+        assert shown == [t.text for t in turns if t.author_kind.value == "persona"][1:]
+
+
+async def test_several_people_at_once_get_one_answer(bot_settings, store, fake_engine):
+    fake_engine.reply = lambda request: "Answer to: " + request["messages"][-1]["content"].replace("\n\n", " | ")
+    async with world(make_bot(bot_settings, store)) as w:
+        await start_story(w)
+        await w.player.send(w.channel, "hello")  # one person in the channel: answered at once
+        assert w.persona_messages()[-1].content == "Answer to: Pip: hello"
+        await w.admin.send(w.channel, "evening")  # a second person: a group now, answers wait 2 s for more
+        assert w.persona_messages()[-1].content == "Answer to: ada: evening"
+        await w.env.advance_time(5)  # past both cooldowns
+        w.env.backend.create_message(w.channel.id, w.player.id, "I draw my sword.")
+        w.env.backend.create_message(w.channel.id, w.admin.id, "I hide behind the barrel.")
+        await w.env.settle()
+        story = await store.active_story(w.channel.id)
+        turns = await store.recent_turns(story.id)
+        kinds = [(t.author_kind.value, t.author_name) for t in turns[-3:]]
+        assert kinds == [("user", "Pip"), ("user", "ada"), ("persona", "Wren")]
+        # one answer, to both people: both names and both messages are in the last prompt
+        assert turns[-1].text == "Answer to: Pip: I draw my sword. | ada: I hide behind the barrel."
+        assert len(w.persona_messages()) == 4
 
 
 async def test_restart_resumes_the_story_from_sql(bot_settings, store, fake_engine):

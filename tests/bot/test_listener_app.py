@@ -8,6 +8,7 @@ import discord
 
 from bot.app import apply_endpoints, masque_intents
 from bot.cogs import COGS
+from bot.discord_io import webhooks
 from tests.bot.simcord_kit import make_bot, start_story, world
 
 EXPECTED_COMMANDS = {"persona", "story", "memory", "lore", "scene", "imagine", "masque", "voice"}
@@ -40,7 +41,8 @@ async def test_commands_are_synced_with_descriptions(bot_settings, store, fake_e
         assert set(synced) == EXPECTED_COMMANDS
         story = {o.name: o.description for o in synced["story"].options}
         assert story["start"].startswith("Start a new story")
-        assert set(story) == {"start", "end", "reset", "rewind", "export", "import", "status", "note", "summary"}
+        assert set(story) == {"start", "end", "reset", "rewind", "export", "import", "status", "note", "summary",
+                              "add", "remove", "next", "settings"}
         assert {o.name for o in synced["memory"].options} == {"add", "list", "remove"}
         assert {o.name for o in synced["lore"].options} == {"import", "list", "show", "remove"}
         assert {o.name for o in synced["persona"].options} == {
@@ -67,7 +69,17 @@ async def test_a_new_persona_gets_the_channel_webhook_dressed_as_it(bot_settings
         assert greeting.author.name == "Marrow" and greeting.content == "Evening."
         assert greeting.webhook_id != first_hook
         hooks = [h for h in w.env.backend.webhooks.values() if h.channel_id == w.channel.id]
-        assert [h.name for h in hooks] == ["Marrow"]  # the old one was replaced, not piled up
+        # each persona keeps its own webhook: a message stays editable only through the one that posted it
+        assert sorted(h.name for h in hooks) == ["Marrow", "Wren"]
+
+
+async def test_a_channel_never_piles_up_webhooks(bot_settings, store, fake_engine, monkeypatch):
+    monkeypatch.setattr(webhooks, "MAX_OWN_WEBHOOKS", 2)
+    async with world(make_bot(bot_settings, store)) as w:
+        for name in ("Wren Halloway", "Captain Isolde Varga", "Old Mossback"):
+            await start_story(w, name)
+        hooks = [h for h in w.env.backend.webhooks.values() if h.channel_id == w.channel.id]
+        assert sorted(h.name for h in hooks) == ["Captain Varga", "Old Mossback"]  # the oldest one went
 
 
 async def test_age_restricted_channels_turn_the_image_safety_switch_off(bot_settings, store, fake_engine):
