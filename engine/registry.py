@@ -43,6 +43,7 @@ CHAT_MODULES = {
     "omni": "engine.backends.omni",
     "llamacpp": "engine.backends.llamacpp",
     "hybrid": "engine.backends.hybrid",
+    "ct2": "engine.backends.ct2",
 }
 
 DISABLED, PENDING, LOADING, READY, FAILED = "disabled", "pending", "loading", "ready", "failed"

@@ -50,8 +50,9 @@ class ChatSettings(RoleSettings):
 
     # llm: transformers + dynamic batching (composed fusion); omni: native fusion;
     # llamacpp: a GGUF through llama-cpp-python (composed fusion, one request at a time);
-    # hybrid: llama.cpp for a lone request, the transformers batch when several run at once
-    backend: Literal["llm", "omni", "llamacpp", "hybrid"] = "llm"
+    # hybrid: llama.cpp for a lone request, the transformers batch when several run at once;
+    # ct2: CTranslate2 int8 (batched), the transformers batch for samplers it lacks
+    backend: Literal["llm", "omni", "llamacpp", "hybrid", "ct2"] = "llm"
     served_name: str = "masque-chat"  # the id clients pass as `model`; the model path also works
     gguf_file: str = ""  # when `model` is a folder holding several GGUF files
     # omni: the transformers class to load; "" = Qwen2_5OmniThinkerForConditionalGeneration
