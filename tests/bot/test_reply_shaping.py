@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import pytest
 import simcord
 
@@ -151,39 +154,38 @@ async def test_server_and_card_samplers_and_the_cards_length_reach_the_request(p
     assert body["max_tokens"] == reply_tokens(200, "Keep replies under 50 words.")
 
 
-async def test_a_server_that_refuses_the_extras_gets_openais_samplers_only(store):
-    strict = FakeEngine(openai_params_only=True, reply="Fine. Let us go.")
-    await strict.start()
-    settings = settings_for(strict.url)
+@contextlib.asynccontextmanager
+async def pipeline_on(server: FakeEngine, store) -> AsyncIterator[StoryPipeline]:
+    """A pipeline talking to `server` (started here), with a story started."""
+    await server.start()
+    settings = settings_for(server.url)
     engine = EngineClient.from_settings(settings)
     try:
         pipeline = StoryPipeline(store, engine, settings)
         await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+        yield pipeline
+    finally:
+        await engine.close()
+        await server.stop()
+
+
+async def test_a_server_that_refuses_the_extras_gets_openais_samplers_only(store):
+    strict = FakeEngine(openai_params_only=True, reply="Fine. Let us go.")
+    async with pipeline_on(strict, store) as pipeline:
         for text in ("hello", "again"):
             result = await pipeline.reply(CHANNEL, GUILD, said(text), Collector())
             assert result.persona_turn.text == "Fine. Let us go."
         bodies = chats(strict)
         assert "top_k" in bodies[0] and len(bodies) == 3  # refused once, then asked without the extras
         assert all("top_k" not in b and "min_p" not in b and b["frequency_penalty"] == 0.2 for b in bodies[1:])
-    finally:
-        await engine.close()
-        await strict.stop()
 
 
 async def test_a_vllm_shaped_server_takes_every_sampler(store):
     vllm = FakeVLLM(reply="Fine. Let us go.")
-    await vllm.start()
-    settings = settings_for(vllm.url)
-    engine = EngineClient.from_settings(settings)
-    try:
-        pipeline = StoryPipeline(store, engine, settings)
-        await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    async with pipeline_on(vllm, store) as pipeline:
         await pipeline.reply(CHANNEL, GUILD, said("hello"), Collector())
         [body] = chats(vllm)
         assert body["min_p"] == PRESETS["roleplay"].min_p and body["repetition_penalty"] == 1.1
-    finally:
-        await engine.close()
-        await vllm.stop()
 
 
 # -- /masque samplers --------------------------------------------------------------------------

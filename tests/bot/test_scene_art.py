@@ -32,13 +32,6 @@ class Quiet:
 
 
 @pytest.fixture
-def script(fake_engine: FakeEngine) -> Script:
-    script = Script()
-    fake_engine.reply = script
-    return script
-
-
-@pytest.fixture
 async def pipeline(store: Store, fake_engine: FakeEngine, script: Script) -> AsyncIterator[StoryPipeline]:
     settings = BotSettings(MASQUE_ENGINE_URL=fake_engine.url, MASQUE_ENGINE_RETRIES=0,
                            MASQUE_SCENE_REUSE_THRESHOLD=0.9, MASQUE_SCENE_IMAGE_SIZE="64x64")
