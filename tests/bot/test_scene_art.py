@@ -63,6 +63,19 @@ async def test_first_image_is_painted_with_the_persona_style_and_stored(pipeline
     assert "Art style:" in scene_request[1]["content"] and "grey fedora" in scene_request[1]["content"]
 
 
+async def test_a_scene_with_a_cast_shows_every_personas_looks_in_the_leads_style(pipeline, fake_engine, script):
+    story, wren, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    isolde = await pipeline.store.get_persona(GUILD, "Captain Isolde Varga")
+    await pipeline.cast.add(story, isolde)
+    image = await pipeline.illustrate(CHANNEL)
+    assert image is not None and image.prompt.startswith(wren.art_style)
+    request = chats(fake_engine)[-1]["messages"][1]["content"]
+    assert "Wren's appearance:" in request and "Captain Varga's appearance:" in request
+    await pipeline.cast.remove(story, isolde)
+    await pipeline.illustrate(CHANNEL, force=True)
+    assert "Captain Varga's appearance:" not in chats(fake_engine)[-1]["messages"][1]["content"]
+
+
 async def test_nothing_new_means_no_image_unless_forced(pipeline, fake_engine, script):
     await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
     assert await pipeline.illustrate(CHANNEL) is not None
