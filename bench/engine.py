@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python bench/engine.py                # offline models, a few minutes on 2 cores
     .venv/bin/python bench/engine.py --dtype float32 --threads 2 --max-tokens 48
     .venv/bin/python bench/engine.py --samplers --max-tokens 64   # each sampler's cost instead
+    .venv/bin/python bench/engine.py --backend llm,ct2 --skip-audio   # two backends, one run
 
 It prints, side by side:
 - aggregate chat tokens/s at 1, 4, 8 and 16 concurrent requests through the real server
@@ -227,11 +228,11 @@ def _ready(runner: web.AppRunner) -> bool:
     return status["ready"]
 
 
-def chat_settings(args: argparse.Namespace) -> EngineSettings:
+def chat_settings(args: argparse.Namespace, backend: str | None = None) -> EngineSettings:
     return EngineSettings(
         cache_dir=Path(os.environ["MASQUE_CACHE_DIR"]), torch_threads=args.threads,
         chat={"max_batch": max(args.levels), "max_queue": 4 * max(args.levels),
-              "dtype": args.dtype, "device": "cpu", "backend": args.backend},
+              "dtype": args.dtype, "device": "cpu", "backend": backend or args.backends[0]},
         caption={"model": ""}, stt={"model": ""}, tts={"model": ""}, images={"model": ""},
         embeddings={"model": ""},
     )
@@ -282,10 +283,10 @@ def bench_audio(settings: EngineSettings) -> dict[str, float]:
     return figures
 
 
-def report(chat: dict, llama: float | None, audio: dict[str, float], args: argparse.Namespace,
-           wall: float) -> None:
+def report_chat(chat: dict, backend: str, args: argparse.Namespace) -> None:
     engine = {"llm": f"transformers, {args.dtype}", "llamacpp": "llama.cpp backend",
-              "hybrid": f"hybrid: llama.cpp alone, transformers {args.dtype} batch"}[args.backend]
+              "hybrid": f"hybrid: llama.cpp alone, transformers {args.dtype} batch",
+              "ct2": "CTranslate2 int8"}[backend]
     print(f"\nChat: SmolLM2-135M-Instruct ({engine}, {args.threads or 'default'} threads), "
           f"max_tokens={args.max_tokens}, greedy")
     print(f"{'concurrent':>10} | {'batched tok/s':>13} | {'one-at-a-time tok/s':>19} | "
@@ -294,6 +295,13 @@ def report(chat: dict, llama: float | None, audio: dict[str, float], args: argpa
         p50, p99 = (percentile(batched.ttfts, p) for p in PERCENTILES)
         print(f"{level:>10} | {batched.rate:>13.1f} | {alone.rate:>19.1f} | "
               f"{batched.rate / alone.rate:>7.2f}x | {p50:>10.2f} | {p99:>10.2f}")
+
+
+def report(chats: dict[str, dict], llama: float | None, audio: dict[str, float],
+           args: argparse.Namespace, wall: float) -> None:
+    for backend, chat in chats.items():
+        report_chat(chat, backend, args)
+    chat = chats[args.backends[-1]]  # the goals are judged on the last (fastest) backend named
     if llama is None:
         print("llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python)")
     else:
@@ -339,8 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default=default_dtype(), choices=["float32", "bfloat16"],
                         help="transformers weights (default: bfloat16 where the CPU has it)")
-    parser.add_argument("--backend", default="llm", choices=["llm", "llamacpp", "hybrid"],
-                        help="chat backend behind the server (llamacpp needs llama-cpp-python)")
+    parser.add_argument("--backend", default="llm",
+                        help="chat backend(s) behind the server, comma-separated to compare in "
+                             "one run: llm, ct2, llamacpp, hybrid (llamacpp needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--skip-audio", action="store_true")
     parser.add_argument("--skip-llama", action="store_true")
@@ -349,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="--samplers: keep the best of N")
     args = parser.parse_args(argv)
     args.levels = args.levels or ([1, 8] if args.samplers else [1, 4, 8, 16])
+    args.backends = args.backend.split(",")
+    unknown = set(args.backends) - {"llm", "ct2", "llamacpp", "hybrid"}
+    if unknown:
+        parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
     started = time.perf_counter()
     settings = chat_settings(args)
     if args.samplers:
@@ -358,12 +371,15 @@ def main(argv: list[str] | None = None) -> None:
                           for level in args.levels} for name, fields in SAMPLER_SETS.items()}
         report_samplers(rates, timings, args, time.perf_counter() - started)
         return
-    print("chat load levels (each: concurrent, then the same requests one at a time)")
-    chat = asyncio.run(bench_chat(settings, args.levels, args.max_tokens))
+    chats = {}
+    for backend in args.backends:
+        print(f"{backend}: chat load levels (each: concurrent, then the same requests one at a time)")
+        chats[backend] = asyncio.run(
+            bench_chat(chat_settings(args, backend), args.levels, args.max_tokens))
     llama = None if args.skip_llama else bench_llama_cpp(settings, args.max_tokens, args.threads)
     audio = {} if args.skip_audio else bench_audio(EngineSettings(
         cache_dir=Path(os.environ["MASQUE_CACHE_DIR"])))
-    report(chat, llama, audio, args, time.perf_counter() - started)
+    report(chats, llama, audio, args, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
