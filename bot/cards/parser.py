@@ -11,8 +11,10 @@ import base64
 import binascii
 import io
 import json
+import lzma
 import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +43,12 @@ _NOT_BINARY_CARD = {".png": "not a PNG file (it does not start with the PNG sign
 CARD_EXTENSIONS = (".png", ".charx", ".json", ".v2.json")
 MAX_CHARX_UNPACKED = 4 * MAX_CARD_BYTES
 _AVATAR_SIDE = 512
+MAX_AVATAR_PIXELS = 8192 * 8192  # an avatar's declared size is checked before any pixel is decoded
+_READ_SLICE = 1024 * 1024
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, zlib.error,
+               lzma.LZMAError, EOFError, OSError, ValueError)
+# What Pillow raises on a broken image (DecompressionBombError for a header declaring billions of pixels).
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class CardError(ValueError):
@@ -117,9 +125,9 @@ def card_from_json(obj: Any, source: str) -> tuple[Card, Literal["v1", "v2", "v3
 def _parse_png(blob: bytes, source: str) -> ParsedCard:
     try:
         chunks = png.read_chunks(blob)
+        texts = png.text_chunks(chunks, MAX_CARD_BYTES)
     except png.PngError as exc:
         raise CardError(source, None, str(exc)) from exc
-    texts = png.text_chunks(chunks)
     keyword = next((k for k in ("ccv3", "chara") if k in texts), None)
     if keyword is None:
         raise CardError(source, None, "PNG has no character card inside (no `ccv3` or `chara` text chunk)")
@@ -142,9 +150,11 @@ def _parse_charx(blob: bytes, source: str) -> ParsedCard:
                                               f"{_mib(MAX_CHARX_UNPACKED)} limit")
             if "card.json" not in archive.namelist():
                 raise CardError(source, "card.json", "missing from the CHARX archive")
-            card, spec = card_from_json(_json(archive.read("card.json"), source, "card.json"), source)
+            card, spec = card_from_json(_json(_read_member(archive, "card.json"), source, "card.json"), source)
             avatar = _charx_icon(card, archive)
-    except zipfile.BadZipFile as exc:
+    except CardError:
+        raise
+    except _ZIP_ERRORS as exc:  # zipfile raises these for encrypted members, unknown methods, broken streams
         raise CardError(source, None, f"not a valid CHARX (zip) file: {exc}") from exc
     if avatar is not None:
         avatar = to_png(avatar, source)
@@ -159,8 +169,19 @@ def _charx_icon(card: Card, archive: zipfile.ZipFile) -> bytes | None:
         if asset.uri.startswith("embeded://"):
             path = asset.uri.removeprefix("embeded://")
             if path in archive.namelist():
-                return archive.read(path)
+                return _read_member(archive, path)
     return None
+
+
+def _read_member(archive: zipfile.ZipFile, name: str) -> bytes:
+    """A member's bytes, inflated a slice at a time. `ZipFile.read` inflates a member's whole stream
+    before cutting it to the size its header declares, so a header that lies about a bomb would cost
+    gigabytes; this way the cost stays within the declared size (checked against the limit)."""
+    parts = []
+    with archive.open(name) as member:
+        while part := member.read(_READ_SLICE):
+            parts.append(part)
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------- lorebooks
@@ -354,10 +375,11 @@ def to_png(image: bytes, source: str) -> bytes:
         return image
     try:
         with Image.open(io.BytesIO(image)) as img:
+            _check_pixels(img, source, "avatar")
             out = io.BytesIO()
             img.convert("RGBA").save(out, "PNG")
             return out.getvalue()
-    except (UnidentifiedImageError, OSError) as exc:
+    except _IMAGE_ERRORS as exc:
         raise CardError(source, "avatar", f"not a readable image ({exc})") from exc
 
 
@@ -383,9 +405,16 @@ def _check_size(blob: bytes, source: str) -> None:
 def _check_image(image: bytes, source: str) -> None:
     try:
         with Image.open(io.BytesIO(image)) as img:
+            _check_pixels(img, source, "image")
             img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except _IMAGE_ERRORS as exc:
         raise CardError(source, "image", f"the PNG image data is broken ({exc})") from exc
+
+
+def _check_pixels(img: Image.Image, source: str, field: str) -> None:
+    if img.width * img.height > MAX_AVATAR_PIXELS:
+        raise CardError(source, field, f"the image is {img.width}x{img.height} pixels, over the limit of "
+                                       f"{MAX_AVATAR_PIXELS} pixels")
 
 
 def _is_utf8(blob: bytes) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_KEYWORDS = ("chara", "ccv3")
 _HEADER = struct.Struct(">I4s")
+MAX_TEXT_BYTES = 16 * 1024 * 1024  # a compressed text chunk may not inflate past this (the card size limit)
 
 
 class PngError(ValueError):
@@ -55,8 +56,12 @@ def read_chunks(blob: bytes) -> list[Chunk]:
             return chunks
 
 
-def text_chunks(chunks: list[Chunk]) -> dict[str, str]:
-    """Keyword -> text of the tEXt and (uncompressed or zlib) iTXt chunks."""
+def text_chunks(chunks: list[Chunk], limit: int = MAX_TEXT_BYTES) -> dict[str, str]:
+    """Keyword -> text of the tEXt and (uncompressed or zlib) iTXt chunks.
+
+    Raises PngError on a malformed iTXt chunk, or one that inflates past `limit` bytes (a zlib bomb
+    is stopped at the limit, never inflated whole).
+    """
     texts: dict[str, str] = {}
     for chunk in chunks:
         if chunk.type == b"tEXt" and b"\0" in chunk.data:
@@ -64,13 +69,30 @@ def text_chunks(chunks: list[Chunk]) -> dict[str, str]:
             texts[key.decode("latin-1")] = value.decode("latin-1")
         elif chunk.type == b"iTXt" and b"\0" in chunk.data:
             key, _, rest = chunk.data.partition(b"\0")
+            name = key.decode("latin-1")
+            if len(rest) < 2:
+                raise PngError(f"corrupt PNG: iTXt chunk {name!r} ends before its text")
             compressed, rest = rest[0], rest[2:]
             _lang, _, rest = rest.partition(b"\0")
             _translated, _, value = rest.partition(b"\0")
             if compressed:
-                value = zlib.decompress(value)
-            texts[key.decode("latin-1")] = value.decode("utf-8")
+                value = _inflate(value, limit, name)
+            try:
+                texts[name] = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PngError(f"corrupt PNG: iTXt chunk {name!r} is not UTF-8 ({exc.reason})") from None
     return texts
+
+
+def _inflate(data: bytes, limit: int, name: str) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise PngError(f"corrupt PNG: iTXt chunk {name!r} has broken compressed text ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise PngError(f"iTXt chunk {name!r} inflates to more than {limit} bytes")
+    return out
 
 
 def without_card_chunks(chunks: list[Chunk]) -> list[Chunk]:
