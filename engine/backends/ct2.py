@@ -23,10 +23,10 @@ What CTranslate2 cannot do, and what this backend does instead:
   consecutive calls.
 - **Prompts of different lengths.** CTranslate2 prefills the shortest prompt's length at once
   and feeds longer prompts' tails one token per step, so a 30-token and a 2,000-token prompt in
-  one call would cost ~2,000 decode steps. Rows join a call only within ``MAX_PROMPT_SPREAD``
-  tokens of the length of its oldest row's prompt. Fed that way, an int8 tail rounds differently from a one-shot
-  prefill, so under greedy decoding a row in a mixed-length call may differ from its lone run
-  (prompts of one length, and lone requests, give the same text at any batch size).
+  one call would cost ~2,000 decode steps. Fed that way, an int8 tail also rounds differently
+  from a one-shot prefill, so a greedy row could change its text with its neighbours. So greedy
+  rows share a call only with prompts of their own length (then batch 8 gives batch 1's text),
+  and sampled rows only within ``MAX_PROMPT_SPREAD`` tokens of the call's oldest row.
 - **No min-p, frequency or presence penalty, no logits hook, no per-row seed.** CTranslate2
   4.8.5 has no logits processor; its repetition penalty is not vLLM's (prompt + output,
   before the temperature); and ``set_random_seed`` seeds a thread-local generator only the
@@ -70,7 +70,8 @@ WEIGHTS = "model.bin"
 GATHER_SECONDS = 0.02
 GATHER_MAX_SECONDS = 0.1
 IDLE_POLL_SECONDS = 0.5
-# Rows join a call only within this many prompt tokens of its oldest row's (see the docstring).
+# Sampled rows join a call only within this many prompt tokens of its oldest row's; greedy
+# rows only at the same length (see the docstring).
 MAX_PROMPT_SPREAD = 32
 
 
@@ -215,7 +216,7 @@ class CT2Backend:
 
     def _next_call(self) -> list[_Row]:
         """The oldest waiting row and those that may share its call (same sampling key,
-        prompt length within the spread), up to ``max_batch``; the rest keep their order."""
+        prompt length close enough), up to ``max_batch``; the rest keep their order."""
         woke = not self._pending
         if woke:
             try:
@@ -231,12 +232,13 @@ class CT2Backend:
             return []
         first = self._pending[0]
         key, anchor = sampling_key(first.params), len(first.prompt)
+        spread = 0 if first.params.temperature <= 0 else MAX_PROMPT_SPREAD
         chosen: list[_Row] = []
         for row in self._pending:
             if len(chosen) == self.role.max_batch:
                 break
             length = len(row.prompt)
-            if sampling_key(row.params) == key and abs(length - anchor) <= MAX_PROMPT_SPREAD:
+            if sampling_key(row.params) == key and abs(length - anchor) <= spread:
                 chosen.append(row)
         for row in chosen:
             self._pending.remove(row)

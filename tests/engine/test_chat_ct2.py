@@ -137,6 +137,20 @@ async def test_greedy_batch_of_8_equals_batch_of_1(
     assert backend(ct2_engine).peak_batch >= 2  # they shared generate_batch calls
 
 
+async def test_greedy_prompts_of_different_lengths_keep_their_lone_text(
+    aclient: openai.AsyncOpenAI,
+) -> None:
+    async def ask(question: str) -> str:
+        reply = await aclient.chat.completions.create(
+            model=MODEL, max_tokens=16, temperature=0,
+            messages=[PIRATE[0], {"role": "user", "content": question}])
+        return reply.choices[0].message.content
+
+    questions = ["Where is the treasure?", "Who are you?", "What ship is this?", "Any rum?"]
+    alone = [await ask(q) for q in questions]
+    assert list(await asyncio.gather(*(ask(q) for q in questions))) == alone
+
+
 async def test_a_client_hanging_up_cancels_only_its_row(
     aclient: openai.AsyncOpenAI, ct2_engine: RunningEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,19 +158,22 @@ async def test_a_client_hanging_up_cancels_only_its_row(
     calls: list[list[ct2._Row]] = []
     generate = chat._generate
     monkeypatch.setattr(chat, "_generate", lambda rows: (calls.append(rows), generate(rows)))
+    monkeypatch.setattr(ct2, "GATHER_SECONDS", 0.5)  # both requests in one call, even on a busy CPU
+    monkeypatch.setattr(ct2, "GATHER_MAX_SECONDS", 1.0)
 
     async def open_stream() -> openai.AsyncStream:
         return await aclient.chat.completions.create(
             model=MODEL, messages=STORY, max_tokens=120, temperature=0, stream=True)
 
     leaving, staying = await asyncio.gather(open_stream(), open_stream())
-    async for _ in leaving:
-        break
+    async for chunk in leaving:  # until its row has produced text: it is running
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
     await leaving.close()
     chunks = [chunk async for chunk in staying]
     assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
     rows = [row for call in calls for row in call]
-    assert len(calls) == 1 and len(rows) == 2  # one call held both streams
+    assert [len(call) for call in calls] == [2]  # one call held both streams
     lengths = sorted(len(row.generated) for row in rows)
     assert lengths[0] < lengths[1]  # the row of the client that left stopped early
     assert all(row.done and row.released for row in rows)
