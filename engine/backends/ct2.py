@@ -1,9 +1,10 @@
 """Chat backend on CTranslate2 int8: llama.cpp-class CPU speed from a prebuilt wheel.
 
 CTranslate2 (already installed as faster-whisper's runtime) runs the offline model with int8
-kernels about three times faster than transformers' float weights, batch 1 and batched alike
-(bench/engine.py --backend ct2), and needs no compiler. The model is converted once: the
-de-quantised transformers checkpoint (:func:`engine.backends.llm.locate_checkpoint`) becomes
+kernels and needs no compiler: 43 tok/s at batch 1 against 19 for the transformers backend in
+the same run (bench/engine.py --backend llm,ct2, one thread, 2 shared cores), 164 against 100
+at 8 concurrent when their prompts may share a call (but see greedy rows below). The model is
+converted once: the de-quantised transformers checkpoint (:func:`engine.backends.llm.locate_checkpoint`) becomes
 ``<cache_dir>/ct2/<name>-<digest>-v<N>``; a marker records the source digest and the sha256 of
 the converted weights, which is checked on every load.
 
@@ -13,7 +14,8 @@ What CTranslate2 cannot do, and what this backend does instead:
   join until it returns. So this is static batching with a gather: one worker thread takes
   every waiting request (up to ``max_batch``) into one call; requests that arrive meanwhile
   wait for the next call. A newcomer's time to first token can therefore grow by up to one
-  whole reply of the running batch (about 2.5 s for 64 tokens at batch 8 on 2 busy cores),
+  whole reply of the running batch (TTFT p99 2.5 s when 8 concurrent 32-token requests split
+  into two calls, against 0.4 s in one),
   where the transformers batcher admits it at the next step. Several calls at once
   (``inter_threads=2``, asynchronous calls) would let a newcomer start at once, but on two
   shared cores two 4-row calls made 89 tok/s against 150 for one 8-row call: one worker it is.
@@ -26,11 +28,15 @@ What CTranslate2 cannot do, and what this backend does instead:
   one call would cost ~2,000 decode steps. Fed that way, an int8 tail also rounds differently
   from a one-shot prefill, so a greedy row could change its text with its neighbours. So greedy
   rows share a call only with prompts of their own length (then batch 8 gives batch 1's text),
-  and sampled rows only within ``MAX_PROMPT_SPREAD`` tokens of the call's oldest row.
+  and sampled rows only within ``MAX_PROMPT_SPREAD`` tokens of the call's oldest row. This
+  costs: the bench's 16 greedy questions have six prompt lengths (34-39 tokens), so 8 of them
+  take several calls: 31-44 tok/s at 8 concurrent, below transformers' 43-100 in the same runs
+  (its dynamic batch is exact across lengths). Many same-length or sampled requests batch fully.
 - **No min-p, frequency or presence penalty, no logits hook, no per-row seed.** CTranslate2
-  4.8.5 has no logits processor; its repetition penalty is not vLLM's (prompt + output,
-  before the temperature); and ``set_random_seed`` seeds a thread-local generator only the
-  first time a thread draws, so a seed cannot be replayed. A request that uses any of these
+  4.8.5 has no logits processor; its repetition penalty does not document whether it counts
+  the prompt, as vLLM's (ours) does, so it is not trusted to match; and ``set_random_seed``
+  seeds a thread-local generator only the first time a thread draws (the same seed before two
+  calls gave two different texts), so a seed cannot be replayed. A request that uses any of these
   (``min_p``, a penalty, a ``seed``) is served by the transformers batcher, loaded beside this
   model on the same checkpoint and tokenizer (as ``hybrid`` pairs llama.cpp with it), so every
   sampler keeps its exact meaning. Note that the bot's sampler presets use min-p and
