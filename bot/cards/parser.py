@@ -297,7 +297,10 @@ def _number(value: Any) -> int | float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return value if math.isfinite(value) else None
+        try:
+            return value if math.isfinite(value) else None
+        except OverflowError:  # an int past float's range (10**400): no field of a book means that
+            return None
     if isinstance(value, str):
         try:
             number = float(value)

@@ -19,6 +19,8 @@ from functools import lru_cache, reduce
 from operator import or_
 from typing import Any
 
+import regex
+
 from bot.cards import Lorebook, LoreEntry
 
 DEFAULT_SCAN_DEPTH = 2  # SillyTavern's world_info_depth: the newest two messages
@@ -31,7 +33,11 @@ AND_ANY, NOT_ALL, NOT_ANY, AND_ALL = range(4)
 # JavaScript's \w is ASCII-only, and SillyTavern's word boundaries are built on it.
 _JS_WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
 _REGEX_KEY = re.compile(r"/(.+?)/([gimsuy]*)", re.DOTALL)
-_JS_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "u": 0, "g": 0, "y": 0}
+_JS_FLAGS = {"i": regex.IGNORECASE, "m": regex.MULTILINE, "s": regex.DOTALL, "u": 0, "g": 0, "y": 0}
+# Keys' regexes come from anyone's card; the `regex` engine (re's syntax) has a timeout, so a
+# catastrophic one (`(a+)+$` and kin) cannot stall a reply. One that times out is dropped for good.
+REGEX_TIMEOUT = 0.05  # seconds per search
+_TIMED_OUT: set[regex.Pattern] = set()
 # Fields only SillyTavern writes: their presence says the entry's keys follow its rules, whatever
 # `use_regex` says (SillyTavern sets it on every export, yet treats only /.../ keys as regexes).
 _ST_MARKERS = frozenset({"position", "display_index", "selectiveLogic", "useProbability", "exclude_recursion"})
@@ -230,7 +236,7 @@ class _Reader:
         source, flags = (literal[1], literal[2]) if literal else (key, "" if case else "i")
         try:
             return _Key(_js_regex(source, flags), key, case, False)
-        except re.error as exc:
+        except (re.error, regex.error) as exc:
             self._note(f'key "{key}" is not a valid regex: {exc}')
             return None  # a broken regex in someone's card must not break the story
 
@@ -240,7 +246,7 @@ def _as_number(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 
@@ -256,14 +262,20 @@ class _Key:
     """One key. /pattern/flags is a regex, which ignores the entry's case and whole-word settings;
     a plain key of one word matches as a whole word, a key of several words as a substring."""
 
-    regex: re.Pattern | None
+    regex: regex.Pattern | None
     needle: str  # lower-cased unless case-sensitive
     case: bool
     whole: bool
 
     def found(self, text: str, lower: str) -> bool:
         if self.regex is not None:
-            return self.regex.search(text) is not None
+            if self.regex in _TIMED_OUT:
+                return False
+            try:
+                return self.regex.search(text, timeout=REGEX_TIMEOUT) is not None
+            except TimeoutError:
+                _TIMED_OUT.add(self.regex)
+                return False
         hay = text if self.case else lower
         if not self.whole:
             return self.needle in hay
@@ -277,7 +289,7 @@ class _Key:
 
 
 @lru_cache(maxsize=1024)
-def _js_regex(source: str, flags: str) -> re.Pattern:
+def _js_regex(source: str, flags: str) -> regex.Pattern:
     """A JavaScript regex in Python: named groups and [^] translated, flags mapped (y anchors at the start)."""
     if len(set(flags)) != len(flags):
         raise re.error(f"repeated flag in {flags!r}")
@@ -285,7 +297,7 @@ def _js_regex(source: str, flags: str) -> re.Pattern:
     source = re.sub(r"\\k<(\w+)>", r"(?P=\1)", source).replace("[^]", r"[\s\S]")
     if "y" in flags:
         source = rf"\A(?:{source})"
-    return re.compile(source, reduce(or_, (_JS_FLAGS[f] for f in flags), 0))
+    return regex.compile(source, reduce(or_, (_JS_FLAGS[f] for f in flags), 0))
 
 
 
