@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine.audio import CONTENT_TYPES, decode_audio, encode_speech
 from engine.backends.stt import SpeechToText, Transcript
@@ -57,8 +58,14 @@ async def read_upload(request: web.Request, max_file_bytes: int) -> Upload:
             "This endpoint takes multipart/form-data with the audio in a 'file' field.",
             code="invalid_content_type",
         )
+    try:
+        return await _read_parts(await request.multipart(), max_file_bytes)
+    except (ValueError, HttpProcessingError) as exc:  # aiohttp's reader on a truncated or malformed body
+        raise invalid_request(f"The multipart/form-data body is malformed: {exc}", code="invalid_multipart") from None
+
+
+async def _read_parts(reader: MultipartReader, max_file_bytes: int) -> Upload:
     upload = Upload()
-    reader = await request.multipart()
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader) or not part.name:
             continue  # nested multiparts or unnamed parts carry nothing we read
