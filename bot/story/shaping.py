@@ -26,6 +26,9 @@ _SECOND_PERSON = re.compile(
 # A sentence ends in . ! ? … (and the like), possibly followed by closing marks, then a space or the end.
 _SENTENCE_END = re.compile(r"[.!?…~♪](?:[\"'”’)\]*_]+)?(?=\s|$)")
 _END_CHARS = ".!?…~♪\"'”’)]*_"
+_SINGLE_ASTERISK = r"(?<!\*)\*(?!\*)"  # an action mark, not **bold**
+_NO_SENTENCE_ENDS_WITH = frozenset(
+    "the a an and or but to of in into on at by for from with as than that her his their my your our its".split())
 
 
 def clean_header(text: str, char: str) -> str:
@@ -77,14 +80,18 @@ def cut_point(text: str, others: Sequence[str]) -> int | None:
 
 def trim_incomplete(text: str) -> str:
     """Cut an unfinished last sentence: back to the last sentence end, closed action (*...*) or closed
-    quote. Text with no such end at all is kept as it is."""
-    stripped = text.rstrip()
+    quote. Text with no such end at all keeps its words; when it stops on a word no sentence ends with
+    ("into the"), it gets "…", so it does not pass for finished."""
+    stripped = _without_dangling_opener(text.rstrip())
     if not stripped or stripped[-1] in _END_CHARS:
         return stripped
     ends = [m.end() for m in _SENTENCE_END.finditer(stripped)]
-    ends += _closing_marks(stripped, r"(?<!\*)\*(?!\*)") + _closing_marks(stripped, '"') + \
+    ends += _closing_marks(stripped, _SINGLE_ASTERISK) + _closing_marks(stripped, '"') + \
         [m.end() for m in re.finditer("”", stripped)]
-    return stripped[:max(ends)].rstrip() if ends else stripped
+    if ends:
+        return stripped[:max(ends)].rstrip()
+    last = re.findall(r"[A-Za-z']+", stripped)[-1:]
+    return stripped + "…" if last and last[0].lower() in _NO_SENTENCE_ENDS_WITH else stripped
 
 
 def _closing_marks(text: str, mark: str) -> list[int]:
@@ -92,15 +99,38 @@ def _closing_marks(text: str, mark: str) -> list[int]:
     return [m.end() for m in list(re.finditer(mark, text))[1::2]]
 
 
+def _without_dangling_opener(text: str) -> str:
+    """Drop an action or quote opened at the very end with nothing after it (`... window.* "`)."""
+    while text and text[-1] in '*"“' and (len(text) == 1 or text[-2].isspace()) and not text.endswith("**"):
+        if _open_marks(text) and _open_marks(text)[-1] == text[-1]:
+            text = text[:-1].rstrip()
+        else:
+            break
+    return text
+
+
+def _open_marks(text: str) -> list[str]:
+    """The actions and quotes still open at the end of `text`, in the order they were opened."""
+    stack: list[str] = []
+    for match in re.finditer(rf'{_SINGLE_ASTERISK}|["“”]', text):
+        mark = match.group()
+        closer = {"*": "*", '"': '"', "“": "”"}
+        if mark == "”":
+            if "“" in stack:
+                del stack[len(stack) - 1 - stack[::-1].index("“"):]
+        elif mark in stack and closer[mark] == mark:
+            del stack[len(stack) - 1 - stack[::-1].index(mark):]  # closes it (and anything opened inside)
+        else:
+            stack.append(mark)
+    return stack
+
+
 def balance_marks(text: str) -> str:
-    """Close an action (*...*) or a quote the text leaves open; drop a lone trailing asterisk."""
-    out = text.rstrip()
-    if len(re.findall(r"(?<!\*)\*(?!\*)", out)) % 2:
-        out = out[:-1].rstrip() if out.endswith("*") and not out.endswith("**") else out + "*"
-    if out.count('"') % 2:
-        out += '"'
-    if out.count("“") > out.count("”"):
-        out += "”"
+    """Close the actions (*...*) and quotes the text leaves open, innermost first; drop a lone trailing
+    opener."""
+    out = _without_dangling_opener(text.rstrip())
+    for mark in reversed(_open_marks(out)):
+        out += "”" if mark == "“" else mark
     return out
 
 

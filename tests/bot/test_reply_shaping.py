@@ -49,8 +49,14 @@ OTHERS = ["Ann Marsh", "Bo"]
     ("Wren:", ""),
     ("Wren", ""),
     ("Ann:", ""),
-    # text with no sentence end at all is kept as it is (nothing better to show)
+    # text with no sentence end at all is kept as it is (nothing better to show)...
     ("no punctuation here", "no punctuation here"),
+    # ...unless it stops where no sentence ends: then it says it was cut
+    ("*She leans into the", "*She leans into the…*"),
+    # an action or quote opened at the very end is dropped, not "closed" empty
+    ('*A shade creeps across the window.* "', "*A shade creeps across the window.*"),
+    # marks close innermost first
+    ('*Dex nods. "Yes, that\'s it. But more likely something', '*Dex nods. "Yes, that\'s it."*'),
 ])
 def test_shape_reply(raw: str, shaped: str):
     assert shape_reply(raw, "Wren", OTHERS) == shaped
