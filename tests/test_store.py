@@ -110,6 +110,21 @@ async def test_turns_swipes_messages_and_rewind(store: Store):
     assert nxt.position == 3  # positions never repeat, even after a rewind
 
 
+async def test_turns_answered_after_a_reply_that_came_meanwhile_move_after_it(store: Store):
+    story = await new_story(store)
+    first = await store.add_turn(story.id, NewTurn(AuthorKind.USER, "first", author_name="Sam"))
+    await store.answer_after(story.id, [first])
+    assert first.position == 1  # no persona turn came after it: it stays
+    second = await store.add_turn(story.id, NewTurn(AuthorKind.USER, "second", author_name="Ada"))
+    await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, "answer to first"))  # written while Ada wrote
+    await store.answer_after(story.id, [second])
+    assert second.position == 4
+    turns = await store.recent_turns(story.id)
+    assert [t.text for t in turns] == ["first", "answer to first", "second"]
+    assert [t.position for t in turns] == [1, 3, 4]
+    assert (await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, "answer to second"))).position == 5
+
+
 async def test_concurrent_turns_in_one_channel_keep_order_and_lose_nothing(store: Store):
     story = await new_story(store)
     count = 40
