@@ -82,14 +82,22 @@ class Entry:
         return f"{self.book}/{self.uid}"
 
 
+def _rank(value: int | float | None) -> float:
+    """A sort key of an order or priority; an int past float's range (10**400) sorts as infinite."""
+    try:
+        return float(value or 0)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def prepare(books: Sequence[Lorebook], macros: Callable[[str], str] | None,
             problems: list[str] | None = None) -> list[Entry]:
     entries: list[Entry] = []
     for index, book in enumerate(books):
         name = book.name or f"book{index}"
         # SillyTavern sorts by order alone; V3's priority only breaks its ties.
-        ranked = sorted(enumerate(book.entries), key=lambda p: (-float(p[1].insertion_order),
-                                                               -float(p[1].priority or 0), p[0]))
+        ranked = sorted(enumerate(book.entries), key=lambda p: (-_rank(p[1].insertion_order),
+                                                               -_rank(p[1].priority), p[0]))
         entries += [_entry(book, name, i, raw, macros, problems) for i, raw in ranked]
     for rank, entry in enumerate(entries):
         entry.rank = rank

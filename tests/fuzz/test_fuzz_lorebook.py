@@ -73,6 +73,7 @@ def imported(doc: object) -> Lorebook | None:
 @given(WORLD_INFO)
 @example({"entries": {"0": {"order": 10**400}}})
 @example({"entries": [{"insertion_order": 1e308, "keys": ["a"]}, {"insertion_order": -1e308}]})
+@example({"spec": "lorebook_v3", "data": {"entries": [{"uid": None, "priority": 10**400}]}})  # CI found it
 def test_world_info_import(doc: object) -> None:
     book = imported(doc)
     if book is not None:
