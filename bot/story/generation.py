@@ -48,13 +48,16 @@ class Samplers(BaseModel):
 
 
 # Named presets, as SillyTavern users know them. "roleplay" is the default: min-p sampling cuts the
-# junk tail, and frequency and presence penalties over the reply itself keep it out of loops. No
-# repetition penalty: it also penalises every token of the prompt, so a small model mangles the names
-# it must repeat ("Captain Varga" became "Vergarax" in a group scene; 2.5% junk words at 1.1 against
-# 0.4% without, SmolLM2-135M). "neutral" sends nothing, so the server decides.
+# junk tail, a repetition penalty keeps a small model from copying its previous reply, and light
+# frequency and presence penalties keep a reply from looping on itself. Measured on SmolLM2-135M with
+# bench/quality.py (10 turns x 3 scripts, loops per 100 replies; the SillyTavern-default baseline 6.7):
+# repetition penalty 1.1: 6.7, 1.05: 23.3, none: 86.7 (it repeats its last reply word for word). The
+# penalty's price: it also penalises the prompt's tokens, so in a long group scene the small model
+# sometimes mangles a name it must repeat ("Captain Varga" became "Vergarax"). "neutral" sends
+# nothing, so the server decides.
 PRESETS: dict[str, Samplers] = {
-    "roleplay": Samplers(temperature=0.8, top_p=1.0, top_k=0, min_p=0.1, repetition_penalty=1.0,
-                         frequency_penalty=0.3, presence_penalty=0.2),
+    "roleplay": Samplers(temperature=0.8, top_p=1.0, top_k=0, min_p=0.05, repetition_penalty=1.1,
+                         frequency_penalty=0.2, presence_penalty=0.1),
     "creative": Samplers(temperature=1.0, top_p=1.0, top_k=0, min_p=0.1, repetition_penalty=1.05,
                          frequency_penalty=0.3, presence_penalty=0.3),
     "precise": Samplers(temperature=0.5, top_p=0.9, top_k=40, min_p=0.0, repetition_penalty=1.1,

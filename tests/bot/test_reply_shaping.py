@@ -183,7 +183,7 @@ async def test_a_server_that_refuses_the_extras_gets_openais_samplers_only(store
             assert result.persona_turn.text == "Fine. Let us go."
         bodies = chats(strict)
         assert "top_k" in bodies[0] and len(bodies) == 3  # refused once, then asked without the extras
-        assert all("top_k" not in b and "min_p" not in b and b["frequency_penalty"] == 0.3 for b in bodies[1:])
+        assert all("top_k" not in b and "min_p" not in b and b["frequency_penalty"] == 0.2 for b in bodies[1:])
 
 
 async def test_a_vllm_shaped_server_takes_every_sampler(store):
@@ -191,7 +191,7 @@ async def test_a_vllm_shaped_server_takes_every_sampler(store):
     async with pipeline_on(vllm, store) as pipeline:
         await pipeline.reply(CHANNEL, GUILD, said("hello"), Collector())
         [body] = chats(vllm)
-        assert body["min_p"] == PRESETS["roleplay"].min_p and body["top_k"] == 0 and body["frequency_penalty"] == 0.3
+        assert body["min_p"] == PRESETS["roleplay"].min_p and body["repetition_penalty"] == 1.1
 
 
 # -- /masque samplers --------------------------------------------------------------------------
