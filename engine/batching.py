@@ -92,6 +92,22 @@ class Delta:
     error: str | None = None
 
 
+def next_delta(text: TextStream, generated: list[int], token: int, eos_ids: set[int],
+               max_tokens: int) -> Delta | None:
+    """What one new token of a sequence makes: a final delta (``finish_reason`` set) when it ends the
+    sequence (end token, stop string, token budget), else its new text, or None when nothing is to be
+    sent yet. ``generated`` (the sequence's tokens so far) gains the token unless it ends the sequence."""
+    if token in eos_ids:
+        return Delta(text.flush(), len(generated), "stop")
+    generated.append(token)
+    piece, stopped = text.add(generated)
+    if stopped:
+        return Delta(piece, len(generated), "stop")
+    if len(generated) >= max_tokens:
+        return Delta(piece + text.flush(), len(generated), "length")
+    return Delta(piece, len(generated)) if piece else None
+
+
 class SequenceHandle:
     """The async side of one sequence: iterate for deltas, ``cancel()`` to stop it."""
 
@@ -305,17 +321,11 @@ class Batcher:
     def _emit(self, seq: _Sequence, token: int) -> None:
         if seq.handle.cancelled.is_set():
             return
-        if token in self.eos_ids:
-            self._finish(seq, Delta(seq.text.flush(), len(seq.generated), "stop"))
-            return
-        seq.generated.append(token)
-        piece, stopped = seq.text.add(seq.generated)
-        if stopped:
-            self._finish(seq, Delta(piece, len(seq.generated), "stop"))
-        elif len(seq.generated) >= seq.params.max_tokens:
-            self._finish(seq, Delta(piece + seq.text.flush(), len(seq.generated), "length"))
-        elif piece:
-            seq.handle.push(Delta(piece, len(seq.generated)))
+        delta = next_delta(seq.text, seq.generated, token, self.eos_ids, seq.params.max_tokens)
+        if delta is not None and delta.finish_reason is not None:
+            self._finish(seq, delta)
+        elif delta is not None:
+            seq.handle.push(delta)
 
     def _finish(self, seq: _Sequence, delta: Delta) -> None:
         listening = not seq.handle.cancelled.is_set()

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.backends import llm
-from engine.batching import Delta, SequenceHandle, TextStream
+from engine.batching import Delta, SequenceHandle, TextStream, next_delta
 from engine.queueing import Admission
 from engine.sampling import SamplingParams
 from engine.settings import ChatSettings, EngineSettings
@@ -305,17 +305,11 @@ class CT2Backend:
         if row.handle.cancelled.is_set() or self._stop.is_set():
             self._finish(row, Delta("", len(row.generated), "error", "cancelled"))
             return True
-        if token in self.eos_ids:
-            self._finish(row, Delta(row.text.flush(), len(row.generated), "stop"))
-            return True
-        row.generated.append(token)
-        piece, stopped = row.text.add(row.generated)
-        if stopped:
-            self._finish(row, Delta(piece, len(row.generated), "stop"))
-        elif len(row.generated) >= row.params.max_tokens:
-            self._finish(row, Delta(piece + row.text.flush(), len(row.generated), "length"))
-        elif piece:
-            row.handle.push(Delta(piece, len(row.generated)))
+        delta = next_delta(row.text, row.generated, token, self.eos_ids, row.params.max_tokens)
+        if delta is not None and delta.finish_reason is not None:
+            self._finish(row, delta)
+        elif delta is not None:
+            row.handle.push(delta)
         return row.done
 
     def _finish(self, row: _Row, delta: Delta) -> None:
