@@ -147,6 +147,7 @@ class _Sequence:
     handle: SequenceHandle
     text: TextStream
     generator: torch.Generator | None
+    inputs: object = None  # a backend's own prompt data (the omni model's encoder tensors)
     started: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
     released: bool = False  # its admission slot has been given back
@@ -164,7 +165,12 @@ class _Batch:
 
 
 class Batcher:
-    """Runs many sequences through ``model`` together on one worker thread."""
+    """Runs many sequences through ``model`` together on one worker thread.
+
+    ``_prefill`` (new sequences into a fresh batch) and ``_decode`` (one token for every row)
+    are the model calls; a backend whose model needs more than token ids (the omni model's
+    encoders, its 3-D positions) subclasses and overrides those two.
+    """
 
     def __init__(
         self,
@@ -189,15 +195,16 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="chat-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> SequenceHandle:
-        """Queue one sequence; raises the 503 APIError when the queue is full."""
+    def submit(self, prompt: list[int], params: SamplingParams, inputs: object = None) -> SequenceHandle:
+        """Queue one sequence; raises the 503 APIError when the queue is full. ``inputs`` is kept
+        on the sequence for a subclass's ``_prefill`` (the omni backend's encoder tensors)."""
         self.admission.enter()
         handle = SequenceHandle(asyncio.get_running_loop())
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self._device).manual_seed(params.seed)
         text = TextStream(self.tokenizer, params.stop)
-        self._inbox.put(_Sequence(prompt, params, handle, text, generator))
+        self._inbox.put(_Sequence(prompt, params, handle, text, generator, inputs))
         return handle
 
     def depth(self) -> int:
