@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
@@ -62,6 +65,35 @@ class Metrics:
             "masque_time_to_first_token_seconds", "Time to first token", ["role"],
             buckets=TTFT_BUCKETS, registry=self.registry,
         )
+        self.tpot = Histogram(
+            "masque_time_per_output_token_seconds",
+            "Decode time per output token after the first, per finished sequence", ["role"],
+            buckets=TPOT_BUCKETS, registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "masque_queue_wait_seconds", "Time a sequence waited before its prompt ran", ["role"],
+            buckets=QUEUE_BUCKETS, registry=self.registry,
+        )
+        self.batch_sizes = Histogram(
+            "masque_batch_size_steps", "Sequences decoded together, per decode step", ["role"],
+            buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self.prefix_queries = Counter(
+            "masque_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache",
+            ["role"], registry=self.registry,
+        )
+        self.prefix_hits = Counter(
+            "masque_prefix_cache_hits_tokens", "Prompt tokens served from the prefix cache",
+            ["role"], registry=self.registry,
+        )
+        self.prefix_hit_ratio = Gauge(
+            "masque_prefix_cache_hit_ratio", "Share of prompt tokens served from the prefix cache",
+            ["role"], registry=self.registry,
+        )
+        self.prefix_bytes = Gauge(
+            "masque_prefix_cache_bytes", "Memory held by the prefix cache", ["role"],
+            registry=self.registry,
+        )
         self.gpu_memory = Gauge(
             "masque_gpu_memory_bytes", "CUDA memory allocated", ["device"], registry=self.registry
         )
@@ -75,8 +107,25 @@ class Metrics:
         """Record one decode step of ``batch`` sequences that made ``new_tokens`` tokens."""
         self.tokens.labels(role).inc(new_tokens)
         self.batch_size.labels(role).set(batch)
+        self.batch_sizes.labels(role).observe(batch)
         if seconds > 0:
             self.tokens_per_second.labels(role).set(new_tokens / seconds)
+
+    def observe_sequence(self, role: str, *, queued: float, completion_tokens: int,
+                         decode_seconds: float) -> None:
+        """Record one finished sequence: its queue wait and time per output token."""
+        self.queue_wait.labels(role).observe(queued)
+        if completion_tokens > 1 and decode_seconds > 0:
+            self.tpot.labels(role).observe(decode_seconds / (completion_tokens - 1))
+
+    def observe_prefix(self, role: str, prompt_tokens: int, reused: int, cache_bytes: int) -> None:
+        """Record one prefix-cache lookup (in tokens, as vLLM counts them)."""
+        self.prefix_queries.labels(role).inc(prompt_tokens)
+        self.prefix_hits.labels(role).inc(reused)
+        queried = self.prefix_queries.labels(role)._value.get()  # noqa: SLF001 - our own counter
+        hits = self.prefix_hits.labels(role)._value.get()  # noqa: SLF001
+        self.prefix_hit_ratio.labels(role).set(hits / queried if queried else 0.0)
+        self.prefix_bytes.labels(role).set(cache_bytes)
 
     def render(self, registry: Registry | None) -> bytes:
         """The Prometheus text exposition, with gauges refreshed now."""

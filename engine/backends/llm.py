@@ -14,11 +14,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine.attention import NAME as ROWWISE_ATTENTION
 from engine.backends import pick_device, pick_dtype
 from engine.batching import Batcher, SamplingParams, SequenceHandle
-from engine.settings import ChatSettings, EngineSettings
+from engine.prefix_cache import PrefixCache
+from engine.quantize import quantize_int8
+from engine.settings import MIB, ChatSettings, EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,7 @@ class LLMBackend:
         self.batcher.on_step = lambda tokens, seconds, size: metrics.observe_generation(
             "chat", tokens, seconds, size
         )
+        self.batcher.metrics = metrics
 
     def queue_depth(self) -> int:
         """Chat sequences waiting or running."""
@@ -147,9 +152,19 @@ def load(role: ChatSettings, settings: EngineSettings) -> LLMBackend:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if role.quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError("quantize=int8 is for the CPU in float32 (MASQUE_ENGINE_CHAT__DEVICE=cpu, "
+                         f"MASQUE_ENGINE_CHAT__DTYPE=float32); this role has {device} and {dtype}")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    if role.quantize == "int8":
+        swapped = quantize_int8(model)
+        log.info("Chat model: %d linear layers in int8 (per-channel weights, per-token activations)",
+                 swapped)
+    # each row attends over its own keys: batching and prefix reuse never change a reply
+    model.set_attn_implementation(ROWWISE_ATTENTION)
+    cache = PrefixCache(role.prefix_cache_mb * MIB) if role.prefix_cache_mb else None
     batcher = Batcher(
         model, tokenizer, max_batch=role.max_batch, max_queue=role.max_queue,
-        eos_ids=eos_token_ids(model, tokenizer),
+        eos_ids=eos_token_ids(model, tokenizer), prefix_cache=cache,
     )
     return LLMBackend(model, tokenizer, role, batcher)

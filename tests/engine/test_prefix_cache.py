@@ -1,0 +1,186 @@
+"""The offline chat path as it is served: SmolLM2 in int8 with the per-row attention and the
+prefix cache, loaded by the real loading code. Batching and prefix reuse never change a greedy
+reply; the cache keeps to its memory bound; /metrics reports its hits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.backends import llm
+from engine.prefix_cache import MIN_REUSE_TOKENS, PrefixCache, common_prefix
+from engine.quantize import Int8Linear
+from engine.registry import resolve_model
+from engine.sampling import SamplingParams
+from engine.settings import EngineSettings
+from tests.engine.conftest import offline_settings, request
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+SYSTEM = ("You are Wren Halloway, the keeper of a lighthouse on a storm-beaten island. You speak "
+          "plainly, you notice the sea, and you never break character. ") * 6
+
+
+@pytest.fixture(scope="module")
+def settings() -> EngineSettings:
+    return offline_settings()
+
+
+@pytest.fixture(scope="module")
+def backend(settings: EngineSettings):  # noqa: ANN201 - an llm.LLMBackend
+    role = settings.chat.model_copy(update={
+        "model": resolve_model(settings.chat.model, Path(settings.cache_dir)),
+        "max_batch": 8,
+    })
+    loaded = llm.load(role, settings)
+    yield loaded
+    loaded.close()
+
+
+async def reply(backend, prompt: list[int], max_tokens: int = 24) -> str:  # noqa: ANN001
+    pieces = []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    async for delta in backend.submit(prompt, params):
+        assert delta.finish_reason != "error", delta.error
+        pieces.append(delta.text)
+    return "".join(pieces)
+
+
+def chat(backend, *turns: str) -> list[int]:  # noqa: ANN001
+    messages = [{"role": "system", "content": SYSTEM}]
+    for index, text in enumerate(turns):
+        messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
+    return backend.prepare(messages, [], [])
+
+
+def test_int8_linear_is_close_to_float_and_independent_of_the_batch() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 1536)
+    quantised = Int8Linear(linear)
+    rows = torch.randn(8, 576) * 3
+    exact = linear(rows)
+    together = quantised(rows)
+    alone = torch.cat([quantised(rows[i:i + 1]) for i in range(8)])
+    assert torch.equal(together, alone)  # bit for bit, whatever shares the call
+    assert (together - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+def test_the_offline_model_is_served_in_int8(backend) -> None:  # noqa: ANN001
+    layers = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 30 * 7 + 1  # q k v o gate up down in 30 layers, and the output layer
+    assert not any(isinstance(m, torch.nn.Linear) for m in backend.model.modules())
+
+
+async def test_batch_of_eight_gives_each_prompt_its_solo_text(backend) -> None:  # noqa: ANN001
+    questions = ["Hi", "What is that light out on the water tonight?", "Tell me about the storm.",
+                 "Who are you?", "Is the boat coming back before the tide turns, keeper?",
+                 "Describe the lamp room.", "Sing me a sea shanty.", "Why do gulls circle?"]
+    prompts = [chat(backend, q) for q in questions]
+    assert len({len(p) for p in prompts}) > 4  # different lengths: rows are padded differently
+    cache, backend.batcher.prefix_cache = backend.batcher.prefix_cache, None
+    try:
+        solo = [await reply(backend, p) for p in prompts]
+        peak = backend.batcher.peak_batch
+        together = await asyncio.gather(*(reply(backend, p) for p in prompts))
+    finally:
+        backend.batcher.prefix_cache = cache
+    assert backend.batcher.peak_batch > max(peak, 4)
+    assert together == solo
+
+
+async def test_a_story_turn_reuses_the_last_prompt_and_gives_the_cold_text(backend) -> None:  # noqa: ANN001
+    cache = backend.batcher.prefix_cache
+    turns = ["The fog is thick tonight. Do you hear the bell?"]
+    for _ in range(3):
+        prompt = chat(backend, *turns)
+        before = (cache.stats.hits, cache.stats.reused_tokens)
+        warm = await reply(backend, prompt)
+        hits, reused = cache.stats.hits - before[0], cache.stats.reused_tokens - before[1]
+        backend.batcher.prefix_cache = None
+        try:
+            cold = await reply(backend, prompt)
+        finally:
+            backend.batcher.prefix_cache = cache
+        assert warm == cold
+        if len(turns) > 1:  # every turn after the first starts with the last turn's prompt
+            assert hits == 1 and reused >= len(prompt) - 128 - 60
+        turns += [warm, "And then? Tell me what happens next, keeper."]
+
+
+async def test_regenerate_reuses_all_but_the_last_chunk(backend) -> None:  # noqa: ANN001
+    prompt = chat(backend, "Light the lamp, Wren. " * 12)
+    first = await reply(backend, prompt)
+    started = time.perf_counter()
+    again = await reply(backend, prompt)
+    assert again == first
+    reused = backend.batcher.prefix_cache.stats.reused_tokens
+    assert reused >= (len(prompt) - 1) // 128 * 128 > 0, (time.perf_counter() - started)
+
+
+def tensors(tokens: int, size: int = 1024) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One layer's keys and values for ``tokens`` tokens, ``size`` bytes per token each."""
+    return [torch.zeros(1, 1, tokens, size // 4)], [torch.zeros(1, 1, tokens, size // 4)]
+
+
+def test_the_cache_keeps_to_its_bound_least_recent_out() -> None:
+    cache = PrefixCache(max_bytes=3 * 2 * 100 * 1024)  # three 100-token prompts
+    stories = [[story] * 100 for story in range(1, 5)]
+    for tokens in stories[:3]:
+        cache.store(tokens, *tensors(100))
+    assert len(cache) == 3 and cache.nbytes == cache.max_bytes
+    assert cache.lookup(stories[0] + [9])[0] == 100  # story 1 is now the most recent
+    cache.store(stories[3], *tensors(100))  # evicts story 2, the least recent
+    assert cache.nbytes <= cache.max_bytes and cache.stats.evictions == 1
+    assert cache.lookup(stories[1] + [9]) == (0, None)
+    assert cache.lookup(stories[0] + [9])[0] == 100
+    cache.store(list(range(1000)), *tensors(1000))  # larger than the whole bound: not kept
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+
+
+def test_a_longer_prompt_replaces_its_own_prefix_and_reuse_is_aligned() -> None:
+    cache = PrefixCache(max_bytes=10 * 2**20)
+    turn = list(range(300))
+    cache.store(turn, *tensors(300))
+    cache.store(turn + list(range(1000, 1150)), *tensors(450))
+    assert len(cache) == 1  # the shorter one could serve nothing the longer cannot
+    reuse, _ = cache.lookup(turn + list(range(1000, 1100)) + [5, 6], align=128)
+    assert reuse == 384 and reuse % 128 == 0
+    assert cache.lookup(list(range(MIN_REUSE_TOKENS - 1)) + [7]) == (0, None)  # too short
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+
+
+async def test_metrics_report_prefix_hits_and_serving_histograms(backend, settings) -> None:  # noqa: ANN001
+    from engine.metrics import Metrics
+
+    metrics = Metrics()
+    backend.attach_metrics(metrics)
+    try:
+        prompt = chat(backend, "Ring the bell twice for the fishermen. " * 8)
+        await reply(backend, prompt)
+        await reply(backend, prompt)
+    finally:
+        backend.batcher.metrics = None
+    text = metrics.render(None).decode()
+    hits = float(text.split('masque_prefix_cache_hits_tokens_total{role="chat"} ')[1].split()[0])
+    assert hits >= 128
+    assert 'masque_prefix_cache_hit_ratio{role="chat"}' in text
+    assert 'masque_time_per_output_token_seconds_count{role="chat"} 2.0' in text
+    assert 'masque_queue_wait_seconds_count{role="chat"} 2.0' in text
+    assert 'masque_batch_size_steps_bucket{le="1.0",role="chat"}' in text
+
+
+async def test_engine_metrics_endpoint_shows_the_prefix_cache(engine_url: str) -> None:
+    body = {"model": "masque-chat", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": "Good evening, keeper."}]}
+    for _ in range(2):
+        assert (await request("POST", f"{engine_url}/v1/chat/completions", body=body)).status == 200
+    scraped = await request("GET", f"{engine_url}/metrics")
+    assert scraped.status == 200
+    text = scraped.body
+    assert "masque_prefix_cache_hits_tokens_total" in text
+    assert "masque_time_to_first_token_seconds_count" in text
