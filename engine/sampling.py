@@ -7,7 +7,7 @@ vectorised over the batch, on just the (row, token) entries the rows have seen, 
 whole history). Temperature, the filters and the draw run row by row, because each row draws
 from its own generator: a seeded request must give the same text alone or in a crowd. A row
 that asks for none of it costs what it always did: an argmax, or one softmax and one draw.
-The omni backend applies :func:`penalise` through a transformers logits processor.
+The omni backend runs the same batcher, so the same code.
 """
 
 from __future__ import annotations

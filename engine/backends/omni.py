@@ -5,34 +5,33 @@ any ``AutoModelForImageTextToText`` omni model such as Gemma 3n loads the same w
 torchvision the model's real processor is used; without it (the CPU torch of CI) a small
 hand-written processor does what Qwen2.5-Omni's does for text, images and audio.
 
-Multimodal inputs carry per-request encoder tensors (and Qwen's 3-D rotary positions), so
-requests run one ``generate`` at a time on this role's own thread, streaming as they go.
+Concurrent requests are decoded together by the text backend's dynamic batcher
+(:mod:`engine.batching`), up to ``max_batch`` rows, with two model calls of this module's own:
+each new request is prefilled alone with its own encoder inputs (pixels, audio features), then
+joins the running batch between decode steps; every decode step gives each row its own
+position. Qwen2.5-Omni's rotary positions are 3-D (time, height, width): an image's tokens share
+positions, so the text after a prompt sits at its cached length plus a per-row offset, the rope
+delta that ``get_rope_index`` gives at prefill.
 """
 
 from __future__ import annotations
 
-import asyncio
+import inspect
 import logging
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.streamers import BaseStreamer
+import torch.nn.functional as F  # noqa: N812 - the usual torch alias
+from transformers import DynamicCache
 from transformers.utils import is_torchvision_available
 
 from engine.backends import pick_device, pick_dtype
-from engine.batching import Delta, SequenceHandle, TextStream
-from engine.queueing import Admission
-from engine.sampling import SamplingParams, TokenHistory, penalise
+from engine.batching import Batcher, Delta, SequenceHandle, _Batch, _merge, _Sequence
+from engine.sampling import SamplingParams
 from engine.settings import ChatSettings, EngineSettings
 
 log = logging.getLogger(__name__)
@@ -106,105 +105,99 @@ class OmniPrompt:
         return int(self.inputs["input_ids"].shape[1])
 
 
-class _Streamer(BaseStreamer):
-    """Feeds generate's tokens into a :class:`SequenceHandle` as text deltas."""
+@dataclass
+class _Row:
+    """One sequence's own model data: its encoder inputs until the prefill has read them, then
+    the offset of its text positions after the prompt (Qwen2.5-Omni's rope delta)."""
 
-    def __init__(self, backend: OmniBackend, handle: SequenceHandle, params: SamplingParams):
-        self.handle, self.params, self.eos = handle, params, backend.eos_ids
-        self.admission = backend.admission
-        self.released = False
-        self.text = TextStream(backend.tokenizer, params.stop)
-        self.ids: list[int] = []
-        self.prompt_seen = False
-        self.done = False
+    media: dict[str, torch.Tensor] | None
+    rope_delta: int = 0
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate hands over the prompt first
-            self.prompt_seen = True
+
+class OmniBatcher(Batcher):
+    """The dynamic batcher with an omni model's own prefill (each prompt alone, with its media)
+    and decode step (each row at its own multimodal position)."""
+
+    def __init__(self, model: Any, tokenizer: Any, **options: Any) -> None:
+        super().__init__(model, tokenizer, **options)
+        # Qwen2.5-Omni's 3-D rotary positions; a model without them takes plain 1-D positions
+        self._mrope = hasattr(model, "get_rope_index")
+        parameters = inspect.signature(model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+
+    def _prefill(self, seqs: list[_Sequence]) -> _Batch:
+        """Prefill each prompt alone (no padding, so a row's prompt is computed exactly as when
+        it runs alone) and gather the rows in one batch. A failing prompt ends only its own
+        sequence; when every one fails the batcher ends them with the last error."""
+        batch, error = None, None
+        for seq in seqs:
+            try:
+                fresh = self._prefill_one(seq)
+            except Exception as exc:
+                log.exception("Omni prefill failed")
+                self._finish(seq, Delta("", 0, "error", str(exc)))
+                error = exc
+                continue
+            batch = fresh if batch is None else _merge(batch, fresh)
+        if batch is None:
+            raise error
+        return batch
+
+    def _prefill_one(self, seq: _Sequence) -> _Batch:
+        """Run one prompt through the encoders and the decoder; sample its first token."""
+        row: _Row = seq.inputs
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self._device)
+        mask = torch.ones_like(ids)
+        positions, row.rope_delta = self._prompt_positions(ids, mask, row.media)
+        cache = DynamicCache(config=self.model.config)
+        started = time.perf_counter()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+            use_cache=True, **self._last_only, **row.media,
+        )
+        row.media = None  # the encoders have read them; the KV cache holds what they made
+        batch = _Batch([seq], cache, mask, torch.empty(0, dtype=torch.long))
+        self._advance(batch, out.logits[:, -1, :], started)
+        return batch
+
+    def _prompt_positions(
+        self, ids: torch.Tensor, mask: torch.Tensor, media: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, int]:
+        """A prompt's position ids and the offset of the text that follows it: as transformers'
+        ``generate`` computes them for Qwen2.5-Omni (``get_rope_index``; each image's tokens
+        share positions along its time, height and width axes, so the prompt ends at a lower
+        position than its length)."""
+        if not self._mrope:
+            return mask.cumsum(-1) - 1, 0
+        audio = media.get("feature_attention_mask")
+        positions, deltas = self.model.get_rope_index(
+            ids, image_grid_thw=media.get("image_grid_thw"),
+            video_grid_thw=media.get("video_grid_thw"), attention_mask=mask,
+            audio_seqlens=None if audio is None else audio.sum(-1),
+            second_per_grids=media.get("video_second_per_grid"),
+        )
+        return positions, int(deltas[0])
+
+    def _decode(self, batch: _Batch) -> None:
+        """One token for every row; a text token after a multimodal prompt sits at the row's
+        cached real length plus its rope delta, on all three axes."""
+        if not self._mrope:
+            super()._decode(batch)
             return
-        for token in value.reshape(-1).tolist():
-            if self.done:
-                return
-            if token in self.eos:
-                self.finish("stop")
-                return
-            self.ids.append(token)
-            piece, stopped = self.text.add(self.ids)
-            if stopped:
-                self.finish("stop", piece)
-            elif piece:
-                self.handle.push(Delta(piece, len(self.ids)))
-
-    def end(self) -> None:
-        if not self.done:
-            self.finish("length" if len(self.ids) >= self.params.max_tokens else "stop")
-
-    def finish(self, reason: str, piece: str = "") -> None:
-        self.done = True
-        self.release()  # before the last delta, so a caller that saw it sees the slot free
-        self.handle.push(Delta(piece + self.text.flush(), len(self.ids), reason))
-
-    def release(self) -> None:
-        """Give the admission slot back, once."""
-        if not self.released:
-            self.released = True
-            self.admission.leave()
-
-
-class _Halt(StoppingCriteria):
-    """Stops generate when the client left or a stop string ended the text."""
-
-    def __init__(self, streamer: _Streamer) -> None:
-        self.streamer = streamer
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
-        halt = self.streamer.done or self.streamer.handle.cancelled.is_set()
-        return torch.full((input_ids.shape[0],), halt, dtype=torch.bool, device=input_ids.device)
-
-
-class _OutputPenalties(LogitsProcessor):
-    """OpenAI's frequency and presence penalties inside ``generate``, with the batcher's maths
-    (engine.sampling). ``generate`` has no such options of its own."""
-
-    def __init__(self, params: SamplingParams, prompt_tokens: int) -> None:
-        # generate's own repetition_penalty has run by the time this does
-        self.params = replace(params, repetition_penalty=1.0)
-        self.prompt_tokens = prompt_tokens
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # one request at a time: counting its few hundred output ids per step costs nothing
-        # next to the forward pass
-        outputs = [((), row[self.prompt_tokens:].tolist()) for row in input_ids]
-        history = TokenHistory.count(outputs, scores.shape[-1], scores.device)
-        return penalise(scores, [self.params] * len(outputs), history)
-
-
-def generate_options(params: SamplingParams, prompt_tokens: int) -> dict[str, Any]:
-    """``generate`` keyword arguments for ``params``, in vLLM's order: penalties (also when
-    greedy), then temperature, top-k, top-p, min-p when sampling.
-
-    Every sampler is passed, off ones included, so the model's generation-config defaults
-    (transformers' top_k=50, a checkpoint's repetition_penalty) never apply unasked: a request
-    means the same on every backend.
-    """
-    options: dict[str, Any] = {
-        "do_sample": params.temperature > 0,
-        "repetition_penalty": float(params.repetition_penalty),
-    }
-    if params.frequency_penalty or params.presence_penalty:
-        options["logits_processor"] = LogitsProcessorList(
-            [_OutputPenalties(params, prompt_tokens)]
+        started = time.perf_counter()
+        cached = batch.mask.sum(-1, keepdim=True)  # [batch, 1] real tokens in the cache
+        deltas = torch.tensor([[seq.inputs.rope_delta] for seq in batch.seqs], device=cached.device)
+        positions = (cached + deltas).unsqueeze(0).expand(3, -1, -1)  # [3, batch, 1]
+        batch.mask = F.pad(batch.mask, (0, 1), value=1)
+        out = self.model(
+            input_ids=batch.last.unsqueeze(-1), attention_mask=batch.mask, position_ids=positions,
+            cache=batch.cache, use_cache=True,
         )
-    if options["do_sample"]:
-        options.update(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-            min_p=params.min_p or None,  # None: no min-p step at all
-        )
-    return options
+        self._advance(batch, out.logits[:, -1, :], started)
 
 
 class OmniBackend:
-    """An omni model generating one request at a time on its own thread."""
+    """An omni model behind its :class:`OmniBatcher`."""
 
     fusion = "native"
 
@@ -217,11 +210,17 @@ class OmniBackend:
             getattr(text_config, "max_position_embeddings", role.max_context_tokens),
         )
         eos = model.generation_config.eos_token_id
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        self.admission = Admission("chat", role.max_queue)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-omni")
+        self.batcher = OmniBatcher(
+            model, self.tokenizer, max_batch=role.max_batch, max_queue=role.max_queue,
+            eos_ids={eos} if isinstance(eos, int) else set(eos or []),
+        )
         self._device = next(model.parameters()).device
         self._dtype = next(model.parameters()).dtype
+
+    @property
+    def peak_batch(self) -> int:
+        """The most sequences decoded together so far."""
+        return self.batcher.peak_batch
 
     def prepare(self, messages: list[dict], images: list, audios: list) -> OmniPrompt:
         """Run the processor on the chat and its media."""
@@ -230,47 +229,39 @@ class OmniBackend:
         )
         inputs = self.processor(text=[text], images=images or None, audio=audios or None,
                                 return_tensors="pt", padding=True)
+        return self._on_device(inputs)
+
+    def prepare_text(self, text: str) -> OmniPrompt:
+        """The prompt of a raw text completion: the text's tokens, no chat template, no media."""
+        return self._on_device(self.tokenizer([text], return_tensors="pt"))
+
+    def _on_device(self, inputs: Any) -> OmniPrompt:
         return OmniPrompt({
             key: value.to(self._device, self._dtype if value.is_floating_point() else None)
             for key, value in inputs.items() if isinstance(value, torch.Tensor)
         })
 
     def submit(self, prompt: OmniPrompt, params: SamplingParams) -> SequenceHandle:
-        """Queue one generation; 503 when the queue is full."""
-        self.admission.enter()
-        handle = SequenceHandle(asyncio.get_running_loop())
-        self._executor.submit(self._generate, prompt, params, handle)
-        return handle
+        """Queue one generation (the batch takes it in between steps); 503 when the queue is
+        full. The same prompt may be submitted several times (n > 1): each gets its own row."""
+        ids = [int(i) for i in prompt.inputs["input_ids"][0].tolist()]
+        media = {key: value for key, value in prompt.inputs.items()
+                 if key not in ("input_ids", "attention_mask")}
+        return self.batcher.submit(ids, params, inputs=_Row(media))
 
-    def _generate(
-        self, prompt: OmniPrompt, params: SamplingParams, handle: SequenceHandle
-    ) -> None:
-        streamer = _Streamer(self, handle, params)
-        try:
-            if handle.cancelled.is_set():
-                return
-            options = generate_options(params, len(prompt))
-            if params.seed is not None:
-                torch.manual_seed(params.seed)  # one worker thread: the global RNG is ours
-            with torch.inference_mode():
-                self.model.generate(
-                    **prompt.inputs, max_new_tokens=params.max_tokens, streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_Halt(streamer)]), **options,
-                )
-        except Exception as exc:  # one failed request must not stop the worker
-            log.exception("Omni generation failed")
-            streamer.release()
-            handle.push(Delta("", len(streamer.ids), "error", str(exc)))
-        finally:
-            streamer.release()
+    def attach_metrics(self, metrics: Any) -> None:
+        """Report each decode step to the app's :class:`~engine.metrics.Metrics`."""
+        self.batcher.on_step = lambda tokens, seconds, size: metrics.observe_generation(
+            "chat", tokens, seconds, size
+        )
 
     def queue_depth(self) -> int:
         """Requests waiting or running."""
-        return self.admission.depth
+        return self.batcher.depth()
 
     def close(self) -> None:
-        """Stop taking work."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the batcher's thread."""
+        self.batcher.close()
 
 
 def load(role: ChatSettings, settings: EngineSettings) -> OmniBackend:

@@ -2,7 +2,7 @@
 
 First the maths on hand-made logits, then the batcher on the real SmolLM2 (a row's penalties
 follow it as others join and leave), then the HTTP API (raw requests and the official openai
-client), then the omni backend's ``generate`` path."""
+client), then the omni backend (the same batcher with its own prefill and decode)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import openai
 import pytest
 import torch
 
-from engine.backends.omni import generate_options
 from engine.batching import Batcher
 from engine.sampling import SamplingParams, TokenHistory, filter_row, penalise, sample_rows
 from tests.engine.conftest import RunningEngine, make_client, request
@@ -273,21 +272,6 @@ def test_openai_client_streams_with_extra_body_samplers(openai_client: openai.Op
 
 
 # -- the omni backend --------------------------------------------------------------------------
-
-def test_generate_options_name_every_sampler() -> None:
-    greedy = generate_options(SamplingParams(8, temperature=0), prompt_tokens=5)
-    assert greedy == {"do_sample": False, "repetition_penalty": 1.0}
-    sampled = generate_options(SamplingParams(8, temperature=0.5, top_k=7, min_p=0.1,
-                                              frequency_penalty=0.5), prompt_tokens=5)
-    assert sampled["top_k"] == 7 and sampled["min_p"] == 0.1 and "logits_processor" in sampled
-    assert generate_options(SamplingParams(8), 5)["top_k"] == 0  # not transformers' 50
-
-
-def test_omni_generate_penalises_only_the_output() -> None:
-    penalties = generate_options(SamplingParams(8, frequency_penalty=0.5), 2)["logits_processor"][0]
-    ids = torch.tensor([[1, 1, 2, 2, 2, 3]])  # two prompt tokens, then the output
-    assert penalties(ids, torch.zeros(1, 5)).tolist() == [[0.0, 0.0, -1.5, -0.5, 0.0]]
-
 
 def test_omni_backend_with_samplers(native_engine: RunningEngine) -> None:
     client = make_client(native_engine.url)
