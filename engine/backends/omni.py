@@ -130,7 +130,9 @@ class OmniBatcher(Batcher):
         it runs alone) and gather the rows in one batch. A failing prompt ends only its own
         sequence; when every one fails the batcher ends them with the last error."""
         batch, error = None, None
+        now = time.perf_counter()
         for seq in seqs:
+            seq.prefilled = now  # its queue wait ends (the batcher's per-sequence metrics)
             try:
                 fresh = self._prefill_one(seq)
             except Exception as exc:
@@ -254,6 +256,7 @@ class OmniBackend:
         self.batcher.on_step = lambda tokens, seconds, size: metrics.observe_generation(
             "chat", tokens, seconds, size
         )
+        self.batcher.metrics = metrics
 
     def queue_depth(self) -> int:
         """Requests waiting or running."""

@@ -7,6 +7,11 @@ The shared tiny thinker (std 0.02 weights, rope theta 1e6) attends almost unifor
 replies barely depend on positions. These tests load a copy whose queries are scaled up and
 whose rope theta is small: attention is sharp and position-sensitive, so a wrong rope delta
 changes the text (checked below), and batching must keep each row's 3-D positions right.
+
+The same text, not the same bits: float32 matmuls on the CPU are not batch-invariant (a linear
+layer on 1 row and on 6 rows differs by ~3e-7), so a row's logits in a batch differ from its
+solo logits by ~2e-7 here, against a smallest top-2 gap of ~9e-4 in these replies. A real model
+could, rarely, meet a near-tie that such a difference flips, as in any batched server.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from engine.errors import APIError
 from engine.registry import resolve_model
 from engine.sampling import SamplingParams
 from engine.settings import ChatSettings, EngineSettings
-from tests.engine.conftest import RunningEngine
+from tests.engine.conftest import RunningEngine, request
 from tests.engine.test_chat_native import multimodal_messages, png_url
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -312,3 +317,7 @@ async def test_concurrent_http_requests_share_the_batch(native_engine: RunningEn
         assert backend.peak_batch > 1
     finally:
         await client.close()
+    scraped = (await request("GET", f"{native_engine.url}/metrics")).body
+    for name in ("masque_queue_wait_seconds_count", "masque_time_per_output_token_seconds_count",
+                 "masque_batch_size_steps_count"):
+        assert float(scraped.split(name + '{role="chat"} ')[1].split()[0]) >= 8, name
