@@ -21,7 +21,7 @@ __all__ = ["METRICS", "REGISTRY", "SETTINGS", "create_app"]
 
 log = logging.getLogger(__name__)
 
-ROUTE_MODULES = ("chat", "models", "tokenize", "audio", "images", "embeddings")
+ROUTE_MODULES = ("chat", "completions", "models", "tokenize", "audio", "images", "embeddings")
 OPEN_PATHS = frozenset({"/health"})  # reachable without the key (load balancers, k8s probes)
 LOADER: web.AppKey[asyncio.Task[None]] = web.AppKey("loader")
 

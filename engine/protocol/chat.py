@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -65,17 +65,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The request body of POST /v1/chat/completions."""
+class SamplingRequest(BaseModel):
+    """What a chat and a text completion request share: the model, the samplers, the stop
+    strings and streaming. Unknown fields are ignored, as vLLM's extras from other clients are."""
 
     model_config = ConfigDict(extra="ignore")
+    max_stop: ClassVar[int] = MAX_STOP_STRINGS
 
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     # vLLM's extra sampling parameters (OpenAI clients send them in ``extra_body``)
@@ -92,8 +92,8 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if isinstance(value, list) and len(value) > cls.max_stop:
+            raise ValueError(f"at most {cls.max_stop} stop strings")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -102,14 +102,25 @@ class ChatCompletionRequest(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """The request body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` (the newer name) or ``max_tokens``."""
         return self.max_completion_tokens or self.max_tokens
 
 
-def new_completion_id() -> str:
-    """An id shaped like OpenAI's."""
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def new_completion_id(prefix: str = "chatcmpl") -> str:
+    """An id shaped like OpenAI's (``chatcmpl-...`` for chats, ``cmpl-...`` for text)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

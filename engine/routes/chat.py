@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp_sse import sse_response
@@ -19,6 +19,7 @@ from engine.fusion import compose, native_messages, native_report, parse_media
 from engine.protocol.chat import (
     ChatCompletionRequest,
     ChatMessage,
+    SamplingRequest,
     chunk_body,
     chunk_choice,
     completion_body,
@@ -38,10 +39,12 @@ SSE_PING_SECONDS = 15
 
 
 class Job:
-    """One accepted chat request: its prompt size, the running sequences and the report."""
+    """One accepted request (a chat, or text completions): its prompt size, the running
+    sequences and the masque report."""
 
-    def __init__(self, served: str, prompt_tokens: int, masque: dict[str, Any]) -> None:
-        self.id = new_completion_id()
+    def __init__(self, served: str, prompt_tokens: int, masque: dict[str, Any],
+                 id_prefix: str = "chatcmpl") -> None:
+        self.id = new_completion_id(id_prefix)
         self.served = served
         self.prompt_tokens = prompt_tokens
         self.masque = masque
@@ -63,22 +66,26 @@ def check_model(name: str, role: ChatSettings) -> None:
         )
 
 
-def token_budget(body: ChatCompletionRequest, role: ChatSettings, prompt: int, ctx: int) -> int:
-    """The completion's max_tokens, or a 400 when the prompt or the ask does not fit.
+def token_budget(
+    asked: int | None, default: int, role: ChatSettings, prompt: int, ctx: int,
+    param: str = "messages",
+) -> int:
+    """The completion's max_tokens (``default`` when the client asked for none, shortened to
+    fit), or a 400 when the prompt (``param``) or the ask does not fit.
 
     Both messages say "maximum context length", as vLLM's and OpenAI's do, so a client that
     recognises their wording (or the ``context_length_exceeded`` code) recognises ours.
     """
     room = ctx - prompt
     if room <= 0:
+        verb = "are" if param == "messages" else "is"
         raise invalid_request(
-            f"The messages are {prompt} tokens; this model's maximum context length is "
+            f"The {param} {verb} {prompt} tokens; this model's maximum context length is "
             f"{ctx} tokens.",
-            "messages", "context_length_exceeded",
+            param, "context_length_exceeded",
         )
-    asked = body.requested_max_tokens()
     if asked is None:
-        return min(role.default_max_tokens, room)
+        return min(default, room)
     if asked > role.max_new_tokens or asked > room:
         raise invalid_request(
             f"max_tokens is {asked}, but at most {min(role.max_new_tokens, room)} fit "
@@ -94,7 +101,7 @@ def _given(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def sampling(body: ChatCompletionRequest, max_tokens: int, choice: int) -> SamplingParams:
+def sampling(body: SamplingRequest, max_tokens: int, choice: int) -> SamplingParams:
     """Sampling settings of choice ``choice`` (seeds differ per choice, so n>1 differs).
 
     A sampler the request does not name gets its neutral value (SamplingParams' default).
@@ -149,26 +156,39 @@ async def prepare_prompt(backend: Any, fused: FusedChat) -> Any:
         ) from None
 
 
+def check_request(body: SamplingRequest, role: ChatSettings) -> None:
+    """The checks every generating request passes first: a served model, an allowed n."""
+    check_model(body.model, role)
+    if body.n > role.max_n:
+        raise invalid_request(f"n is {body.n}; this server allows at most {role.max_n}.", "n")
+
+
+def launch(request: web.Request, backend: Any, job: Job,
+           runs: list[tuple[Any, SamplingParams]]) -> Job:
+    """Submit one sequence per ``(prompt, params)``; all or none (a full queue stops the rest)."""
+    try:
+        for prompt, params in runs:
+            job.handles.append(backend.submit(prompt, params))
+    except APIError:
+        job.cancel()
+        raise
+    request.app[METRICS].prompt_tokens.labels("chat").inc(job.prompt_tokens)
+    return job
+
+
 async def start_job(request: web.Request, body: ChatCompletionRequest) -> Job:
     """Validate, fuse the media, tokenize and start the sequences."""
     registry, settings = request.app[REGISTRY], request.app[SETTINGS]
     role = settings.chat
-    check_model(body.model, role)
-    if body.n > role.max_n:
-        raise invalid_request(f"n is {body.n}; this server allows at most {role.max_n}.", "n")
+    check_request(body, role)
     backend = registry.get("chat")
     fused = await fuse(request, backend, body.messages)
     prompt = await prepare_prompt(backend, fused)
-    max_tokens = token_budget(body, role, len(prompt), backend.context_tokens)
+    max_tokens = token_budget(body.requested_max_tokens(), role.default_max_tokens, role,
+                              len(prompt), backend.context_tokens)
     job = Job(role.served_name, len(prompt), fused.masque)
-    try:
-        for choice in range(body.n):
-            job.handles.append(backend.submit(prompt, sampling(body, max_tokens, choice)))
-    except APIError:
-        job.cancel()
-        raise
-    request.app[METRICS].prompt_tokens.labels("chat").inc(len(prompt))
-    return job
+    runs = [(prompt, sampling(body, max_tokens, choice)) for choice in range(body.n)]
+    return launch(request, backend, job, runs)
 
 
 def _failed(delta: Delta) -> APIError:
@@ -187,7 +207,18 @@ async def collect(job: Job, index: int, handle: SequenceHandle, metrics: Any) ->
         last = delta
     if last.finish_reason == "error":
         raise _failed(last)
-    return Delta("".join(pieces), last.tokens, last.finish_reason)
+    return Delta("".join(pieces), last.tokens, last.finish_reason or "stop")
+
+
+async def collect_all(request: web.Request, job: Job) -> list[Delta]:
+    """Every sequence's whole text, in the job's order."""
+    metrics = request.app[METRICS]
+    try:
+        return list(await asyncio.gather(
+            *(collect(job, i, h, metrics) for i, h in enumerate(job.handles))
+        ))
+    finally:
+        job.cancel()  # no-op for finished sequences; stops the rest if the client left
 
 
 @routes.post("/v1/chat/completions")
@@ -195,18 +226,52 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Create a chat completion (OpenAI API), streamed as SSE when ``stream`` is true."""
     body = ChatCompletionRequest.model_validate(await read_json(request))
     job = await start_job(request, body)
-    try:
-        if body.stream:
-            return await stream_job(request, body, job)
-        metrics = request.app[METRICS]
-        results = await asyncio.gather(
-            *(collect(job, i, h, metrics) for i, h in enumerate(job.handles))
-        )
-    finally:
-        job.cancel()  # no-op for finished sequences; stops the rest if the client left
-    choices = [(result.text, result.finish_reason or "stop") for result in results]
+    if body.stream:
+        return await stream_job(request, job, ChatChunks(job), body.include_usage())
+    results = await collect_all(request, job)
+    choices = [(result.text, result.finish_reason) for result in results]
     usage = usage_body(job.prompt_tokens, sum(result.tokens for result in results))
     return web.json_response(completion_body(job.id, job.served, choices, usage, job.masque))
+
+
+class Chunks(Protocol):
+    """How one route spells the chunks of its stream."""
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Chunks sent before any text."""
+
+    def text(self, index: int, text: str) -> dict[str, Any]:
+        """A chunk carrying new text of choice ``index``."""
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        """The chunk that ends choice ``index``."""
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        """The closing usage chunk (``stream_options.include_usage``)."""
+
+
+class ChatChunks:
+    """``chat.completion.chunk`` objects: a role delta first, then content deltas."""
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.created = job, int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return chunk_body(self.job.id, self.job.served, self.created, choices, **extra)
+
+    def opening(self) -> list[dict[str, Any]]:
+        role_delta = {"role": "assistant", "content": ""}
+        choices = [chunk_choice(i, role_delta) for i in range(len(self.job.handles))]
+        return [self._chunk(choices, masque=self.job.masque)]
+
+    def text(self, index: int, text: str) -> dict[str, Any]:
+        return self._chunk([chunk_choice(index, {"content": text})])
+
+    def finish(self, index: int, reason: str) -> dict[str, Any]:
+        return self._chunk([chunk_choice(index, {}, reason)])
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        return self._chunk([], usage=usage, masque=self.job.masque)
 
 
 async def _pump(index: int, handle: SequenceHandle, out: asyncio.Queue) -> None:
@@ -215,11 +280,13 @@ async def _pump(index: int, handle: SequenceHandle, out: asyncio.Queue) -> None:
 
 
 async def stream_job(
-    request: web.Request, body: ChatCompletionRequest, job: Job
+    request: web.Request, job: Job, chunks: Chunks, include_usage: bool
 ) -> web.StreamResponse:
-    """Send the job's deltas as OpenAI chunks, then ``data: [DONE]``."""
+    """Send the job's deltas as SSE chunks spelled by ``chunks``, then ``data: [DONE]``.
+
+    A client that hangs up stops every sequence of the job.
+    """
     metrics = request.app[METRICS]
-    created = int(time.time())
     merged: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
     pumps = [asyncio.create_task(_pump(i, h, merged)) for i, h in enumerate(job.handles)]
     tokens = [0] * len(job.handles)
@@ -232,11 +299,8 @@ async def stream_job(
             async def send(payload: dict[str, Any]) -> None:
                 await sse.send(json.dumps(payload, ensure_ascii=False))
 
-            role_delta = {"role": "assistant", "content": ""}
-            await send(chunk_body(
-                job.id, job.served, created,
-                [chunk_choice(i, role_delta) for i in range(len(job.handles))], masque=job.masque,
-            ))
+            for chunk in chunks.opening():
+                await send(chunk)
             first, open_choices = True, len(job.handles)
             while open_choices:
                 index, delta = await merged.get()
@@ -248,21 +312,17 @@ async def stream_job(
                     await send(_failed(delta).body())
                     break
                 if delta.text:
-                    await send(chunk_body(job.id, job.served, created,
-                                          [chunk_choice(index, {"content": delta.text})]))
+                    await send(chunks.text(index, delta.text))
                 if delta.finish_reason is not None:
                     open_choices -= 1
-                    await send(chunk_body(job.id, job.served, created,
-                                          [chunk_choice(index, {}, delta.finish_reason)]))
-            if body.stream_options and body.stream_options.include_usage:
-                await send(chunk_body(job.id, job.served, created, [],
-                                      usage=usage_body(job.prompt_tokens, sum(tokens)),
-                                      masque=job.masque))
+                    await send(chunks.finish(index, delta.finish_reason))
+            if include_usage:
+                await send(chunks.usage(usage_body(job.prompt_tokens, sum(tokens))))
             await sse.send("[DONE]")
     except ConnectionResetError:  # the client hung up between two chunks
-        log.info("Client left during a chat stream; stopping generation of %s", job.id)
+        log.info("Client left during a stream; stopping generation of %s", job.id)
     except asyncio.CancelledError:  # the client hung up and aiohttp cancelled this handler
-        log.info("Client left during a chat stream; stopping generation of %s", job.id)
+        log.info("Client left during a stream; stopping generation of %s", job.id)
         raise
     finally:
         job.cancel()
