@@ -197,6 +197,9 @@ class Batcher:
         self.metrics: object = None  # an engine.metrics.Metrics, for per-sequence figures
         # with the per-row attention, the model is told where each row's padding ends
         self._rowwise = getattr(model.config, "_attn_implementation", None) == ROWWISE_ATTENTION
+        # a model may bring its own cache (engine.lean's grows in place)
+        self._new_cache = getattr(model, "make_cache", None) or (
+            lambda: DynamicCache(config=model.config))
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.eos_ids = eos_ids
@@ -316,7 +319,7 @@ class Batcher:
             ids[row, width - len(seq.prompt):] = torch.tensor(seq.prompt)
             mask[row, width - len(seq.prompt):] = 1
         ids, mask = ids.to(self._device), mask.to(self._device)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         started = time.perf_counter()
         out = self.model(
@@ -338,7 +341,7 @@ class Batcher:
         layer 5's keys). The prompt's state is then stored for the next turn."""
         started = time.perf_counter()
         prompt = seq.prompt
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         reuse = 0
         if self.prefix_cache is not None:
             reuse, entry = self.prefix_cache.lookup(prompt, align=PREFILL_CHUNK)

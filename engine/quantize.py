@@ -44,14 +44,15 @@ class Int8Linear(nn.Module):
         """Quantise each row of ``x`` on its own, multiply in integers, scale back."""
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
-        scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / INT8_MAX
-        quantised = torch.round(rows / scale).to(torch.int8)
+        # every op here runs ~200 times per decode step: in-place where it is safe, none spare
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(INT8_MAX)
+        quantised = torch.div(rows, scale).round_().to(torch.int8)
         # the transposed view is faster than a contiguous copy at batch 1 (0.9 vs 2.1 ms for the
         # 49k-row output layer) and about as fast at batch 8
         product = torch._int_mm(quantised, self.qweight.t())  # noqa: SLF001 - torch's int8 GEMM
-        out = product.float() * scale * self.wscale
+        out = torch.mul(product, scale).mul_(self.wscale)  # int32 * float32 -> float32
         if self.bias is not None:
-            out = out + self.bias
+            out = out.add_(self.bias)
         return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine import lean
 from engine.attention import NAME as ROWWISE_ATTENTION
 from engine.backends import pick_device, pick_dtype
 from engine.batching import Batcher, SamplingParams, SequenceHandle
@@ -156,15 +157,19 @@ def load(role: ChatSettings, settings: EngineSettings) -> LLMBackend:
         raise ValueError("quantize=int8 is for the CPU in float32 (MASQUE_ENGINE_CHAT__DEVICE=cpu, "
                          f"MASQUE_ENGINE_CHAT__DTYPE=float32); this role has {device} and {dtype}")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    if role.quantize == "int8":
+    eos_ids = eos_token_ids(model, tokenizer)
+    # each row attends over its own keys: batching and prefix reuse never change a reply
+    model.set_attn_implementation(ROWWISE_ATTENTION)
+    if role.quantize == "int8" and lean.supports(model):
+        model = lean.LeanDecoder(model, role.max_context_tokens)
+        log.info("Chat model: the lean int8 decoder (fused int8 projections, a growing KV cache)")
+    elif role.quantize == "int8":
         swapped = quantize_int8(model)
         log.info("Chat model: %d linear layers in int8 (per-channel weights, per-token activations)",
                  swapped)
-    # each row attends over its own keys: batching and prefix reuse never change a reply
-    model.set_attn_implementation(ROWWISE_ATTENTION)
     cache = PrefixCache(role.prefix_cache_mb * MIB) if role.prefix_cache_mb else None
     batcher = Batcher(
         model, tokenizer, max_batch=role.max_batch, max_queue=role.max_queue,
-        eos_ids=eos_token_ids(model, tokenizer), prefix_cache=cache,
+        eos_ids=eos_ids, prefix_cache=cache,
     )
     return LLMBackend(model, tokenizer, role, batcher)

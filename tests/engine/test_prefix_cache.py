@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.backends import llm
+from engine.lean import GrowingLayer, LeanDecoder
 from engine.prefix_cache import MIN_REUSE_TOKENS, PrefixCache, common_prefix
 from engine.quantize import Int8Linear
 from engine.registry import resolve_model
@@ -69,10 +70,46 @@ def test_int8_linear_is_close_to_float_and_independent_of_the_batch() -> None:
     assert (together - exact).abs().max() < 0.02 * exact.abs().max()
 
 
-def test_the_offline_model_is_served_in_int8(backend) -> None:  # noqa: ANN001
+def test_the_offline_model_is_served_by_the_lean_int8_decoder(backend) -> None:  # noqa: ANN001
+    assert isinstance(backend.model, LeanDecoder)
     layers = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
-    assert len(layers) == 30 * 7 + 1  # q k v o gate up down in 30 layers, and the output layer
+    assert len(layers) == 30 * 4 + 1  # qkv, o, gate+up, down in 30 layers, and the output layer
     assert not any(isinstance(m, torch.nn.Linear) for m in backend.model.modules())
+
+
+async def test_the_lean_decoder_writes_what_transformers_writes(backend, settings) -> None:  # noqa: ANN001
+    """The same weights through transformers' own forward (int8 linears, per-row attention)
+    give the same greedy text: the lean decoder changes the speed, not the model."""
+    from engine import lean
+
+    role = backend.role.model_copy(update={"prefix_cache_mb": 0})
+    kept = set(lean.SUPPORTED)
+    lean.SUPPORTED.clear()
+    try:
+        general = llm.load(role, settings)
+    finally:
+        lean.SUPPORTED.update(kept)
+    try:
+        assert not isinstance(general.model, LeanDecoder)
+        for question in ("Who keeps the light?", "Tell me a story about the sea and the storm."):
+            prompt = chat(backend, question)
+            assert await reply(backend, prompt, 32) == await reply(general, prompt, 32)
+    finally:
+        general.close()
+
+
+def test_the_growing_cache_appends_in_place_and_takes_assigned_rows() -> None:
+    layer = GrowingLayer()
+    first = torch.randn(2, 3, 5, 4)
+    keys, _ = layer.update(first, first.clone())
+    assert torch.equal(keys, first) and layer.get_seq_length() == 5
+    storage = layer._k.data_ptr()  # noqa: SLF001
+    step = torch.randn(2, 3, 1, 4)
+    keys, values = layer.update(step, step.clone())
+    assert layer._k.data_ptr() == storage  # written into the spare room, not copied  # noqa: SLF001
+    assert torch.equal(keys, torch.cat([first, step], dim=2)) and values.shape[2] == 6
+    layer.keys, layer.values = keys[1:], values[1:]  # the batcher dropping a row
+    assert layer.get_seq_length() == 6 and layer.keys.shape[0] == 1
 
 
 async def test_batch_of_eight_gives_each_prompt_its_solo_text(backend) -> None:  # noqa: ANN001
