@@ -1,4 +1,4 @@
-"""`masque`: the admin command line (cards, personas, database).
+"""`masque`: the admin command line (cards, personas, a user's data, database).
 
 Exit codes: 0 success, 2 bad input (a card that cannot be read, a name that
 is taken, a persona that does not exist), 1 anything else.
@@ -113,6 +113,37 @@ async def db_upgrade(args: argparse.Namespace) -> None:
         await store.close()
 
 
+def data_export(args: argparse.Namespace) -> None:
+    data = asyncio.run(_with_store(lambda store: store.export_user(args.user)))
+    text = json.dumps(data, ensure_ascii=False, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {args.out} ({len(data['turns'])} turns of user {args.user})")
+    else:
+        print(text)
+
+
+def data_delete(args: argparse.Namespace) -> None:
+    if not args.yes:
+        try:
+            answer = input(f"Delete everything stored about user {args.user}, in every guild? Type 'yes': ")
+        except EOFError:  # no terminal to ask
+            answer = ""
+        if answer.strip().lower() != "yes":
+            raise UserError("not confirmed: nothing was deleted")
+    # The same deletion as /masque forget-me everywhere.
+    erased = asyncio.run(_with_store(lambda store: store.erase_user(args.user)))
+    print(f"deleted user {args.user}: " + ", ".join(f"{k} {v}" for k, v in erased.as_dict().items()))
+
+
+async def _with_store(action):
+    store = await _open_store()
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
 def _safe_url(url: str) -> str:
     """The URL without its password, for printing."""
     from sqlalchemy.engine import make_url
@@ -158,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     pexport.add_argument("out")
     pexport.add_argument("--guild", type=int, default=0)
     pexport.set_defaults(func=persona_export)
+
+    data = groups.add_parser("data", help="what is stored about a user").add_subparsers(required=True)
+    dexport = data.add_parser("export", help="everything stored about a user, in every guild, as JSON")
+    dexport.add_argument("--user", type=int, required=True, help="Discord user id")
+    dexport.add_argument("--out", default=None, help="write to this file instead of printing")
+    dexport.set_defaults(func=data_export)
+    ddelete = data.add_parser("delete", help="delete a user's data in every guild (as /masque forget-me)")
+    ddelete.add_argument("--user", type=int, required=True, help="Discord user id")
+    ddelete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    ddelete.set_defaults(func=data_delete)
 
     db = groups.add_parser("db", help="database schema").add_subparsers(required=True)
     upgrade = db.add_parser("upgrade", help="migrate the database to the latest schema")

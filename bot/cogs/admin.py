@@ -1,4 +1,5 @@
-"""/masque settings and /masque samplers: how the bot behaves in this server (admins only).
+"""/masque settings and /masque samplers: how the bot behaves in this server (admins only);
+/masque forget-me (anyone) and /masque forget-server (admins), answered in bot/cogs/privacy.py.
 
 The settings themselves (types, defaults, storage) live in bot/prefs.py.
 """
@@ -11,6 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.privacy import ask_forget_me, ask_forget_server
 from bot.engine_client import EngineFeatureOff
 from bot.prefs import (
     MAX_ART_EVERY,
@@ -45,8 +47,10 @@ def describe(prefs: GuildPrefs, here: ChannelPrefs) -> str:
 class Admin(commands.Cog):
     """Server settings."""
 
-    masque = app_commands.Group(name="masque", description="Masque server settings", guild_only=True,
-                                default_permissions=discord.Permissions(manage_guild=True))
+    # No default_permissions: /masque forget-me is for everyone. The admin commands check Manage Server
+    # when they run (a member without it gets a short refusal).
+    masque = app_commands.Group(name="masque", description="Masque server settings, and forgetting your data",
+                                guild_only=True)
 
     def __init__(self, bot: commands.Bot):
         self.bot = bot
@@ -138,6 +142,19 @@ class Admin(commands.Cog):
         settings = self.bot.settings  # type: ignore[attr-defined]
         text = describe_samplers(prefs, settings.sampler_preset, settings.reply_max_tokens)
         await interaction.response.send_message(("Saved. " if changed else "") + text, ephemeral=True)
+
+    @masque.command(name="forget-me")
+    @app_commands.describe(scope="Your data in this server only, or in every server Masque is in")
+    async def forget_me(self, interaction: discord.Interaction,
+                        scope: Literal["this server", "everywhere"] = "this server") -> None:
+        """Delete what Masque keeps about you: your turns, attachments and pinned facts (asks first)."""
+        await ask_forget_me(interaction, self.store, everywhere=scope == "everywhere")
+
+    @masque.command(name="forget-server")
+    @app_commands.checks.has_permissions(manage_guild=True)
+    async def forget_server(self, interaction: discord.Interaction) -> None:
+        """Delete everything Masque keeps about this server, now (asks first)."""
+        await ask_forget_server(interaction, self.store)
 
 
 def describe_samplers(prefs: GuildPrefs, base: str, reply_max_tokens: int) -> str:

@@ -23,15 +23,18 @@ from bot.store.models import (
     Turn,
 )
 from bot.store.personas import PersonaExists, PersonaRepo
+from bot.store.privacy import GuildErased, PrivacyRepo, UserErased
 from bot.store.stories import NewTurn, SceneKey, StoryRepo
 
 
-class Store(PersonaRepo, StoryRepo, GuildRepo, Database):
+class Store(PersonaRepo, StoryRepo, PrivacyRepo, GuildRepo, Database):
     """Everything the bot keeps, behind one object."""
 
 
 __all__ = [
-    "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "LorebookRecord", "NewTurn",
+    "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "GuildErased", "LorebookRecord",
+    "NewTurn",
     "Persona", "PersonaExists", "PersonaScope", "PinnedFact",
-    "SceneArt", "SceneKey", "Store", "Story", "StoryStatus", "Summary", "Swipe", "Turn", "default_database_url",
+    "SceneArt", "SceneKey", "Store", "Story", "StoryStatus", "Summary", "Swipe", "Turn", "UserErased",
+    "default_database_url",
 ]

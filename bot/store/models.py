@@ -1,5 +1,5 @@
 """SQL tables: guild settings, personas, channels, stories, turns, swipes, summaries, scene art,
-and the memory layers (pinned facts, turn embeddings for recall, lorebooks).
+and the memory layers (pinned facts, turn embeddings for recall, lorebooks); guilds the bot left.
 
 The schema is owned by alembic (`migrations/`); these models are its
 `target_metadata`, and a test proves the two agree.
@@ -310,6 +310,16 @@ class LorebookRecord(Timestamps, Base):
     name: Mapped[str] = mapped_column(String(100))
     name_key: Mapped[str] = mapped_column(String(100))
     book: Mapped[dict[str, Any]]  # the V3 lorebook, unknown keys kept
+
+
+class GuildDeparture(Base):
+    """A guild the bot left, and when: its data is deleted MASQUE_GUILD_RETENTION_DAYS later, unless the
+    bot is added back first (bot/store/privacy.py)."""
+
+    __tablename__ = "guild_departures"
+
+    guild_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    left_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 def include_in_schema_compare(obj: Any, name: str | None, kind: str, reflected: bool, compare_to: Any) -> bool:
