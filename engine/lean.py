@@ -71,59 +71,62 @@ class _Layer(nn.Module):
 
 class GrowingLayer(DynamicLayer):
     """A cache layer with spare columns: appending writes in place; ``keys``/``values`` are the
-    filled part. Assigning them (as the batcher does when it merges, pads or trims rows) replaces
-    the storage."""
+    filled parts. Assigning either (as the batcher does when it merges, pads, trims or drops rows,
+    keys first, then values) replaces that tensor's storage; each keeps its own length, as the
+    other may not have been assigned yet."""
 
     def __init__(self) -> None:
-        super().__init__()
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
-        self._length = 0
+        self._k_len = self._v_len = 0
+        super().__init__()
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._k is None else self._k[:, :, :self._length]
+        return None if self._k is None else self._k[:, :, :self._k_len]
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
-        self._k = value
-        self._length = 0 if value is None else value.shape[2]
+        self._k, self._k_len = value, 0 if value is None else value.shape[2]
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._v is None else self._v[:, :, :self._length]
+        return None if self._v is None else self._v[:, :, :self._v_len]
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
-        self._v = value
+        self._v, self._v_len = value, 0 if value is None else value.shape[2]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._k = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]))
-        self._v = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]))
-        self._length = 0
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]))
         self.is_initialized = True
+
+    @staticmethod
+    def _append(storage: torch.Tensor, length: int, new: torch.Tensor) -> torch.Tensor:
+        """``new`` written after the first ``length`` columns of ``storage``, grown (once, with
+        GROWTH spare columns) when it has no room; returns the storage that holds it."""
+        end = length + new.shape[2]
+        if end > storage.shape[2]:
+            grown = storage.new_empty((*storage.shape[:2], end + GROWTH, storage.shape[3]))
+            grown[:, :, :length] = storage[:, :, :length]
+            storage = grown
+        storage[:, :, length:end] = new
+        return storage
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[2]
-        end = self._length + new
-        if end > self._k.shape[2]:  # out of room: copy once into a larger buffer
-            room = end + GROWTH
-            grown_k = self._k.new_empty((*self._k.shape[:2], room, self._k.shape[3]))
-            grown_v = self._v.new_empty((*self._v.shape[:2], room, self._v.shape[3]))
-            grown_k[:, :, :self._length] = self._k[:, :, :self._length]
-            grown_v[:, :, :self._length] = self._v[:, :, :self._length]
-            self._k, self._v = grown_k, grown_v
-        self._k[:, :, self._length:end] = key_states
-        self._v[:, :, self._length:end] = value_states
-        self._length = end
+        self._k = self._append(self._k, self._k_len, key_states)
+        self._v = self._append(self._v, self._v_len, value_states)
+        self._k_len += key_states.shape[2]
+        self._v_len += value_states.shape[2]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self._length
+        return self._k_len
 
 
 class GrowingCache(DynamicCache):

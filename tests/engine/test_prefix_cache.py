@@ -110,6 +110,16 @@ def test_the_growing_cache_appends_in_place_and_takes_assigned_rows() -> None:
     assert torch.equal(keys, torch.cat([first, step], dim=2)) and values.shape[2] == 6
     layer.keys, layer.values = keys[1:], values[1:]  # the batcher dropping a row
     assert layer.get_seq_length() == 6 and layer.keys.shape[0] == 1
+    # the batcher pads keys first, then values (reading values after keys changed length)
+    layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, 3, 0))
+    layer.values = torch.nn.functional.pad(layer.values, (0, 0, 3, 0))
+    assert layer.keys.shape == layer.values.shape == (1, 3, 9, 4)
+    assert torch.equal(layer.values[:, :, 3:], values[1:])
+    layer.keys = layer.keys[:, :, 2:]
+    layer.values = layer.values[:, :, 2:]  # trimming, the same way
+    keys, values = layer.update(step[:1], step[:1].clone())
+    assert keys.shape == values.shape == (1, 3, 8, 4)
+    assert torch.equal(values[:, :, 1:7], torch.cat([first, step], dim=2)[1:])
 
 
 async def test_batch_of_eight_gives_each_prompt_its_solo_text(backend) -> None:  # noqa: ANN001
@@ -127,6 +137,23 @@ async def test_batch_of_eight_gives_each_prompt_its_solo_text(backend) -> None: 
         backend.batcher.prefix_cache = cache
     assert backend.batcher.peak_batch > max(peak, 4)
     assert together == solo
+
+
+async def test_rows_joining_and_leaving_mid_flight_keep_their_solo_text(backend) -> None:  # noqa: ANN001
+    """Rows of different lengths join a running batch (left-padding the cache), finish at
+    different steps (trimming it) and leave: each text is still the solo text."""
+    prompts = [chat(backend, q) for q in ("Hi", "Tell me about the storm that sank the Mary Ellen.",
+                                          "What is that bell?")]
+    solo = [await reply(backend, p, 20) for p in prompts]
+    short = await reply(backend, prompts[2], 3)
+
+    async def later(prompt: list[int], tokens: int, delay: float) -> str:
+        await asyncio.sleep(delay)
+        return await reply(backend, prompt, tokens)
+
+    texts = await asyncio.gather(later(prompts[0], 20, 0), later(prompts[1], 20, 0.15),
+                                 later(prompts[2], 3, 0.3), later(prompts[2], 20, 0.45))
+    assert texts == [solo[0], solo[1], short, solo[2]]
 
 
 async def test_a_story_turn_reuses_the_last_prompt_and_gives_the_cold_text(backend) -> None:  # noqa: ANN001
