@@ -23,6 +23,11 @@ SUMMARY_SHARE = 0.15
 RECALL_SHARE = 0.10
 EXAMPLES_SHARE = 0.25
 DEFAULT_NOTE_DEPTH = 4  # SillyTavern's default author's note depth
+# Recalled older turns go this many messages from the end, not into the system text: they change
+# with every new message, and anything that changes early in the prompt makes a server's prefix
+# cache (our engine's, vLLM's, llama.cpp's) re-read everything after it. There the system text
+# and the older history stay the same from one turn to the next.
+RECALL_DEPTH = 2
 RECALL_CHARS = 600  # a recalled turn is quoted up to this long
 
 

@@ -2,10 +2,10 @@
 
 Layout (the SillyTavern convention most cards are written for):
   system: system prompt, lore (before), description, personality, scenario,
-          lore (after), pinned facts, story summary, recalled older turns,
+          lore (after), pinned facts, story summary,
           lore (examples top), example dialogue (when it fits), lore (examples bottom)
   history: recent turns within the token budget, users as "Name: text", with
-          the author's note and at-depth lore inserted at their depths
+          the author's note, at-depth lore and recalled older turns inserted at their depths
   last user message: the new turn, its media parts, then post-history instructions
 Each memory layer has a capped share of the budget (bot/story/memory.py).
 Consecutive messages of one role are merged, so strict chat templates that
@@ -127,8 +127,8 @@ def build_prompt(parts: PromptParts) -> Prompt:
     # Recall's share is always held back, so the window is the same with or without recalled turns
     # (the caller picks the window first, then recalls what lies before it).
     left = budget - fixed - int(budget * layers.RECALL_SHARE)
-    if recall:
-        system = f"{system}\n\n{recall}"
+    if recall:  # near the end, not in the system text: see layers.RECALL_DEPTH
+        notes.append(DepthNote(layers.RECALL_DEPTH, "system", recall))
     examples = _examples(card, lore, ex)
     if examples and parts.counter.message(examples) <= min(left, budget * layers.EXAMPLES_SHARE):
         system = f"{system}\n\n{examples}"
