@@ -23,6 +23,7 @@ from bot.builtin import builtin_personas
 from bot.console import DEFAULT_USER_NAME, run_console
 from bot.engine_client import EngineClient
 from bot.engine_process import EngineStartError, engine_urls
+from bot.metrics import serve_metrics
 from bot.pipeline import StoryPipeline
 from bot.settings import BotSettings
 from bot.store import Store
@@ -58,10 +59,15 @@ async def run(args: argparse.Namespace, settings: BotSettings) -> int:
             engine = EngineClient.from_settings(settings, url)
             try:
                 if args.console or settings.discord_token is None:
+                    if settings.log_level.upper() != "DEBUG":  # per-turn lines would interleave the story
+                        logging.getLogger("bot.turns").setLevel(logging.WARNING)
                     pipeline = StoryPipeline(store, engine, settings)
+                    metrics = await serve_metrics(pipeline.metrics, settings)
                     try:
                         return await run_console(pipeline, args.persona, args.name, args.new)
                     finally:
+                        if metrics is not None:
+                            await metrics.stop()
                         await pipeline.close()
                 from bot.app import DiscordSetupError, run_discord  # discord.py loads only when the bot is used
 

@@ -19,6 +19,7 @@ from bot.discord_io.replies import ReplyService
 from bot.discord_io.views import TurnButton
 from bot.discord_io.webhooks import NO_MENTIONS, WebhookPoster
 from bot.engine_client import EngineClient, EngineError
+from bot.metrics import MetricsServer, serve_metrics
 from bot.pipeline import StoryError, StoryPipeline
 from bot.settings import BotSettings
 from bot.store import Store
@@ -60,9 +61,14 @@ class MasqueBot(commands.Bot):
         self.poster = WebhookPoster(self)
         self.replies = ReplyService(self.pipeline, self.poster)
         self.tree.on_error = self.on_app_command_error
+        self.metrics = self.pipeline.metrics
+        self.metrics.watch_shards(self)
+        self.metrics_server: MetricsServer | None = None
 
     async def setup_hook(self) -> None:
-        """Load the cogs, register the persistent reply buttons and sync the slash commands."""
+        """Serve /metrics (when MASQUE_METRICS_PORT is set), load the cogs, register the persistent reply
+        buttons and sync the slash commands."""
+        self.metrics_server = await serve_metrics(self.metrics, self.settings)
         for name in COGS:
             await self.load_extension(name)
         self.add_dynamic_items(TurnButton)
@@ -76,6 +82,9 @@ class MasqueBot(commands.Bot):
             log.info("synced %d slash commands", len(synced))
 
     async def close(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
         await self.pipeline.close()
         await super().close()
 

@@ -14,14 +14,16 @@ seen one, so callers know whether to send audio natively or transcribe first.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import openai
@@ -43,24 +45,28 @@ class EngineError(Exception):
 
     user_message = "The story engine failed."
     turn_id: int | None = None
+    kind = "error"  # how metrics and the turn log count it (bot/metrics.py)
 
 
 class EngineUnavailable(EngineError):
     """No engine URL answered (down, refused, overloaded)."""
 
     user_message = "The story engine is not reachable right now. Try again in a minute."
+    kind = "down"  # or "overloaded" (429, 503), "server_error" (another 5xx): see `_map_error`
 
 
 class EngineTimeout(EngineError):
     """The engine took longer than the timeout."""
 
     user_message = "The story engine took too long to answer. Try again, or ask an admin to check it."
+    kind = "timeout"
 
 
 class EngineBadResponse(EngineError):
     """The engine answered, but not with something usable (garbage, an empty reply, a 4xx)."""
 
     user_message = "The story engine sent back something unusable. Try regenerating."
+    kind = "bad_response"  # or "refused" (a 4xx): see `_map_error`
 
 
 class EngineContextLength(EngineBadResponse):
@@ -71,6 +77,7 @@ class EngineContextLength(EngineBadResponse):
 
     user_message = ("The story engine's context is too small for this story's prompt. "
                     "Ask an admin to check MASQUE_CONTEXT_WINDOW and MASQUE_REPLY_MAX_TOKENS.")
+    kind = "too_long"
 
     def __init__(self, message: str, prompt_tokens: int | None = None):
         super().__init__(message)
@@ -79,6 +86,8 @@ class EngineContextLength(EngineBadResponse):
 
 class EngineFeatureOff(EngineBadResponse):
     """The engine is up but serves no model for this kind of call (our engine's `role_disabled`)."""
+
+    kind = "feature_off"
 
     def __init__(self, message: str, what: str):
         super().__init__(message)
@@ -95,6 +104,12 @@ _FEATURE_HINTS = {
              "stabilityai/sdxl-turbo) or MASQUE_ENGINE_PRESET=gpu, or points MASQUE_ENGINE_URL at a server "
              "that makes images.",
 }
+
+
+class CallObserver(Protocol):
+    """Told of every engine call as it ends (bot/metrics.py): route, seconds, the error when it failed."""
+
+    def engine_call(self, route: str, seconds: float, error: BaseException | None) -> None: ...
 
 
 @dataclass
@@ -179,6 +194,7 @@ class EngineClient:
         self._unhealthy_s = unhealthy_s
         self._api_key = api_key
         self.models = models or EngineModels()
+        self.observer: CallObserver | None = None
 
     @classmethod
     def from_settings(cls, settings: Any, url: str | None = None) -> EngineClient:
@@ -220,8 +236,31 @@ class EngineClient:
         healthy = [e for e in ordered if e.unhealthy_until <= now]
         return healthy or ordered
 
-    async def _call(self, what: str, fn: Callable[[_Endpoint], Awaitable[T]]) -> T:
-        """Run `fn` on endpoints in turn until one answers; map failures to EngineError types."""
+    async def _call(self, what: str, fn: Callable[[_Endpoint], Awaitable[T]], *, observe: bool = True) -> T:
+        """Run `fn` on endpoints in turn until one answers; map failures to EngineError types. The observer
+        hears of the call (unless `observe` is False: chat_stream times the whole stream itself)."""
+        if not observe:
+            return await self._call_endpoints(what, fn)
+        with self._observed(what):
+            return await self._call_endpoints(what, fn)
+
+    @contextlib.contextmanager
+    def _observed(self, route: str) -> Iterator[None]:
+        """Tell the observer how long the call took and how it failed; a cancelled call or a bug is not told."""
+        started, error = time.perf_counter(), None
+        try:
+            yield
+        except EngineError as exc:
+            error = exc
+            raise
+        except (asyncio.CancelledError, Exception):
+            started = None
+            raise
+        finally:
+            if started is not None and self.observer is not None:
+                self.observer.engine_call(route, time.perf_counter() - started, error)
+
+    async def _call_endpoints(self, what: str, fn: Callable[[_Endpoint], Awaitable[T]]) -> T:
         last: EngineError | None = None
         for endpoint in self._rotation():
             try:
@@ -249,7 +288,13 @@ class EngineClient:
 
     async def chat_stream(self, messages: list[dict[str, Any]], **params: Any) -> AsyncIterator[StreamEvent]:
         """Stream a reply as StreamEvents. Fails over to another URL only before the first event."""
-        opened = await self._call("chat", lambda e: self._open_stream(e, messages, params))
+        with self._observed("chat_stream"):  # the whole stream (a caller closing it early ends it)
+            async with contextlib.aclosing(self._chat_stream(messages, params)) as events:
+                async for event in events:
+                    yield event
+
+    async def _chat_stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> AsyncIterator[StreamEvent]:
+        opened = await self._call("chat", lambda e: self._open_stream(e, messages, params), observe=False)
         endpoint, stream = opened
         shaped = 0  # chunks that look like chat chunks; a stream of none is not OpenAI-shaped
         try:
@@ -523,14 +568,21 @@ def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
         if exc.status_code == 503 and _error_code(exc) == "role_disabled":  # up, but not for this
             return EngineFeatureOff(f"{what}: {_short(exc)}", what)
         if exc.status_code >= 500 or exc.status_code == 429:
-            return EngineUnavailable(f"{what}: the engine answered {exc.status_code}: {_short(exc)}")
+            busy = exc.status_code in (429, 503)
+            return _kinded(EngineUnavailable(f"{what}: the engine answered {exc.status_code}: {_short(exc)}"),
+                           "overloaded" if busy else "server_error")
         message = f"{what}: the engine refused the request ({exc.status_code}): {_short(exc)}"
         if exc.status_code in (400, 413, 422) and _is_length_error(exc):
             found = _PROMPT_COUNT.search(str(exc.message))
             count = next((int(g) for g in found.groups() if g), None) if found else None
             return EngineContextLength(message, count)
-        return EngineBadResponse(message)
+        return _kinded(EngineBadResponse(message), "refused")
     return EngineBadResponse(f"{what}: unusable engine response ({exc.__class__.__name__}: {exc})")
+
+
+def _kinded(error: EngineError, kind: str) -> EngineError:
+    error.kind = kind
+    return error
 
 
 def _without_extras(params: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from bot.engine_client import (
 from bot.errors import NoStory, StoryError, UnknownPersona, UnknownTurn
 from bot.media import annotate, attachment_meta, media_parts, transcribe_audio
 from bot.memory import StoryMemory
+from bot.metrics import BotMetrics, TurnRecord
 from bot.prefs import GuildPrefs, guild_prefs
 from bot.prompt_fit import Fitted, PromptFitter
 from bot.scene_art import SceneArtService, SceneImage
@@ -56,6 +58,8 @@ HISTORY_SLACK = 1.3  # turns vary in length: read this many more than the first 
 class NoReplyInCharacter(EngineBadResponse):
     """The model's reply shaped to nothing: only a name, or straight into another speaker's lines."""
 
+    kind = "no_reply"
+
 
 @dataclass
 class InputAttachment:
@@ -75,6 +79,7 @@ class UserInput:
     author_name: str  # display name, used for {{user}}
     message_id: int | None = None
     attachments: list[InputAttachment] = field(default_factory=list)
+    received_at: float = field(default_factory=time.perf_counter)  # when it came: the reply latency's start
 
 
 class ReplySink(Protocol):
@@ -116,8 +121,10 @@ class StoryStatusInfo:
 class StoryPipeline:
     """Story operations shared by every front end."""
 
-    def __init__(self, store: Store, engine: EngineClient, settings: BotSettings):
+    def __init__(self, store: Store, engine: EngineClient, settings: BotSettings, metrics: BotMetrics | None = None):
         self.store, self.engine, self.settings = store, engine, settings
+        self.metrics = metrics or BotMetrics()  # one per bot (bot/metrics.py): turns, latency, engine calls
+        engine.observer = self.metrics
         self.art = SceneArtService(store, engine, settings)
         self.cast = Cast(store)
         self.fitter = PromptFitter(engine, settings)
@@ -187,13 +194,16 @@ class StoryPipeline:
         turns = await self.store.recent_turns(story.id, 1)
         if not turns or turns[0].author_kind != AuthorKind.PERSONA:
             return None
-        return await self.show_turn(turns[0], sink)
+        return await self.show_turn(turns[0], sink, story)
 
-    async def show_turn(self, turn: Turn, sink: ReplySink) -> Turn:
-        """Show a stored persona turn through `sink` and record the messages that show it."""
-        ids = await sink.finish(turn.text)
-        if ids:
-            await self.store.set_turn_messages(turn.id, ids)
+    async def show_turn(self, turn: Turn, sink: ReplySink, story: Story | None = None) -> Turn:
+        """Show a stored persona turn (a greeting) through `sink` and record the messages that show it."""
+        with self.metrics.turn("greeting") as record:
+            record.about(story=turn.story_id, turn=turn.id, persona=turn.persona_id,
+                         guild=story.guild_id if story else None, channel=story.channel_id if story else None)
+            ids = await sink.finish(turn.text)
+            if ids:
+                await self.store.set_turn_messages(turn.id, ids)
         return turn
 
     async def end(self, channel_id: int) -> Story | None:
@@ -211,20 +221,20 @@ class StoryPipeline:
     # ------------------------------------------------------------ replying
 
     async def reply(self, channel_id: int, guild_id: int, user: UserInput, sink: ReplySink, *,
-                    max_tokens: int | None = None, instruction: str = "") -> ReplyResult:
+                    max_tokens: int | None = None, instruction: str = "", kind: str = "reply") -> ReplyResult:
         """Answer a user's turn as the story's lead persona (the console, a voice call): store the turn,
         then `respond`. Discord text goes through its scene queue instead (bot/discord_io/scene_queue.py),
         which chooses the speaker of a cast and answers several people's messages together.
 
         `max_tokens` caps the reply below the usual setting and `instruction` adds a line to the
-        prompt (a voice channel asks for short spoken replies).
+        prompt (a voice channel asks for short spoken replies); `kind` is how the turn is counted (voice).
         """
         async with self._lock(self._channel_locks, channel_id):
             story = await self.story_of(channel_id)
             persona = await self.persona_of_story(story)
             turn = await self.add_user_turn(story, user)
             return await self.respond(story, persona, [(turn, user)], sink, max_tokens=max_tokens,
-                                      instruction=instruction)
+                                      instruction=instruction, kind=kind)
 
     async def add_user_turn(self, story: Story, user: UserInput) -> Turn:
         """Keep a person's message as a story turn (whether or not it is answered)."""
@@ -234,9 +244,23 @@ class StoryPipeline:
             message_ids=[user.message_id] if user.message_id else []))
 
     async def respond(self, story: Story, persona: Persona, inputs: Sequence[tuple[Turn, UserInput]],
-                      sink: ReplySink, *, max_tokens: int | None = None, instruction: str = "") -> ReplyResult:
+                      sink: ReplySink, *, max_tokens: int | None = None, instruction: str = "",
+                      kind: str | None = None) -> ReplyResult:
         """`persona`'s next turn, answering `inputs` (the people's stored turns since the last answer, with
-        their media; none when a persona answers another). The caller holds the channel's lock."""
+        their media; none when a persona answers another). The caller holds the channel's lock.
+
+        Timed from the newest message's arrival and counted as `kind` (default: reply, or next without inputs).
+        """
+        last = inputs[-1] if inputs else None
+        with self.metrics.turn(kind or ("reply" if inputs else "next"), last[1].received_at if last else None) as rec:
+            rec.about(guild=story.guild_id, channel=story.channel_id, story=story.id, persona=persona.id,
+                      user=last[1].author_id if last else None)
+            result = await self._respond(story, persona, inputs, rec.watch(sink), max_tokens, instruction, rec)
+            rec.about(turn=result.persona_turn.id)
+            return result
+
+    async def _respond(self, story: Story, persona: Persona, inputs: Sequence[tuple[Turn, UserInput]],
+                       sink: ReplySink, max_tokens: int | None, instruction: str, record: TurnRecord) -> ReplyResult:
         last = inputs[-1] if inputs else None
         async with self._making_reply(story.id):
             # What came while an earlier reply was written is answered after it, and people's messages that
@@ -248,7 +272,7 @@ class StoryPipeline:
                 user_name = last[1].author_name if last else await self._last_user_name(story.id)
                 text, extras = await self._generate(story.id, persona, user_name, parts, sink, before=before,
                                                     instruction=instruction, query_turn=last[0] if last else None,
-                                                    max_tokens=max_tokens)
+                                                    max_tokens=max_tokens, record=record)
             except EngineError as exc:
                 exc.turn_id = last[0].id if last else None  # the turn is kept; a retry regenerates from it
                 raise
@@ -281,13 +305,17 @@ class StoryPipeline:
     async def _generate(self, story_id: int, persona: Persona, user_name: str, media: list[dict],
                         sink: ReplySink, before: int | None = None, instruction: str = "",
                         prefix: str = "", query_turn: Turn | None = None,
-                        max_tokens: int | None = None) -> tuple[str, dict]:
+                        max_tokens: int | None = None, record: TurnRecord | None = None) -> tuple[str, dict]:
         """Build the prompt from the stored turns (those before position `before`) and memory, and stream a reply.
 
-        A length refusal shrinks the prompt and retries once; then memory work goes to the worker.
+        A length refusal shrinks the prompt and retries once; then memory work goes to the worker. `record`
+        (the turn's log line) learns the story and the token counts.
         """
         ready = await self.prepare_prompt(story_id, persona, user_name, media, before, instruction, query_turn)
         fitted, card = ready.fitted, persona_card(persona)
+        if record is not None:
+            record.about(guild=ready.story.guild_id, channel=ready.story.channel_id, story=ready.story.id,
+                         persona=persona.id)
         prefs = await guild_prefs(self.store, ready.story.guild_id)
         samplers = self.samplers(prefs, card)
         cap = min(fitted.max_tokens, max_tokens or fitted.max_tokens, self.reply_tokens(prefs, card))
@@ -301,6 +329,9 @@ class StoryPipeline:
             fitted = await self.fitter.refit(fitted, exc.prompt_tokens)
             result = await self._stream_in_character(fitted.prompt.messages, card, ready.turns, user_name, sink,
                                                      prefix, min(fitted.max_tokens, cap), samplers, ready.cast)
+        if record is not None:
+            record.generated(tokens_in=fitted.exact or fitted.prompt.tokens, engine=self.engine.models.chat,
+                             tokens_out=estimate_tokens(result[0]) - estimate_tokens(prefix), extras=result[1])
         await self.memory.after_prompt(ready.story, fitted.prompt, ready.turns, ready.query, query_turn)
         return result
 
@@ -423,27 +454,38 @@ class StoryPipeline:
 
     async def regenerate(self, turn_id: int, sink: ReplySink) -> Turn:
         """A new swipe for a persona turn, selected. On a user turn whose reply failed, answer it anew."""
-        turn = await self._turn(turn_id)
-        persona = await self.persona_of_turn(turn)
-        async with self._making_reply(turn.story_id):
-            user_name = await self._last_user_name(turn.story_id)
-            if turn.author_kind == AuthorKind.USER:
-                text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1)
-                return await self._store_reply(turn.story_id, persona, text, sink)
-            text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position)
-            await self.store.add_swipe(turn.id, text, estimate_tokens(text))
-            return await self._show(turn.id, text, sink)
+        with self.metrics.turn("regenerate") as record:
+            turn = await self._turn(turn_id)
+            persona = await self.persona_of_turn(turn)
+            record.about(story=turn.story_id, turn=turn.id, persona=persona.id)
+            sink = record.watch(sink)
+            async with self._making_reply(turn.story_id):
+                user_name = await self._last_user_name(turn.story_id)
+                if turn.author_kind == AuthorKind.USER:
+                    text, _ = await self._generate(turn.story_id, persona, user_name, [], sink,
+                                                   before=turn.position + 1, record=record)
+                    made = await self._store_reply(turn.story_id, persona, text, sink)
+                    record.about(user=turn.author_id, turn=made.id)
+                    return made
+                text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position,
+                                               record=record)
+                await self.store.add_swipe(turn.id, text, estimate_tokens(text))
+                return await self._show(turn.id, text, sink)
 
     async def continue_turn(self, turn_id: int, sink: ReplySink) -> Turn:
         """Extend a persona turn where it stopped (the continuation is appended to the selected swipe)."""
-        turn = await self._turn(turn_id)
-        persona = await self.persona_of_turn(turn)
-        async with self._making_reply(turn.story_id):
-            user_name = await self._last_user_name(turn.story_id)
-            text, _ = await self._generate(turn.story_id, persona, user_name, [], sink, before=turn.position + 1,
-                                           instruction=continue_instruction(), prefix=turn.text)
-            await self.store.edit_turn(turn.id, text, token_count=estimate_tokens(text))
-            return await self._show(turn.id, text, sink)
+        with self.metrics.turn("continue") as record:
+            turn = await self._turn(turn_id)
+            persona = await self.persona_of_turn(turn)
+            record.about(story=turn.story_id, turn=turn.id, persona=persona.id)
+            sink = record.watch(sink)
+            async with self._making_reply(turn.story_id):
+                user_name = await self._last_user_name(turn.story_id)
+                text, _ = await self._generate(turn.story_id, persona, user_name, [], sink,
+                                               before=turn.position + 1, instruction=continue_instruction(),
+                                               prefix=turn.text, record=record)
+                await self.store.edit_turn(turn.id, text, token_count=estimate_tokens(text))
+                return await self._show(turn.id, text, sink)
 
     async def swipe(self, turn_id: int, delta: int) -> Turn:
         """Show the previous (-1) or next (+1) swipe; the one shown is the one the story keeps."""

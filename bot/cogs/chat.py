@@ -59,7 +59,7 @@ class Chat(commands.Cog):
         self._cooldowns: dict[float, commands.CooldownMapping] = {}
         self._since_art: dict[int, int] = {}  # channel id -> replies since the last scene image
         self._queues: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
-        self.scene = SceneQueue(self.answer)
+        self.scene = SceneQueue(self.answer, depth=self.pipeline.metrics.queue_depth)
 
     async def cog_unload(self) -> None:
         await self.scene.close()

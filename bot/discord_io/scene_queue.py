@@ -45,6 +45,7 @@ class _Channel:
     window_s: float = 0.0
     task: asyncio.Task | None = None
     sleeping: bool = False  # the task waits for the due time (not answering): a new message may restart it
+    answering: int = 0  # messages of the batch being answered now
     authors: dict[int, float] = field(default_factory=dict)  # who wrote, and when
 
 
@@ -54,13 +55,14 @@ def _now() -> float:
 
 
 Answer = Callable[[list[Waiting]], Awaitable[None]]
+Depth = Callable[[int, int], None]  # (channel id, messages waiting or being answered): bot/metrics.py
 
 
 class SceneQueue:
     """Collects each channel's waiting messages and hands them to `answer` in batches."""
 
-    def __init__(self, answer: Answer):
-        self._answer = answer
+    def __init__(self, answer: Answer, depth: Depth | None = None):
+        self._answer, self._depth = answer, depth
         self._channels: dict[int, _Channel] = {}
 
     def add(self, item: Waiting, window_s: float) -> None:
@@ -73,6 +75,7 @@ class SceneQueue:
         channel.waiting.append(item)
         channel.last_added = now
         channel.window_s = window_s if group else 0.0
+        self._report(item.message.channel.id, channel)
         if channel.task is not None and not channel.task.done() and channel.sleeping:
             channel.task.cancel()  # the due time may now be sooner (a message merged into a cooldown's wait)
         if channel.task is None or channel.task.done() or channel.sleeping:
@@ -94,10 +97,18 @@ class SceneQueue:
                     channel.sleeping = False
                 continue
             batch, channel.waiting = channel.waiting, []
+            channel.answering = len(batch)
             try:
                 await self._answer(batch)
             except Exception:  # one failed answer must not stop the channel's queue
                 log.exception("answering %d message(s) in channel %s failed", len(batch), channel_id)
+            finally:
+                channel.answering = 0
+                self._report(channel_id, channel)
+
+    def _report(self, channel_id: int, channel: _Channel) -> None:
+        if self._depth is not None:
+            self._depth(channel_id, len(channel.waiting) + channel.answering)
 
     @staticmethod
     def _due(channel: _Channel) -> float:

@@ -126,6 +126,7 @@ class VoiceSession:
         self._tasks = [asyncio.create_task(self._poll(), name="voice-poll"),
                        asyncio.create_task(self._work(), name="voice-turns"),
                        asyncio.create_task(self._watch(), name="voice-watch")]
+        self.pipeline.metrics.voice_session(self.guild.id, True)
 
     async def stop(self, reason: str = "", *, say: bool = True) -> None:
         """Leave the call; `reason` is said in the story channel (once)."""
@@ -133,6 +134,7 @@ class VoiceSession:
             return
         self.ended.set()
         self.end_reason = reason
+        self.pipeline.metrics.voice_session(self.guild.id, False)
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -191,6 +193,7 @@ class VoiceSession:
     # ------------------------------------------------------------ one turn
 
     async def _answer(self, utterance: Utterance) -> None:
+        started = time.perf_counter()  # the reply latency runs from here (transcription included)
         poll_end = utterance.ended_at + self.turns.silence_s  # when the silence window closed
         name = await self.display_name(utterance.user_id)
         try:
@@ -207,7 +210,8 @@ class VoiceSession:
             if not native:  # else the engine hears the audio itself and tells us what it heard
                 heard = await self.engine.transcribe(wav, UTTERANCE_FILENAME, "audio/wav")
             quote = await posting
-            user = UserInput(text=heard, author_id=utterance.user_id, author_name=name, message_id=quote.id)
+            user = UserInput(text=heard, author_id=utterance.user_id, author_name=name, message_id=quote.id,
+                             received_at=started)
             if native:
                 user.attachments = [InputAttachment("audio", UTTERANCE_FILENAME, "audio/wav", wav)]
             elif not heard:
@@ -253,7 +257,7 @@ class VoiceSession:
         try:
             result = await self.pipeline.reply(self.story_channel.id, self.guild.id, user, sink,
                                                max_tokens=self.settings.voice_reply_max_tokens,
-                                               instruction=VOICE_INSTRUCTION)
+                                               instruction=VOICE_INSTRUCTION, kind="voice")
         except BaseException:
             speaker.stop()
             await text_sink.discard()
