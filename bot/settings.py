@@ -75,3 +75,5 @@ class BotSettings(BaseSettings):
     voice_min_utterance_ms: int = Field(default=300, ge=0, validation_alias="MASQUE_VOICE_MIN_UTTERANCE_MS")
     # Barge-in: a user talking this long over the persona stops its playback (when the server allows it).
     voice_barge_in_ms: int = Field(default=300, ge=20, validation_alias="MASQUE_VOICE_BARGE_IN_MS")
+    # Privacy (bot/store/privacy.py): a guild's data is deleted this many days after the bot leaves it.
+    guild_retention_days: float = Field(default=30, gt=0, validation_alias="MASQUE_GUILD_RETENTION_DAYS")
