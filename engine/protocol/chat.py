@@ -159,6 +159,13 @@ def completion_body(
     }
 
 
+def openai_object(kind: str, completion_id: str, model: str, created: int,
+                  choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """An OpenAI response object (``chat.completion.chunk``, ``text_completion``...)."""
+    return {"id": completion_id, "object": kind, "created": created, "model": model,
+            "choices": choices, **extra}
+
+
 def chunk_body(
     completion_id: str,
     model: str,
@@ -167,14 +174,7 @@ def chunk_body(
     **extra: Any,
 ) -> dict[str, Any]:
     """A ``chat.completion.chunk`` object."""
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        **extra,
-    }
+    return openai_object("chat.completion.chunk", completion_id, model, created, choices, **extra)
 
 
 def chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import ValidationInfo, field_validator
 
-from engine.protocol.chat import SamplingRequest
+from engine.protocol.chat import SamplingRequest, openai_object
 
 # OpenAI allows 4 stop strings; vLLM and llama.cpp set no limit, and SillyTavern sends one per
 # speaker and instruct sequence. Every stop string is searched after every token.
@@ -99,11 +99,4 @@ def text_completion_body(
     **extra: Any,
 ) -> dict[str, Any]:
     """A ``text_completion`` object: the whole response, or one chunk of a stream."""
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        **extra,
-    }
+    return openai_object("text_completion", completion_id, model, created, choices, **extra)
