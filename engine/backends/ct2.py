@@ -1,10 +1,12 @@
-"""Chat backend on CTranslate2 int8: llama.cpp-class CPU speed from a prebuilt wheel.
+"""Chat backend on CTranslate2 int8: an alternative CPU path from a prebuilt wheel.
 
 CTranslate2 (already installed as faster-whisper's runtime) runs the offline model with int8
-kernels and needs no compiler: 43 tok/s at batch 1 against 19 for the transformers backend in
-the same run (bench/engine.py --backend llm,ct2, one thread, 2 shared cores), 164 against 100
-at 8 concurrent when their prompts may share a call (but see greedy rows below). The model is
-converted once: the de-quantised transformers checkpoint (:func:`engine.backends.llm.locate_checkpoint`) becomes
+kernels and needs no compiler. It is not the offline default: the ``llm`` backend with
+``quantize=int8`` (engine.lean) is as fast at batch 1 and faster with concurrent requests
+(bench/engine.py --backend ct2,llm-int8 --threads 1, one run: 63 vs 62 tok/s at batch 1, 95 vs
+182 at 8 concurrent), and it keeps what this backend cannot: every sampler, seeds, requests joining
+a running batch, prefix reuse. The model is converted once: the de-quantised transformers
+checkpoint (:func:`engine.backends.llm.locate_checkpoint`) becomes
 ``<cache_dir>/ct2/<name>-<digest>-v<N>``; a marker records the source digest and the sha256 of
 the converted weights, which is checked on every load.
 
