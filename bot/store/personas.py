@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from bot.cards import Card, ParsedCard
 from bot.store.db import Database
 from bot.store.models import GLOBAL_GUILD, Persona, PersonaScope
-from bot.store.stories import ACTIVE_STORIES
+from bot.store.stories import ACTIVE_STORIES, CHANNEL_PERSONAS
 
 AUTOCOMPLETE_LIMIT = 25  # Discord shows at most 25 choices
 PERSONAS = "personas"  # cache kind: by id
@@ -130,4 +130,5 @@ class PersonaRepo(Database):
         if result.rowcount > 0:
             self.forget(PERSONAS)
             self.forget(ACTIVE_STORIES)  # their persona_id is now NULL
+            self.forget(CHANNEL_PERSONAS)  # channels bound to it lost it (ON DELETE CASCADE)
         return result.rowcount > 0

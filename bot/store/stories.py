@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -54,6 +55,18 @@ class NewTurn:
     message_ids: Sequence[int] = ()
     swipes: Sequence[str] = ()  # persona turns: the alternatives; `text` is swipes[0] when given
 
+# cache kinds (see Database._cached): read on every message, written only by the methods below
+CHANNEL_SETTINGS = "channel_settings"
+CHANNEL_PERSONAS = "channel_personas"
+
+
+class DuplicateMessage(LookupError):
+    """A Discord message already shows a stored turn (a gateway replay, or a restart seeing it again)."""
+
+    def __init__(self, message_ids: Sequence[int]):
+        super().__init__(f"message(s) {', '.join(map(str, message_ids))} already have a turn")
+        self.message_ids = list(message_ids)
+
 
 
 def _with_children(query):
@@ -75,8 +88,14 @@ class StoryRepo(MemoryRepo):
             await session.execute(delete(ChannelPersona).where(ChannelPersona.channel_id == channel_id))
             for position, persona_id in enumerate(persona_ids):
                 session.add(ChannelPersona(channel_id=channel.channel_id, persona_id=persona_id, position=position))
+        self.forget(CHANNEL_PERSONAS, channel_id)
 
     async def channel_persona_ids(self, channel_id: int) -> list[int]:
+        """The channel's personas in order (cached: read several times per message)."""
+        return list(await self._cached(CHANNEL_PERSONAS, channel_id,
+                                       lambda: self._load_channel_persona_ids(channel_id)))
+
+    async def _load_channel_persona_ids(self, channel_id: int) -> list[int]:
         async with self.read() as session:
             rows = await session.scalars(
                 select(ChannelPersona.persona_id)
@@ -86,6 +105,11 @@ class StoryRepo(MemoryRepo):
             return list(rows)
 
     async def channel_settings(self, channel_id: int) -> dict[str, Any]:
+        """The channel's stored settings (cached: read several times per message)."""
+        return dict(await self._cached(CHANNEL_SETTINGS, channel_id,
+                                       lambda: self._load_channel_settings(channel_id)))
+
+    async def _load_channel_settings(self, channel_id: int) -> dict[str, Any]:
         async with self.read() as session:
             channel = await session.get(ChannelState, channel_id)
             return dict(channel.settings) if channel else {}
@@ -94,7 +118,9 @@ class StoryRepo(MemoryRepo):
         async with self.session() as session:
             channel = await self._channel(session, channel_id, guild_id)
             channel.settings = {**channel.settings, **changes}
-            return dict(channel.settings)
+            settings = dict(channel.settings)
+        self.forget(CHANNEL_SETTINGS, channel_id)
+        return settings
 
     @staticmethod
     async def _channel(session: AsyncSession, channel_id: int, guild_id: int) -> ChannelState:
@@ -171,7 +197,22 @@ class StoryRepo(MemoryRepo):
 
     async def add_turn(self, story_id: int, new: NewTurn) -> Turn:
         """Append a turn. Positions come from an atomic counter, so concurrent
-        appends in one story each get their own position, in commit order."""
+        appends in one story each get their own position, in commit order.
+
+        Raises DuplicateMessage (and stores nothing) when one of `new.message_ids` already shows a turn:
+        the message table's primary key refuses it, so this costs no lookup unless it happens."""
+        try:
+            return await self._add_turn(story_id, new)
+        except IntegrityError:
+            if new.message_ids:
+                async with self.read() as session:
+                    taken = list(await session.scalars(select(TurnMessage.message_id).where(
+                        TurnMessage.message_id.in_(list(new.message_ids)))))
+                if taken:
+                    raise DuplicateMessage(taken) from None
+            raise
+
+    async def _add_turn(self, story_id: int, new: NewTurn) -> Turn:
         async with self.session() as session:
             position = await session.scalar(
                 update(Story).where(Story.id == story_id)
