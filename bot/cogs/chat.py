@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections import OrderedDict
 
 import discord
 from discord.ext import commands
@@ -24,7 +25,7 @@ from bot.discord_io.webhooks import NO_MENTIONS
 from bot.engine_client import EngineError
 from bot.pipeline import InputAttachment, StoryError, StoryPipeline, UserInput
 from bot.prefs import GuildPrefs, ReplyMode, channel_prefs, guild_prefs
-from bot.store import AuthorKind, Persona, Store, Story, Turn
+from bot.store import AuthorKind, DuplicateMessage, Persona, Store, Story, Turn
 from bot.story.cast import named_in
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ COOLDOWN_EMOJI = "⏳"
 MISSING_PERMISSIONS = ("I cannot speak as the persona here: I need the Manage Webhooks permission in this "
                        "channel. Ask a server admin, then write your message again.")
 OOC_PREFIXES = ("//", "((")  # out-of-character chatter the persona does not answer
+SEEN_MESSAGES = 4096  # message ids remembered against gateway replays (a RESUME redelivers seconds' worth)
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
 
@@ -59,6 +61,10 @@ class Chat(commands.Cog):
         self._cooldowns: dict[float, commands.CooldownMapping] = {}
         self._since_art: dict[int, int] = {}  # channel id -> replies since the last scene image
         self._queues: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Discord delivers gateway events at least once: a RESUME may replay a MESSAGE_CREATE already handled.
+        # These ids catch a replay before any work; the turn store's unique message ids catch the rest
+        # (a replay after this memory forgot, or after a restart) without a lookup on the hot path.
+        self._seen: OrderedDict[int, None] = OrderedDict()
         self.scene = SceneQueue(self.answer, depth=self.pipeline.metrics.queue_depth)
 
     async def cog_unload(self) -> None:
@@ -66,7 +72,7 @@ class Chat(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if not self.is_story_candidate(message):
+        if not self.is_story_candidate(message) or not self.first_sight(message.id):
             return
         # Taken before the first await: asyncio locks are fair, so a channel's
         # messages are handled (and answered) in the order they arrived.
@@ -83,7 +89,11 @@ class Chat(commands.Cog):
             return
         prefs = await guild_prefs(self.store, message.guild.id)
         user = await self.user_input(message)
-        turn = await self.pipeline.add_user_turn(story, user)
+        try:
+            turn = await self.pipeline.add_user_turn(story, user)
+        except DuplicateMessage:
+            log.info("message %s was delivered again; it already has its turn", message.id)
+            return
         if not await self.addressed(message, prefs, story):
             return  # part of the story all the same: the cast reads it next time it speaks
         ready_at = 0.0
@@ -141,6 +151,15 @@ class Chat(commands.Cog):
                 log.warning("%s could not answer %s in channel %s: %s", nxt.name, persona.name, channel.id, exc)
                 return
             persona, in_a_row = nxt, in_a_row + 1
+
+    def first_sight(self, message_id: int) -> bool:
+        """False when this message id was handled already (a replayed gateway event)."""
+        if message_id in self._seen:
+            return False
+        self._seen[message_id] = None
+        if len(self._seen) > SEEN_MESSAGES:
+            self._seen.popitem(last=False)
+        return True
 
     def is_story_candidate(self, message: discord.Message) -> bool:
         """A human's ordinary message in a server channel (never a bot, a webhook or ourselves)."""

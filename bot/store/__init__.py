@@ -24,7 +24,7 @@ from bot.store.models import (
 )
 from bot.store.personas import PersonaExists, PersonaRepo
 from bot.store.privacy import GuildErased, PrivacyRepo, UserErased
-from bot.store.stories import NewTurn, SceneKey, StoryRepo
+from bot.store.stories import DuplicateMessage, NewTurn, SceneKey, StoryRepo
 
 
 class Store(PersonaRepo, StoryRepo, PrivacyRepo, GuildRepo, Database):
@@ -32,7 +32,8 @@ class Store(PersonaRepo, StoryRepo, PrivacyRepo, GuildRepo, Database):
 
 
 __all__ = [
-    "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "GuildErased", "LorebookRecord",
+    "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "DuplicateMessage", "GuildErased",
+    "LorebookRecord",
     "NewTurn",
     "Persona", "PersonaExists", "PersonaScope", "PinnedFact",
     "SceneArt", "SceneKey", "Store", "Story", "StoryStatus", "Summary", "Swipe", "Turn", "UserErased",
