@@ -56,7 +56,14 @@ class WebhookReplySink:
         if self._ids and now - self._last_edit < self._interval_s:
             return
         self._last_edit = now
-        await self._show(split_message(text + STREAM_CURSOR))
+        try:
+            await self._show(split_message(text + STREAM_CURSOR))
+        except discord.Forbidden:
+            raise
+        except discord.HTTPException as exc:
+            # A frame of the stream, given up after discord.py's retries (a 429 storm, a 5xx): the next
+            # update, or the final text, shows all of it. Losing the reply over a frame would be worse.
+            log.warning("skipped a streaming update in channel %s: %s", self._channel.id, exc)
 
     async def finish(self, text: str) -> list[int]:
         """Show the final text (all but the last message's final edit, which `seal` does); returns ids."""
@@ -115,9 +122,11 @@ class WebhookReplySink:
         try:
             await self._poster.edit(self._channel, self._who, self._ids[index], text, view=view)
         except discord.NotFound:
-            # Deleted by someone, or posted by an earlier webhook of this channel: post it anew.
+            # Deleted by someone, or posted by a webhook of this channel that is gone (deleted mid-stream):
+            # post it anew, and take the old one down as the bot, so the reply is not shown twice.
             message = await self._poster.send(self._channel, self._who, text, view=view)
-            self._ids[index] = message.id
+            orphan, self._ids[index] = self._ids[index], message.id
+            await self._poster.delete_orphan(self._channel, orphan)
         self.edits += 1
         self._shown[index] = text
 

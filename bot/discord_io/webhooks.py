@@ -136,6 +136,14 @@ class WebhookPoster:
             self._hooks[key] = hook
             return hook
 
+    async def delete_orphan(self, channel: WebhookChannel, message_id: int) -> None:
+        """Delete a persona message no webhook of ours can reach any more (its webhook was deleted): as
+        the bot, which needs Manage Messages. Gone already, or not allowed, leaves it be."""
+        try:
+            await channel.get_partial_message(message_id).delete()
+        except (discord.NotFound, discord.Forbidden) as exc:
+            log.info("could not delete orphaned persona message %s: %s", message_id, exc)
+
     def forget(self, channel: WebhookChannel) -> None:
         """Drop the channel's cached webhooks (one was deleted)."""
         parent = _parent(channel).id
