@@ -16,6 +16,10 @@ the bot's gateway op 4 VOICE_STATE_UPDATE is answered like Discord does: its VOI
 the gateway session id) and a VOICE_SERVER_UPDATE whose token and endpoint lead to the
 `FakeVoiceServer` given as `voice` (without one, the endpoint is null: no voice server allocated).
 `move_bot()` moves or disconnects the bot as a moderator would.
+
+Chaos: `limits` (tests/fakes/discord_chaos.py) answers chosen routes with Discord's 429s; the gateway
+keeps the session's events, so `drop_gateway()` (close 4000 or a dropped socket) is followed by a real
+RESUME that replays what the bot missed (from `replay_from` when set, to redeliver events it had).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import discord
 import yarl
 from aiohttp import WSMsgType, web
 
+from tests.fakes.discord_chaos import RateLimiter
 from tests.fakes.discord_payloads import World, attachment_payload, message_payload, option_payloads
 from tests.fakes.discord_rest import API, CALL, RestRoutes, discord_error
 
@@ -74,6 +79,7 @@ class RestCall:
     done_at: float = 0.0
     status: int = 0
     response: Any = None  # the JSON answered
+    authed: bool = False  # sent with the bot's token (webhooks by token and callbacks go without)
 
 
 @dataclass
@@ -108,8 +114,14 @@ class FakeDiscord(RestRoutes):
         self.identifies: list[dict[str, Any]] = []
         self.heartbeats = 0
         self.dispatched: list[tuple[str, dict[str, Any], float]] = []  # (event, data, perf_counter)
+        self.limits = RateLimiter()  # 429 storms a test sets up (tests/fakes/discord_chaos.py)
+        self.resumes: list[dict[str, Any]] = []  # the RESUME payloads the bot sent
+        # On RESUME, replay from this sequence number instead of the client's (None: the client's), the way
+        # Discord sometimes redelivers events the client already had (at-least-once delivery).
+        self.replay_from: int | None = None
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = 0
+        self._sent: list[tuple[int, str, dict[str, Any]]] = []  # (seq, event, data) of this session, to replay
         self._session_id = ""  # the gateway session's, which is also every voice state's
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -165,10 +177,11 @@ class FakeDiscord(RestRoutes):
         auth = request.headers.get("Authorization")
         if (auth is None and not _tokenless(call.path)) or (auth is not None and auth != f"Bot {self.token}"):
             return discord_error(401, 0, "401: Unauthorized")
+        call.authed = auth is not None
         await _read_body(request, call)
         request[CALL] = call
         try:
-            response = await handler(request)
+            response = self.limits.check(call) or await handler(request)
         except web.HTTPNotFound:
             response = discord_error(404, 0, "404: Not Found")
         call.status, call.done_at = response.status, time.perf_counter()
@@ -229,6 +242,7 @@ class FakeDiscord(RestRoutes):
                 return
             self._sockets.append(ws)
             self._session_id = secrets.token_hex(16)
+            self._sent = []
             await self._send(ws, "READY", self.world.ready(self._session_id, self.gateway_url))
             await self._send(ws, "GUILD_CREATE", self.world.guild())
         elif op == VOICE_STATE_UPDATE and ws in self._sockets:
@@ -237,17 +251,53 @@ class FakeDiscord(RestRoutes):
             await self._bot_voice_state(channel_id, self_mute=bool(data.get("self_mute")),
                                         self_deaf=bool(data.get("self_deaf")))
         elif op == RESUME:
+            await self._resume(ws, payload["d"])
+
+    async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
+        """Discord's RESUME: the events the session missed after the client's `seq` (or `replay_from`),
+        in order with their own sequence numbers, then RESUMED; an unknown session is invalid."""
+        self.resumes.append(data)
+        if data.get("token") != self.token or not self._session_id or data.get("session_id") != self._session_id:
             await ws.send_json({"op": INVALID_SESSION, "d": False})
+            return
+        start = self.replay_from if self.replay_from is not None else int(data.get("seq") or 0)
+        self.replay_from = None
+        for seq, event, event_data in [e for e in self._sent if e[0] > start]:
+            await ws.send_json({"op": DISPATCH, "t": event, "s": seq, "d": event_data})
+        self._sockets.append(ws)
+        await self._send(ws, "RESUMED", {})
 
     async def _send(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
         self._seq += 1
+        self._sent.append((self._seq, event, data))
         await ws.send_json({"op": DISPATCH, "t": event, "s": self._seq, "d": data})
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a gateway event to every identified connection (REST echoes use it too)."""
+        """Send a gateway event to every identified connection (REST echoes use it too). While the
+        session is disconnected, the event is kept for its RESUME, as Discord does."""
         self.dispatched.append((event, data, time.perf_counter()))
+        if not self._sockets:
+            self._seq += 1
+            self._sent.append((self._seq, event, data))
         for ws in list(self._sockets):
             await self._send(ws, event, data)
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last event sent."""
+        return self._seq
+
+    async def drop_gateway(self, code: int | None = 4000) -> None:
+        """Disconnect the bot's gateway: close with `code` (4000, unknown error: the client may resume) or,
+        with None, drop the connection without a close frame. The session stays resumable."""
+        sockets, self._sockets = list(self._sockets), []
+        for ws in sockets:
+            if code is None:
+                transport = ws._req.transport if ws._req is not None else None  # noqa: SLF001
+                if transport is not None:
+                    transport.abort()
+            else:
+                await ws.close(code=code, message=b"Unknown error")
 
     # -- the test plays the users --------------------------------------------------------------
 
