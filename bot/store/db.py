@@ -19,6 +19,7 @@ from alembic.script import ScriptDirectory
 from platformdirs import user_data_dir
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -119,6 +120,20 @@ class Database:
                 yield session
         finally:
             lock.release()
+
+    async def retrying_disconnect(self, write: Callable[[], Awaitable[T]]) -> T:
+        """`write()`, run once more when its connection died under it (a database restart, a failover):
+        the server rolled the transaction back, and pool_pre_ping hands the retry a live connection.
+        Only for writes that are safe to repeat should the first one have committed after all (a
+        connection lost during COMMIT): a turn with message ids is (the second insert is refused)."""
+        try:
+            return await write()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.warning("the database connection was lost during a write; retrying it once (%s)",
+                        type(exc.orig).__name__)
+        return await write()
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -202,7 +202,7 @@ class StoryRepo(MemoryRepo):
         Raises DuplicateMessage (and stores nothing) when one of `new.message_ids` already shows a turn:
         the message table's primary key refuses it, so this costs no lookup unless it happens."""
         try:
-            return await self._add_turn(story_id, new)
+            return await self.retrying_disconnect(lambda: self._add_turn(story_id, new))
         except IntegrityError:
             if new.message_ids:
                 async with self.read() as session:
