@@ -72,13 +72,13 @@ class Prompt:
     tokens: int  # the counter's estimate of the whole prompt
 
 
-# Once a story outgrows the window, its history starts at a story position that is a multiple of
-# this, so the start moves once every few turns instead of every turn, and a server's prefix
-# cache keeps reusing the history between moves (our engine, vLLM and llama.cpp all reuse only an
-# unchanged prefix). The cost: up to HISTORY_STEP - 1 fewer recent turns than would fit (the
-# summary and recall cover them); a console story on the offline model went from 31% of each
-# prompt shared with the previous one to the figures in bench/ (see the README).
-HISTORY_STEP = 4
+# Once a story outgrows the window, its history starts at a story position on a grid (a power of
+# two at most 1/8 of the turns that fit), so the start moves once every few turns instead of
+# every turn, and a server's prefix cache keeps reusing the history between moves (our engine,
+# vLLM and llama.cpp all reuse only an unchanged prefix). The cost: at most an eighth of the
+# history's turns; a window of under 16 turns has no grid. Power-of-two steps keep the grid
+# still while the number of turns that fit wobbles.
+HISTORY_GRID_SHARE = 8
 
 
 def render_turn(turn: TurnLike, skip_kinds: Sequence[str] = ()) -> str:
@@ -224,11 +224,19 @@ def _history(parts: PromptParts, budget: int) -> tuple[list[dict[str, Any]], int
         used += cost
         start = index
     history = list(reversed(picked))
-    if start > 0:  # older turns were left out: start on the step grid (see HISTORY_STEP)
+    step = history_step(len(picked))
+    if start > 0 and step > 1:  # older turns were left out: start on the step grid
         anchored = next((i for i in range(start, last + 1)
-                         if getattr(parts.turns[i], "position", i) % HISTORY_STEP == 0), start)
+                         if getattr(parts.turns[i], "position", i) % step == 0), start)
         history, start = history[anchored - start:], anchored
     return history, start
+
+
+def history_step(fitting: int) -> int:
+    """The grid a trimmed history starts on: the largest power of two at most 1/HISTORY_GRID_SHARE of
+    the turns that fit (1: no grid for a window of fewer than 2 * HISTORY_GRID_SHARE turns)."""
+    share = fitting // HISTORY_GRID_SHARE
+    return 1 << (share.bit_length() - 1) if share > 1 else 1
 
 
 def _turn_message(turn: TurnLike, media: list[dict[str, Any]], char: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from bot.builtin import builtin_personas
 from bot.cards import Card
 from bot.story import Memory, PromptParts, build_messages, estimate_tokens
 from bot.story.lorebook import triggered_entries
-from bot.story.prompt import DEFAULT_SYSTEM_PROMPT, HISTORY_STEP, stop_sequences
+from bot.story.prompt import DEFAULT_SYSTEM_PROMPT, history_step, stop_sequences
 from bot.story.scene import PROMPT_MAX_CHARS, clean_image_prompt, scene_prompt_messages
 from bot.story.shaping import clean_header, may_become_name_prefix
 
@@ -85,16 +85,17 @@ def test_history_is_trimmed_to_the_budget_keeping_the_newest_turns():
 
 
 def test_a_trimmed_history_starts_on_a_grid_so_the_prompt_prefix_holds_for_several_turns():
-    def oldest_kept(count: int) -> int:
+    def oldest_kept(count: int, budget: int) -> int:
         turns = [T("user" if i % 2 else "persona", f"turn {i} " + "words " * 40, "Ann") for i in range(count)]
-        text = "\n".join(str(m["content"]) for m in build_messages(PromptParts(card(), "Ann", turns, budget=800)))
+        text = "\n".join(str(m["content"]) for m in build_messages(PromptParts(card(), "Ann", turns, budget=budget)))
         return min(i for i in range(count) if f"turn {i} " in text)
 
-    starts = [oldest_kept(count) for count in range(40, 52)]
-    assert all(start % HISTORY_STEP == 0 for start in starts)
-    assert starts == sorted(starts) and len(set(starts)) <= 12 // HISTORY_STEP + 1  # moves once per 4 turns
-    for count, start in zip(range(40, 52), starts, strict=True):
-        assert count - start >= 2  # never more than the grid costs: the newest turns stay
+    starts = [oldest_kept(count, 6000) for count in range(100, 116)]  # ~60 turns fit: a grid of 4
+    assert all(start % 4 == 0 for start in starts)
+    assert starts == sorted(starts) and len(set(starts)) <= 16 // 4 + 1  # moves once per 4 turns
+    tight = [oldest_kept(count, 800) for count in range(40, 46)]  # ~12 fit: no grid, nothing lost
+    assert tight == list(range(tight[0], tight[0] + 6))
+    assert [history_step(n) for n in (0, 15, 16, 31, 32, 64, 200)] == [1, 1, 2, 2, 4, 8, 16]
 
 
 def test_the_newest_turn_is_kept_even_when_it_alone_is_over_budget():
