@@ -66,7 +66,9 @@ async def test_a_100_turn_story_fits_a_vllm_window_with_tokenize(sqlite_store):
         pipeline = await play(sqlite_store, server)
         assert server.over_window() == []
         assert len([c for c in server.chat_calls if c.refused is None and not is_summary(c.record.json)]) == TURNS
-        assert max(server.prompt_tokens()) > 1500  # the window is used, not wasted
+        # the window is used, not wasted: within one turn (~50 tokens here) of the 1,500 a tight fit
+        # reaches, which the history grid may leave out for the server's prefix cache (bot/story/prompt.py)
+        assert max(server.prompt_tokens()) > 1450
         assert pipeline.fitter.counter.calibrated  # it learned the server's ratio from /tokenize
         assert server.requests_to("/tokenize")
 
