@@ -137,8 +137,10 @@ class Registry:
             return OK
         if not self.failures():
             return LOADING
+        if not self.settings.start_degraded:
+            return FAILED  # the engine will not serve: the first failure is the answer
         finished = all(state in (READY, DISABLED, FAILED) for state in self._state.values())
-        return DEGRADED if self.settings.start_degraded and finished else FAILED
+        return DEGRADED if finished else LOADING  # the other roles are still loading
 
     def status(self) -> dict[str, Any]:
         """The engine's state and each role's, for /health."""

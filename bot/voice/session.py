@@ -107,7 +107,8 @@ class VoiceSession:
         self._alone_since: float | None = None
         self._disconnected_since: float | None = None
         self._names: dict[int, str] = {}
-        self.ended = asyncio.Event()
+        self.ended = asyncio.Event()  # set once the call is wholly over (see stop)
+        self._stopping = False
         self.end_reason = ""
 
     @property
@@ -129,11 +130,17 @@ class VoiceSession:
         self.pipeline.metrics.voice_session(self.guild.id, True)
 
     async def stop(self, reason: str = "", *, say: bool = True) -> None:
-        """Leave the call; `reason` is said in the story channel (once)."""
-        if self.ended.is_set():
+        """Leave the call; `reason` is said in the story channel (once).
+
+        In order: unregistered, tasks cancelled, the call hung up, `ended` set, then the notice; so
+        whoever sees the notice or `ended` sees a session that is wholly over.
+        """
+        if self._stopping:
             return
-        self.ended.set()
+        self._stopping = True
         self.end_reason = reason
+        if self._on_end is not None:
+            self._on_end(self)
         self.pipeline.metrics.voice_session(self.guild.id, False)
         current = asyncio.current_task()
         for task in self._tasks:
@@ -145,11 +152,10 @@ class VoiceSession:
             self.vc.stop_listening()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.vc.disconnect(force=True), 10)
+        self.ended.set()
         if say and reason:
             with contextlib.suppress(discord.HTTPException):
                 await self.story_channel.send(f"-# 🔇 {reason}", allowed_mentions=NO_MENTIONS)
-        if self._on_end is not None:
-            self._on_end(self)
 
     def note_activity(self) -> None:
         self._last_activity = self._clock()
@@ -158,7 +164,7 @@ class VoiceSession:
 
     def _on_frame(self, user_id: int, pcm: bytes) -> None:
         """A decoded 20 ms frame of a speaker (on the event loop, from the receiver thread)."""
-        if self.ended.is_set():
+        if self._stopping:
             return
         member = self.guild.get_member(user_id)
         if member is not None and member.bot:

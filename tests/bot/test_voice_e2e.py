@@ -251,7 +251,7 @@ async def test_alone_in_the_call_it_leaves_and_says_so(bot, server, voice):
     session = await join(server, voice, bot)
     await server.user_leaves_voice(server.world.user_id)
     await until(lambda: session.ended.is_set(), "the session to end", wait_s=25)
-    assert any("Everyone left" in c for c in bot_posts(server))
+    await until(lambda: any("Everyone left" in c for c in bot_posts(server)), "the notice")
 
 
 async def test_join_needs_a_story_and_a_voice_channel(bot, server, voice):
