@@ -13,7 +13,6 @@ One task per channel runs the answers, so a channel's answers come in the order 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -121,6 +120,5 @@ class SceneQueue:
         tasks = [c.task for c in self._channels.values() if c.task is not None and not c.task.done()]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            await asyncio.wait(tasks)  # not `await task` in suppress(): that would swallow our own cancel

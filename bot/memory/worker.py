@@ -12,7 +12,6 @@ next reply.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -123,8 +122,7 @@ class MemoryWorker:
             self._retry.cancel()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # not `await task` in suppress(): that would swallow our own cancel
             self._task = None
 
     # ------------------------------------------------------------ the loop

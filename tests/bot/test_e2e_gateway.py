@@ -52,9 +52,23 @@ async def running_bot(server: FakeDiscord, engine_url: str, store: Store,
         await asyncio.wait_for(client.wait_until_ready(), READY_S)
         yield client
     finally:
-        await client.close()
-        await asyncio.wait_for(runner, READY_S)
-        await engine.close()
+        try:
+            await _within(asyncio.ensure_future(client.close()), "close()")
+            await _within(runner, "its run task, after close()")
+        finally:
+            await engine.close()
+
+
+async def _within(task: asyncio.Future, what: str) -> None:
+    """Wait READY_S for a shutdown step without cancelling it (a step that swallowed a cancel would
+    hang the test until pytest's timeout); fail with every task's stack when it does not end."""
+    done, _ = await asyncio.wait({task}, timeout=READY_S)
+    if not done:
+        stacks = io.StringIO()
+        for pending in asyncio.all_tasks():
+            pending.print_stack(limit=12, file=stacks)
+        raise AssertionError(f"the bot's {what} did not end in {READY_S:.0f} s; tasks:\n{stacks.getvalue()}")
+    task.result()
 
 
 @pytest.fixture
