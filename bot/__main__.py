@@ -26,7 +26,7 @@ from bot.engine_process import EngineStartError, engine_urls
 from bot.metrics import serve_metrics
 from bot.pipeline import StoryPipeline
 from bot.settings import BotSettings
-from bot.store import Store
+from bot.store import DatabaseInUse, Store
 
 log = logging.getLogger("bot")
 EXIT_BAD_SETUP = 2
@@ -54,6 +54,12 @@ async def run(args: argparse.Namespace, settings: BotSettings) -> int:
     store = Store(settings.database_url)
     try:
         await store.upgrade()
+        try:
+            store.claim_process(every_shard=settings.runs_every_shard)
+        except DatabaseInUse as exc:
+            print(f"masque-bot: {exc}", file=sys.stderr)
+            return EXIT_BAD_SETUP
+        await store.listen()
         await store.sync_builtin_personas(builtin_personas())
         async with engine_urls(settings, progress) as url:
             engine = EngineClient.from_settings(settings, url)

@@ -49,13 +49,20 @@ def apply_endpoints(settings: BotSettings) -> None:
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
 
 
-class MasqueBot(commands.Bot):
-    """The role-play bot. Holds the story pipeline and the reply service the cogs and buttons use."""
+class MasqueBot(commands.AutoShardedBot):
+    """The role-play bot. Holds the story pipeline and the reply service the cogs and buttons use.
+
+    Sharded as Discord asks (MASQUE_SHARD_COUNT unset: its recommendation from /gateway/bot), every
+    shard in this process unless MASQUE_SHARD_IDS picks some: several processes then share one
+    PostgreSQL database. A guild lives on one shard, so its channels' locks and queues stay in
+    one process; cached rows are kept right across processes by the store (LISTEN/NOTIFY).
+    """
 
     def __init__(self, settings: BotSettings, store: Store, engine: EngineClient,
                  pipeline: StoryPipeline | None = None):
         super().__init__(command_prefix=commands.when_mentioned, intents=masque_intents(),
-                         allowed_mentions=NO_MENTIONS, help_command=None)
+                         allowed_mentions=NO_MENTIONS, help_command=None,
+                         shard_count=settings.shard_count, shard_ids=settings.shard_ids)
         self.settings, self.store, self.engine = settings, store, engine
         self.pipeline = pipeline or StoryPipeline(store, engine, settings)
         self.poster = WebhookPoster(self)
@@ -69,6 +76,10 @@ class MasqueBot(commands.Bot):
         """Serve /metrics (when MASQUE_METRICS_PORT is set), load the cogs, register the persistent reply
         buttons and sync the slash commands."""
         self.metrics_server = await serve_metrics(self.metrics, self.settings)
+        if self.shard_count is None and self.settings.discord_gateway_url:
+            # discord.py connects to the URL that comes with Discord's shard count; ask for the count
+            # alone, so a gateway proxy set with DISCORD_GATEWAY_URL is still the one used
+            self.shard_count, _, _ = await self.http.get_bot_gateway()
         for name in COGS:
             await self.load_extension(name)
         self.add_dynamic_items(TurnButton)

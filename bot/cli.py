@@ -56,6 +56,7 @@ def lore_show(args: argparse.Namespace) -> None:
 async def _open_store() -> Store:
     store = Store(BotSettings().database_url)
     await store.upgrade()
+    await store.listen()  # PostgreSQL: running bot processes hear what this command changes
     await store.sync_builtin_personas(builtin_personas())
     return store
 

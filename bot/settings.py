@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.store.db import default_database_url
 
@@ -25,6 +25,10 @@ class BotSettings(BaseSettings):
     # Monitoring (bot/metrics.py): Prometheus GET /metrics on this port (0: off) and address.
     metrics_port: int = Field(default=0, ge=0, le=65535, validation_alias="MASQUE_METRICS_PORT")
     metrics_host: str = Field(default="127.0.0.1", validation_alias="MASQUE_METRICS_HOST")
+    # Shards (README "Several bot processes"): how many the bot has in all (unset: Discord's
+    # recommendation) and which of them this process runs (unset: all; "0-1", "2,3").
+    shard_count: int | None = Field(default=None, ge=1, validation_alias="MASQUE_SHARD_COUNT")
+    shard_ids: Annotated[list[int] | None, NoDecode] = Field(default=None, validation_alias="MASQUE_SHARD_IDS")
 
     # Engine client (bot/engine_client.py). Model ids default to the names our engine serves;
     # set them to the served ids when pointing the bot at vLLM, Ollama or OpenAI.
@@ -77,3 +81,36 @@ class BotSettings(BaseSettings):
     voice_barge_in_ms: int = Field(default=300, ge=20, validation_alias="MASQUE_VOICE_BARGE_IN_MS")
     # Privacy (bot/store/privacy.py): a guild's data is deleted this many days after the bot leaves it.
     guild_retention_days: float = Field(default=30, gt=0, validation_alias="MASQUE_GUILD_RETENTION_DAYS")
+
+    @field_validator("shard_ids", mode="before")
+    @classmethod
+    def _shard_range(cls, value: object) -> object:
+        """ "0-3", "0,2", "4" or a list: the shard ids this process runs, in order."""
+        if not isinstance(value, str):
+            return value
+        ids: list[int] = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            first, _, last = part.partition("-")
+            try:
+                ids += range(int(first), int(last or first) + 1)
+            except ValueError:
+                raise ValueError(f"MASQUE_SHARD_IDS: {part!r} is not a shard id or a range such as 0-3") from None
+        return ids or None
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> BotSettings:
+        if self.shard_ids is None:
+            return self
+        if self.shard_count is None:
+            raise ValueError("MASQUE_SHARD_IDS needs MASQUE_SHARD_COUNT (the bot's shards in all, "
+                             "the same in every process)")
+        wrong = [i for i in self.shard_ids if not 0 <= i < self.shard_count]
+        if wrong or len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError(f"MASQUE_SHARD_IDS {self.shard_ids}: each id once, from 0 to "
+                             f"{self.shard_count - 1} (MASQUE_SHARD_COUNT={self.shard_count})")
+        return self
+
+    @property
+    def runs_every_shard(self) -> bool:
+        """Whether this process runs all of the bot's shards (the only way SQLite can serve it)."""
+        return self.shard_ids is None or len(self.shard_ids) == self.shard_count

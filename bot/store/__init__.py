@@ -22,6 +22,7 @@ from bot.store.models import (
     Swipe,
     Turn,
 )
+from bot.store.notify import DatabaseInUse
 from bot.store.personas import PersonaExists, PersonaRepo
 from bot.store.privacy import GuildErased, PrivacyRepo, UserErased
 from bot.store.stories import DuplicateMessage, NewTurn, SceneKey, StoryRepo
@@ -32,7 +33,8 @@ class Store(PersonaRepo, StoryRepo, PrivacyRepo, GuildRepo, Database):
 
 
 __all__ = [
-    "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "DuplicateMessage", "GuildErased",
+    "GLOBAL_GUILD", "MAX_FACTS", "MAX_FACT_CHARS", "AuthorKind", "Database", "DatabaseInUse", "DuplicateMessage",
+    "GuildErased",
     "LorebookRecord",
     "NewTurn",
     "Persona", "PersonaExists", "PersonaScope", "PinnedFact",

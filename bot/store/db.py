@@ -27,10 +27,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bot.store.notify import CacheNotices, DatabaseInUse, ProcessLock
+
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY = "masque_read_only"  # execution option of the engine behind `Database.read()`
-CACHE_TTL_S = 60.0  # a bound on staleness should another process change a cached row
+CACHE_TTL_S = 60.0  # a bound on staleness for writers that announce nothing (another SQLite process)
 T = TypeVar("T")
 
 
@@ -97,10 +99,36 @@ class Database:
         self._sqlite = self.engine.dialect.name == "sqlite"
         self._write_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
             weakref.WeakKeyDictionary()
-        # Rows read on every message that change only through this process (a guild's channels
-        # and personas live on one shard): active stories, personas, guild settings. See `_cached`.
+        # Rows read on every message: active stories, personas, guild and channel settings. See
+        # `_cached`; other processes' changes arrive through `_notices` (bot/store/notify.py).
         self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
         self._cache_epoch = 0
+        self._cache_live = True  # False while the PostgreSQL listener is down: nothing is cached then
+        self._notices: CacheNotices | None = None
+        self._process_lock: ProcessLock | None = None
+
+    async def listen(self) -> None:
+        """PostgreSQL: hear other processes' changes to cached rows, and announce ours (bot processes
+        and the CLI call this after `upgrade`). SQLite: nothing to do."""
+        if self._sqlite or self._notices is not None:
+            return
+        self._notices = CacheNotices(self.url, self._drop, self._set_live)
+        await self._notices.start()
+
+    def claim_process(self, *, every_shard: bool = True) -> None:
+        """A bot process takes the database. SQLite serves one process, which runs every shard:
+        raise `DatabaseInUse` for a second process or for one that runs only some shards."""
+        if not self._sqlite:
+            return
+        if not every_shard:
+            raise DatabaseInUse("MASQUE_SHARD_IDS runs only some of the bot's shards here, so other "
+                                "processes run the rest; they need one PostgreSQL database "
+                                "(MASQUE_DATABASE_URL=postgresql+asyncpg://...), not SQLite.")
+        database = make_url(self.url).database
+        if self._process_lock is None and database and database != ":memory:":
+            lock = ProcessLock(Path(database).expanduser())
+            lock.acquire()
+            self._process_lock = lock
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -144,17 +172,25 @@ class Database:
     async def _cached(self, kind: str, key: int, load: Callable[[], Awaitable[T]]) -> T:
         """`load()`'s result, kept for CACHE_TTL_S. The writers of such rows call `forget` after
         committing; a load that overlapped a `forget` is returned but not kept."""
+        if not self._cache_live:
+            return await load()
         entry = self._cache.get((kind, key))
         if entry is not None and entry[0] > time.monotonic():
             return entry[1]
         epoch = self._cache_epoch
         value = await load()
-        if epoch == self._cache_epoch:
+        if epoch == self._cache_epoch and self._cache_live:
             self._cache[(kind, key)] = (time.monotonic() + CACHE_TTL_S, value)
         return value
 
     def forget(self, kind: str, key: int | None = None) -> None:
-        """Drop cached `kind` rows (all of them when `key` is None); call it after the change commits."""
+        """Drop cached `kind` rows (all of them when `key` is None), here and in every other process
+        listening; call it after the change commits."""
+        self._drop(kind, key)
+        if self._notices is not None:
+            self._notices.publish(kind, key)
+
+    def _drop(self, kind: str, key: int | None) -> None:
         self._cache_epoch += 1
         if key is not None:
             self._cache.pop((kind, key), None)
@@ -165,6 +201,11 @@ class Database:
     def _forget_all(self) -> None:
         self._cache_epoch += 1
         self._cache.clear()
+
+    def _set_live(self, live: bool) -> None:
+        """The listener is up (or down): notices missed meanwhile make every cached row suspect."""
+        self._forget_all()
+        self._cache_live = live
 
     async def upgrade(self, revision: str = "head") -> None:
         """Bring the schema to `revision` (the app calls this at start; no create_all)."""
@@ -187,6 +228,12 @@ class Database:
         return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
     async def close(self) -> None:
+        if self._notices is not None:
+            await self._notices.close()
+            self._notices = None
+        if self._process_lock is not None:
+            self._process_lock.release()
+            self._process_lock = None
         await self.engine.dispose()
 
 
