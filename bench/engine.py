@@ -6,7 +6,7 @@ Run from the repository root::
     .venv/bin/python bench/engine.py --dtype float32 --threads 2 --max-tokens 48
     .venv/bin/python bench/engine.py --samplers --max-tokens 64   # each sampler's cost instead
     .venv/bin/python bench/engine.py --backend llm,ct2 --skip-audio   # two backends, one run
-    .venv/bin/python bench/engine.py --backend llm,ct2,llm-int8 --threads 1 --skip-audio
+    .venv/bin/python bench/engine.py --backend llamacpp,llm-int8,llm-int4 --threads 1 --skip-audio
     .venv/bin/python bench/engine.py --story 30 --threads 1   # prefix reuse over a story
 
 It prints, side by side:
@@ -18,7 +18,8 @@ It prints, side by side:
 - llama.cpp (llama-cpp-python, when installed) on the same GGUF at batch 1, the anchor for the
   goals: one channel >= llama.cpp batch 1, eight channels >= 3x llama.cpp batch 1.
 
-Backends: ``llm`` (transformers in ``--dtype``), ``llm-int8`` (the offline default: float32 with
+Backends: ``llm`` (transformers in ``--dtype``), ``llm-int4`` (the offline default: 4-bit decode
+steps, see engine.lean), ``llm-int8`` (float32 with
 int8 linear layers, see engine.quantize), ``ct2``, ``llamacpp``, ``hybrid``.
 
 With ``--story N`` it replays one story of N turns instead: a ~2,000-token prompt (card, lore,
@@ -241,15 +242,15 @@ def _ready(runner: web.AppRunner) -> bool:
 
 def chat_settings(args: argparse.Namespace, backend: str | None = None,
                   **chat: object) -> EngineSettings:
-    """Chat only, on the CPU; ``llm-int8`` is the llm backend as the offline preset runs it."""
+    """Chat only, on the CPU; ``llm-int8``/``llm-int4`` are the llm backend quantised (engine.lean)."""
     backend = backend or args.backends[0]
-    quantised = backend == "llm-int8"
+    quantised = backend in ("llm-int8", "llm-int4")
     return EngineSettings(
         cache_dir=Path(os.environ["MASQUE_CACHE_DIR"]), torch_threads=args.threads,
         chat={"max_batch": max(args.levels), "max_queue": 4 * max(args.levels),
               "dtype": "float32" if quantised else args.dtype, "device": "cpu",
               "backend": "llm" if quantised else backend,
-              "quantize": "int8" if quantised else "none", **chat},
+              "quantize": backend.removeprefix("llm-") if quantised else "none", **chat},
         caption={"model": ""}, stt={"model": ""}, tts={"model": ""}, images={"model": ""},
         embeddings={"model": ""},
     )
@@ -302,7 +303,8 @@ def bench_audio(settings: EngineSettings) -> dict[str, float]:
 
 def report_chat(chat: dict, backend: str, args: argparse.Namespace) -> None:
     engine = {"llm": f"transformers, {args.dtype}", "llamacpp": "llama.cpp backend",
-              "llm-int8": "transformers, float32 with int8 linear layers (offline default)",
+              "llm-int8": "lean decoder, int8 linear layers",
+              "llm-int4": "lean decoder, int8 prompts, 4-bit decode steps",
               "hybrid": f"hybrid: llama.cpp alone, transformers {args.dtype} batch",
               "ct2": "CTranslate2 int8"}[backend]
     print(f"\nChat: SmolLM2-135M-Instruct ({engine}, {args.threads or 'default'} threads), "
@@ -410,8 +412,8 @@ async def bench_story(args: argparse.Namespace) -> list[tuple[int, float, float,
 
     args.levels = [1]
     settings = {"max_context_tokens": STORY_CONTEXT, "max_batch": 1}
-    reuse = chat_settings(args, "llm-int8", **settings)
-    cold = chat_settings(args, "llm-int8", prefix_cache_mb=0, **settings)
+    reuse = chat_settings(args, "llm-int4", **settings)
+    cold = chat_settings(args, "llm-int4", prefix_cache_mb=0, **settings)
     role = reuse.chat.model_copy(update={"model": resolve_model(reuse.chat.model, reuse.cache_dir)})
     tokenizer = AutoTokenizer.from_pretrained(locate_checkpoint(role, reuse.cache_dir))
     turns: list[tuple[str, str]] = []
@@ -440,7 +442,7 @@ def report_story(rows: list[tuple[int, float, float, bool]], args: argparse.Name
     warm = sorted(r[1] for r in rows[1:])  # the first turn has nothing to reuse
     cold = sorted(r[2] for r in rows[1:])
     print(f"\nStory replay: {len(rows)} turns, {rows[0][0]}-{rows[-1][0]} prompt tokens, "
-          f"SmolLM2-135M int8, {args.threads or 'default'} threads, greedy {STORY_REPLY_TOKENS}-token replies")
+          f"SmolLM2-135M, the offline default (int4 decode), {args.threads or 'default'} threads, greedy {STORY_REPLY_TOKENS}-token replies")
     print(f"{'':>16} | {'TTFT p50 s':>10} | {'TTFT mean s':>11} | {'TTFT max s':>10}")
     for name, values in (("with reuse", warm), ("without", cold)):
         print(f"{name:>16} | {percentile(values, 50):>10.2f} | {sum(values) / len(values):>11.2f} | "
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="transformers weights (default: bfloat16 where the CPU has it)")
     parser.add_argument("--backend", default="llm",
                         help="chat backend(s) behind the server, comma-separated to compare in "
-                             "one run: llm, llm-int8, ct2, llamacpp, hybrid (llamacpp needs "
+                             "one run: llm, llm-int8, llm-int4, ct2, llamacpp, hybrid (llamacpp needs "
                              "llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--skip-audio", action="store_true")
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.levels = args.levels or ([1, 8] if args.samplers else [1, 4, 8, 16])
     args.backends = args.backend.split(",")
-    unknown = set(args.backends) - {"llm", "llm-int8", "ct2", "llamacpp", "hybrid"}
+    unknown = set(args.backends) - {"llm", "llm-int8", "llm-int4", "ct2", "llamacpp", "hybrid"}
     if unknown:
         parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
     started = time.perf_counter()

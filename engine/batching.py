@@ -198,6 +198,8 @@ class Batcher:
         # with the per-row attention, the model is told where each row's padding ends
         self._rowwise = getattr(model.config, "_attn_implementation", None) == ROWWISE_ATTENTION
         # a model may bring its own cache (engine.lean's grows in place)
+        # the lean decoder runs decode steps with their own kernels (engine/lean.py); others take no flag
+        self._decoding = {"decoding": True} if getattr(model, "decode_int4", False) else {}
         self._new_cache = getattr(model, "make_cache", None) or (
             lambda: DynamicCache(config=model.config))
         self.tokenizer = tokenizer
@@ -377,7 +379,7 @@ class Batcher:
         batch.mask = torch.cat([batch.mask, ones], dim=1)
         out = self.model(
             input_ids=batch.last.unsqueeze(-1), attention_mask=batch.mask, position_ids=positions,
-            cache=batch.cache, use_cache=True, **self._model_extras(batch.mask),
+            cache=batch.cache, use_cache=True, **self._model_extras(batch.mask), **self._decoding,
         )
         self._advance(batch, out.logits[:, -1, :], started)
 

@@ -153,17 +153,25 @@ def load(role: ChatSettings, settings: EngineSettings) -> LLMBackend:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if role.quantize == "int8" and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError("quantize=int8 is for the CPU in float32 (MASQUE_ENGINE_CHAT__DEVICE=cpu, "
+    if role.quantize != "none" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"quantize={role.quantize} is for the CPU in float32 (MASQUE_ENGINE_CHAT__DEVICE=cpu, "
                          f"MASQUE_ENGINE_CHAT__DTYPE=float32); this role has {device} and {dtype}")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     eos_ids = eos_token_ids(model, tokenizer)
     # each row attends over its own keys: batching and prefix reuse never change a reply
     model.set_attn_implementation(ROWWISE_ATTENTION)
-    if role.quantize == "int8" and lean.supports(model):
-        model = lean.LeanDecoder(model, role.max_context_tokens)
-        log.info("Chat model: the lean int8 decoder (fused int8 projections, a growing KV cache)")
-    elif role.quantize == "int8":
+    if role.quantize != "none" and lean.supports(model):
+        try:
+            model = lean.LeanDecoder(model, role.max_context_tokens, decode_int4=role.quantize == "int4")
+        except ValueError as exc:  # 4-bit groups need widths in multiples of 32
+            log.warning("quantize=int4: %s; decoding in int8 instead", exc)
+            model = lean.LeanDecoder(model, role.max_context_tokens)
+        log.info("Chat model: the lean %s decoder (fused quantised projections, a growing KV cache)",
+                 role.quantize)
+    elif role.quantize != "none":
+        if role.quantize == "int4":
+            log.warning("quantize=int4 needs a Llama-family model (engine.lean); %s gets int8",
+                        type(model).__name__)
         swapped = quantize_int8(model)
         log.info("Chat model: %d linear layers in int8 (per-channel weights, per-token activations)",
                  swapped)

@@ -1,6 +1,7 @@
-"""The offline chat path as it is served: SmolLM2 in int8 with the per-row attention and the
-prefix cache, loaded by the real loading code. Batching and prefix reuse never change a greedy
-reply; the cache keeps to its memory bound; /metrics reports its hits."""
+"""The offline chat path as it is served: SmolLM2 in the lean decoder (int8 prompts, 4-bit decode
+steps) with the per-row attention and the prefix cache, loaded by the real loading code. Batching
+and prefix reuse never change a greedy reply; the cache keeps to its memory bound; /metrics
+reports its hits."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from engine.backends import llm
 from engine.lean import GrowingLayer, LeanDecoder
 from engine.prefix_cache import MIN_REUSE_TOKENS, PrefixCache, common_prefix
-from engine.quantize import Int8Linear
+from engine.quantize import Int4Linear, Int8Linear
 from engine.registry import resolve_model
 from engine.sampling import SamplingParams
 from engine.settings import EngineSettings
@@ -70,10 +71,31 @@ def test_int8_linear_is_close_to_float_and_independent_of_the_batch() -> None:
     assert (together - exact).abs().max() < 0.02 * exact.abs().max()
 
 
-def test_the_offline_model_is_served_by_the_lean_int8_decoder(backend) -> None:  # noqa: ANN001
-    assert isinstance(backend.model, LeanDecoder)
-    layers = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
-    assert len(layers) == 30 * 4 + 1  # qkv, o, gate+up, down in 30 layers, and the output layer
+def test_int4_linear_keeps_q4_1_weights_and_is_independent_of_the_batch() -> None:
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (1536, 576 // 32, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # every block uses its whole range, as GGUF's quantiser makes it
+    scale = torch.rand(1536, 576 // 32, 1) * 0.004 + 0.001
+    low = -torch.rand(1536, 576 // 32, 1) * 0.03
+    linear = torch.nn.Linear(576, 1536)
+    linear.weight.data = (codes * scale + low).reshape(1536, 576)  # a Q4_1 tensor, dequantised
+    quantised = Int4Linear(linear)
+    rows = torch.randn(8, 576) * 3
+    exact = linear(rows)
+    together = quantised(rows)
+    alone = torch.cat([quantised(rows[i:i + 1]) for i in range(8)])
+    assert torch.equal(together, alone)
+    # bfloat16 activations and scales: ~0.5% of the largest output, where re-quantising the codes
+    # to other 4-bit groups would be off by several percent
+    assert (together - exact).abs().max() < 0.01 * exact.abs().max()
+
+
+def test_the_offline_model_is_served_by_the_lean_decoder(backend) -> None:  # noqa: ANN001
+    assert isinstance(backend.model, LeanDecoder) and backend.model.decode_int4
+    int8 = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
+    int4 = [m for m in backend.model.modules() if isinstance(m, Int4Linear)]
+    assert len(int8) == 30 * 4 + 1  # prompts: qkv, o, gate+up, down in 30 layers, and the output layer
+    assert len(int4) == 30 * 4  # decode steps: the same projections in 4 bits (the output layer stays int8)
     assert not any(isinstance(m, torch.nn.Linear) for m in backend.model.modules())
 
 
@@ -82,7 +104,8 @@ async def test_the_lean_decoder_writes_what_transformers_writes(backend, setting
     give the same greedy text: the lean decoder changes the speed, not the model."""
     from engine import lean
 
-    role = backend.role.model_copy(update={"prefix_cache_mb": 0})
+    role = backend.role.model_copy(update={"prefix_cache_mb": 0, "quantize": "int8"})
+    lean_int8 = llm.load(role, settings)  # int8 everywhere: what transformers' forward can run
     kept = set(lean.SUPPORTED)
     lean.SUPPORTED.clear()
     try:
@@ -90,12 +113,13 @@ async def test_the_lean_decoder_writes_what_transformers_writes(backend, setting
     finally:
         lean.SUPPORTED.update(kept)
     try:
-        assert not isinstance(general.model, LeanDecoder)
+        assert not isinstance(general.model, LeanDecoder) and not lean_int8.model.decode_int4
         for question in ("Who keeps the light?", "Tell me a story about the sea and the storm."):
             prompt = chat(backend, question)
-            assert await reply(backend, prompt, 32) == await reply(general, prompt, 32)
+            assert await reply(lean_int8, prompt, 32) == await reply(general, prompt, 32)
     finally:
         general.close()
+        lean_int8.close()
 
 
 def test_the_growing_cache_appends_in_place_and_takes_assigned_rows() -> None:
