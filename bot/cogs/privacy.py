@@ -7,8 +7,11 @@ The deletions themselves live in bot/store/privacy.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable
 from datetime import timedelta
+from typing import TypeVar
 
 import discord
 from discord.ext import commands, tasks
@@ -19,6 +22,8 @@ from bot.store import GuildErased, Store, UserErased
 log = logging.getLogger(__name__)
 
 PURGE_EVERY_H = 12  # how often guilds past their retention are looked for (and once at start)
+UNLOAD_WAIT_S = 30.0  # how long a shutdown waits for a purge round's database work to finish
+T = TypeVar("T")
 
 
 def _n(count: int, word: str, plural: str = "") -> str:
@@ -83,12 +88,22 @@ class Privacy(commands.Cog):
     def __init__(self, bot: commands.Bot):
         self.bot = bot
         self.store: Store = bot.store  # type: ignore[attr-defined]
+        self._writing: asyncio.Task | None = None
 
     async def cog_load(self) -> None:
         self.purge.start()
 
     async def cog_unload(self) -> None:
         self.purge.cancel()
+        if self._writing is not None and not self._writing.done():
+            await asyncio.wait({self._writing}, timeout=UNLOAD_WAIT_S)
+
+    async def _uncut(self, work: Awaitable[T]) -> T:
+        """The loop's database work, finished even when the loop is cancelled (a shutdown right after
+        start): SQLAlchemy ends a SQLite connection cut mid-query with a close that can never complete,
+        and that task would then hang the event loop's exit. `cog_unload` waits for it instead."""
+        self._writing = asyncio.ensure_future(work)
+        return await asyncio.shield(self._writing)
 
     @commands.Cog.listener()
     async def on_guild_remove(self, guild: discord.Guild) -> None:
@@ -102,7 +117,7 @@ class Privacy(commands.Cog):
     async def purge(self) -> None:
         days = self.bot.settings.guild_retention_days  # type: ignore[attr-defined]
         try:
-            purged = await self.store.purge_departed_guilds(discord.utils.utcnow() - timedelta(days=days))
+            purged = await self._uncut(self.store.purge_departed_guilds(discord.utils.utcnow() - timedelta(days=days)))
         except Exception:  # a failed round must not end the loop; the next one tries again
             log.exception("purging the guilds the bot left failed")
             return
@@ -113,7 +128,7 @@ class Privacy(commands.Cog):
     async def _present_guilds_stay(self) -> None:
         # A guild that added the bot back while it was offline sent no on_guild_join: it is here now.
         await self.bot.wait_until_ready()
-        await self.store.guilds_back([g.id for g in self.bot.guilds])
+        await self._uncut(self.store.guilds_back([g.id for g in self.bot.guilds]))
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -63,7 +63,9 @@ class World:
 @asynccontextmanager
 async def world(bot: MasqueBot, settle_timeout: float = SETTLE_TIMEOUT_S) -> AsyncIterator[World]:
     """Run `bot` in SimCord with a guild, a channel, an admin and a player."""
-    async with simcord.run(bot, settle_timeout=settle_timeout) as env:
+    # MasqueBot is an AutoShardedBot that asks Discord for its shard count unless it was set: one here
+    shards = None if bot.shard_count is not None else 1
+    async with simcord.run(bot, settle_timeout=settle_timeout, shard_count=shards) as env:
         guild = env.create_guild("Role-play club")
         channel = guild.create_text_channel("tavern")
         admins = guild.create_role("Admins", permissions=discord.Permissions(manage_guild=True))
