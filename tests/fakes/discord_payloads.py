@@ -174,12 +174,19 @@ class World:
             "threads": [self.channel(self.thread_id)],
         }
 
-    def ready(self, session_id: str, resume_url: str) -> dict[str, Any]:
-        """The READY payload: the bot user, its application, the guild (unavailable until GUILD_CREATE)."""
+    def guild_shard(self, shard_count: int) -> int:
+        """The shard that gets the guild's events among `shard_count`: Discord's (guild_id >> 22) % shard_count."""
+        return (self.guild_id >> 22) % shard_count
+
+    def ready(self, session_id: str, resume_url: str, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+        """The READY payload of shard (shard_id, shard_count): the bot user, its application, the guild when
+        that shard owns it (unavailable until GUILD_CREATE)."""
+        shard_id, shard_count = shard
+        guilds = [{"id": str(self.guild_id), "unavailable": True}] if self.guild_shard(shard_count) == shard_id else []
         return {"v": 10, "user": {**self.users()[self.bot_id], "verified": True, "mfa_enabled": False, "flags": 0},
-                "guilds": [{"id": str(self.guild_id), "unavailable": True}], "session_id": session_id,
+                "guilds": guilds, "session_id": session_id,
                 "resume_gateway_url": resume_url, "application": {"id": str(self.application_id), "flags": 0},
-                "private_channels": [], "relationships": [], "presences": [], "shard": [0, 1]}
+                "private_channels": [], "relationships": [], "presences": [], "shard": [shard_id, shard_count]}
 
     def application(self) -> dict[str, Any]:
         """GET /oauth2/applications/@me."""

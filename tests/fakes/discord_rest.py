@@ -56,6 +56,7 @@ class RestRoutes:
     http_base: str
     gateway_url: str
     token: str
+    shards: int  # the shard count GET /gateway/bot recommends
     echo: bool
     refuse_command_sync: bool
     refuse_webhook_voice: bool = False  # answer voice messages sent through a webhook with 400 (to test fallbacks)
@@ -198,7 +199,7 @@ class RestRoutes:
     # -- session, application, commands -------------------------------------------------------
 
     async def _gateway_info(self, request: web.Request) -> web.Response:
-        return json_response({"url": self.gateway_url, "shards": 1, "session_start_limit": {
+        return json_response({"url": self.gateway_url, "shards": self.shards, "session_start_limit": {
             "total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}})
 
     async def _me(self, request: web.Request) -> web.Response:

@@ -5,6 +5,13 @@ app sets `discord.http.Route.BASE` and `DiscordWebSocket.DEFAULT_GATEWAY`) and t
 its real network path: login (GET /users/@me), application info, command sync (bulk PUT), the
 gateway (HELLO, IDENTIFY -> READY + GUILD_CREATE, heartbeats), then REST for everything it does.
 
+Shards (the gateway is tests/fakes/discord_gateway.py): `FakeDiscord(shards=N)` makes GET /gateway/bot
+recommend N shards; every IDENTIFY `shard: [id, count]` gets its own session (a second IDENTIFY of a shard
+replaces it), READY and GUILD_CREATE carry only that shard's guilds, and an event goes only to the shard
+owning its guild (shard 0 without one), as Discord does. Several bot processes, each running some shards,
+share one fake: `shard_of()` (or `world.guild_shard(count)`) says which one gets the guild,
+`identified_shards` which shards have a session, `session(shard_id)` a shard's session.
+
 The test plays the users: `user_says()` dispatches MESSAGE_CREATE (with attachments served by this
 server), `slash()` an application-command INTERACTION_CREATE built from the synced commands,
 `press()` a button. Every REST call is recorded (`calls`) with its body, files and time, and
@@ -13,13 +20,14 @@ server), `slash()` an application-command INTERACTION_CREATE built from the sync
 Voice: the guild has voice channels (`world.voice_channel_id`); `user_joins_voice()` /
 `user_leaves_voice()` dispatch users' VOICE_STATE_UPDATEs (the states are in GUILD_CREATE too), and
 the bot's gateway op 4 VOICE_STATE_UPDATE is answered like Discord does: its VOICE_STATE_UPDATE (with
-the gateway session id) and a VOICE_SERVER_UPDATE whose token and endpoint lead to the
+the session id of the shard that sent op 4) and a VOICE_SERVER_UPDATE whose token and endpoint lead to the
 `FakeVoiceServer` given as `voice` (without one, the endpoint is null: no voice server allocated).
 `move_bot()` moves or disconnects the bot as a moderator would.
 
 Chaos: `limits` (tests/fakes/discord_chaos.py) answers chosen routes with Discord's 429s; the gateway
-keeps the session's events, so `drop_gateway()` (close 4000 or a dropped socket) is followed by a real
-RESUME that replays what the bot missed (from `replay_from` when set, to redeliver events it had).
+keeps each shard session's events, so `drop_gateway()` (close 4000 or a dropped socket; every shard, or
+`shard=n`) is followed by a real RESUME that replays what that shard missed (from `replay_from` when set,
+to redeliver events it had).
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 import yarl
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from tests.fakes.discord_chaos import RateLimiter
+from tests.fakes.discord_gateway import HEARTBEAT_MS, Gateway
 from tests.fakes.discord_payloads import World, attachment_payload, message_payload, option_payloads
 from tests.fakes.discord_rest import API, CALL, RestRoutes, discord_error
 
@@ -45,13 +54,8 @@ if TYPE_CHECKING:
     from tests.fakes.fake_voice import FakeVoiceServer
 
 HOST = "127.0.0.1"
-HEARTBEAT_MS = 41250
 WAIT_S = 10.0
 ATTACHMENT_LIMIT = 10 * 1024 * 1024  # what Discord allows a server without boosts
-# Gateway opcodes.
-DISPATCH, HEARTBEAT, IDENTIFY, VOICE_STATE_UPDATE, RESUME, INVALID_SESSION, HELLO, HEARTBEAT_ACK = (
-    0, 1, 2, 4, 6, 9, 10, 11)
-AUTH_FAILED_CLOSE = 4004
 VOICE_DISCONNECTED_CLOSE = 4014
 
 
@@ -92,12 +96,14 @@ class Attachment:
     voice: bool = False
 
 
-class FakeDiscord(RestRoutes):
+class FakeDiscord(Gateway, RestRoutes):
     """The fake server. `await start()`, point the bot at `api_base`/`gateway_url`, `await stop()`."""
 
     def __init__(self, token: str = "fake-bot-token", *, heartbeat_ms: int = HEARTBEAT_MS,
-                 echo: bool = True, voice: FakeVoiceServer | None = None) -> None:
+                 echo: bool = True, voice: FakeVoiceServer | None = None, shards: int = 1) -> None:
+        super().__init__()  # the gateway's sessions and records (tests/fakes/discord_gateway.py)
         self.token = token
+        self.shards = shards  # what GET /gateway/bot recommends
         self.voice = voice
         # Discord does not promise an order for the bot's VOICE_STATE_UPDATE and VOICE_SERVER_UPDATE.
         self.voice_server_update_first = False
@@ -111,18 +117,7 @@ class FakeDiscord(RestRoutes):
         self.interactions: dict[str, dict[str, Any]] = {}
         self.blobs: dict[str, tuple[str, bytes]] = {}
         self.calls: list[RestCall] = []
-        self.identifies: list[dict[str, Any]] = []
-        self.heartbeats = 0
-        self.dispatched: list[tuple[str, dict[str, Any], float]] = []  # (event, data, perf_counter)
         self.limits = RateLimiter()  # 429 storms a test sets up (tests/fakes/discord_chaos.py)
-        self.resumes: list[dict[str, Any]] = []  # the RESUME payloads the bot sent
-        # On RESUME, replay from this sequence number instead of the client's (None: the client's), the way
-        # Discord sometimes redelivers events the client already had (at-least-once delivery).
-        self.replay_from: int | None = None
-        self._sockets: list[web.WebSocketResponse] = []
-        self._seq = 0
-        self._sent: list[tuple[int, str, dict[str, Any]]] = []  # (seq, event, data) of this session, to replay
-        self._session_id = ""  # the gateway session's, which is also every voice state's
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -155,8 +150,7 @@ class FakeDiscord(RestRoutes):
         return self
 
     async def stop(self) -> None:
-        for ws in list(self._sockets):
-            await ws.close()
+        await self._close_gateway()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -212,92 +206,6 @@ class FakeDiscord(RestRoutes):
         call = found()
         assert call is not None
         return call
-
-    # -- gateway -------------------------------------------------------------------------------
-
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_json({"op": HELLO, "d": {"heartbeat_interval": self.heartbeat_ms}, "s": None, "t": None})
-        try:
-            async for frame in ws:
-                if frame.type != WSMsgType.TEXT:
-                    continue
-                await self._on_gateway_message(ws, json.loads(frame.data))
-        finally:
-            with contextlib.suppress(ValueError):
-                self._sockets.remove(ws)
-        return ws
-
-    async def _on_gateway_message(self, ws: web.WebSocketResponse, payload: dict[str, Any]) -> None:
-        op = payload.get("op")
-        if op == HEARTBEAT:
-            self.heartbeats += 1
-            await ws.send_json({"op": HEARTBEAT_ACK})
-        elif op == IDENTIFY:
-            data = payload["d"]
-            self.identifies.append(data)
-            if data.get("token") != self.token:
-                await ws.close(code=AUTH_FAILED_CLOSE, message=b"Authentication failed.")
-                return
-            self._sockets.append(ws)
-            self._session_id = secrets.token_hex(16)
-            self._sent = []
-            await self._send(ws, "READY", self.world.ready(self._session_id, self.gateway_url))
-            await self._send(ws, "GUILD_CREATE", self.world.guild())
-        elif op == VOICE_STATE_UPDATE and ws in self._sockets:
-            data = payload["d"]
-            channel_id = int(data["channel_id"]) if data.get("channel_id") else None
-            await self._bot_voice_state(channel_id, self_mute=bool(data.get("self_mute")),
-                                        self_deaf=bool(data.get("self_deaf")))
-        elif op == RESUME:
-            await self._resume(ws, payload["d"])
-
-    async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
-        """Discord's RESUME: the events the session missed after the client's `seq` (or `replay_from`),
-        in order with their own sequence numbers, then RESUMED; an unknown session is invalid."""
-        self.resumes.append(data)
-        if data.get("token") != self.token or not self._session_id or data.get("session_id") != self._session_id:
-            await ws.send_json({"op": INVALID_SESSION, "d": False})
-            return
-        start = self.replay_from if self.replay_from is not None else int(data.get("seq") or 0)
-        self.replay_from = None
-        for seq, event, event_data in [e for e in self._sent if e[0] > start]:
-            await ws.send_json({"op": DISPATCH, "t": event, "s": seq, "d": event_data})
-        self._sockets.append(ws)
-        await self._send(ws, "RESUMED", {})
-
-    async def _send(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
-        self._seq += 1
-        self._sent.append((self._seq, event, data))
-        await ws.send_json({"op": DISPATCH, "t": event, "s": self._seq, "d": data})
-
-    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        """Send a gateway event to every identified connection (REST echoes use it too). While the
-        session is disconnected, the event is kept for its RESUME, as Discord does."""
-        self.dispatched.append((event, data, time.perf_counter()))
-        if not self._sockets:
-            self._seq += 1
-            self._sent.append((self._seq, event, data))
-        for ws in list(self._sockets):
-            await self._send(ws, event, data)
-
-    @property
-    def seq(self) -> int:
-        """The sequence number of the last event sent."""
-        return self._seq
-
-    async def drop_gateway(self, code: int | None = 4000) -> None:
-        """Disconnect the bot's gateway: close with `code` (4000, unknown error: the client may resume) or,
-        with None, drop the connection without a close frame. The session stays resumable."""
-        sockets, self._sockets = list(self._sockets), []
-        for ws in sockets:
-            if code is None:
-                transport = ws._req.transport if ws._req is not None else None  # noqa: SLF001
-                if transport is not None:
-                    transport.abort()
-            else:
-                await ws.close(code=code, message=b"Unknown error")
 
     # -- the test plays the users --------------------------------------------------------------
 
@@ -385,37 +293,39 @@ class FakeDiscord(RestRoutes):
     async def move_bot(self, channel_id: int | None) -> None:
         """A moderator moves the bot to another voice channel, or disconnects it (None)."""
         bot = self.world.bot_id
+        session_id = self._guild_session_id(self.world.guild_id)  # the shard owning the guild
         if channel_id is not None:
-            await self._bot_voice_state(channel_id)
+            await self._bot_voice_state(channel_id, session_id)
             return
         if self.voice is not None:  # the voice server drops the call, the gateway says so
             await self.voice.revoke(bot, close_code=VOICE_DISCONNECTED_CLOSE)
-        await self._set_voice_state(bot, None, self._session_id)
+        await self._set_voice_state(bot, None, session_id)
 
-    async def _bot_voice_state(self, channel_id: int | None, *, self_mute: bool = False,
+    async def _bot_voice_state(self, channel_id: int | None, session_id: str, *, self_mute: bool = False,
                                self_deaf: bool = False) -> None:
-        """The bot's op 4 (or a move): its VOICE_STATE_UPDATE, then the voice server to use when it joined."""
+        """The bot's op 4 (or a move): its VOICE_STATE_UPDATE with the session id of the gateway session that
+        asked, then the voice server to use when it joined."""
         bot = self.world.bot_id
         if channel_id is None:
             if self.world.voice_channel_of(bot) is not None:
-                await self._set_voice_state(bot, None, self._session_id)
+                await self._set_voice_state(bot, None, session_id)
             if self.voice is not None:
                 await self.voice.revoke(bot)
             return
-        server = self._voice_server(channel_id)
+        server = self._voice_server(channel_id, session_id)
         if self.voice_server_update_first:
             await self.dispatch("VOICE_SERVER_UPDATE", server)
-        await self._set_voice_state(bot, channel_id, self._session_id, self_mute=self_mute, self_deaf=self_deaf)
+        await self._set_voice_state(bot, channel_id, session_id, self_mute=self_mute, self_deaf=self_deaf)
         if not self.voice_server_update_first:
             await self.dispatch("VOICE_SERVER_UPDATE", server)
 
-    def _voice_server(self, channel_id: int) -> dict[str, Any]:
+    def _voice_server(self, channel_id: int, session_id: str) -> dict[str, Any]:
         """VOICE_SERVER_UPDATE for the bot joining `channel_id`: a token the voice server accepts, its endpoint."""
         guild_id = self.world.guild_id
         if self.voice is None:
             return {"token": secrets.token_hex(8), "guild_id": str(guild_id), "endpoint": None}
         others = [u for u in self.world.users_in_voice(channel_id) if u != self.world.bot_id]
-        grant = self.voice.grant(server_id=guild_id, user_id=self.world.bot_id, session_id=self._session_id,
+        grant = self.voice.grant(server_id=guild_id, user_id=self.world.bot_id, session_id=session_id,
                                  channel_id=channel_id, others=others)
         return {"token": grant.token, "guild_id": str(guild_id), "endpoint": self.voice.endpoint}
 
