@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import logging
 import multiprocessing
@@ -59,6 +60,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -102,14 +104,17 @@ READY_S = 30.0
 ROUND_S = 120.0
 
 
-class FakesProcess:
-    """The parent's handle on the fakes' process: one command at a time over a pipe."""
+class ChildProcess:
+    """The parent's handle on a spawned child process that answers commands over a pipe, one at a time.
 
-    def __init__(self, channels: int, engine_delay: float) -> None:
+    `target(conn, *args)` runs in the child, typically an object's `Served.serve_commands(conn)`, where
+    `call("x", **kwargs)` runs `do_x(**kwargs)` and answers with its result.
+    """
+
+    def __init__(self, target: Any, *args: Any, name: str) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=fakes_main, args=(child, channels, engine_delay),
-                                        name="fakes", daemon=True)
+        self._process = context.Process(target=target, args=(child, *args), name=name, daemon=True)
         self._process.start()
         child.close()
         self._lock = asyncio.Lock()
@@ -134,14 +139,23 @@ class FakesProcess:
         try:
             answer.set_result(self._conn.recv())
         except EOFError:
-            answer.set_exception(RuntimeError(f"the fakes' process ended (exit code {self._process.exitcode})"))
+            answer.set_exception(RuntimeError(f"the {self._process.name} process ended "
+                                              f"(exit code {self._process.exitcode})"))
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 10) -> None:
         if self._process.is_alive():
-            self._conn.send(("stop", {}))
-        self._process.join(timeout=10)
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop", {}))
+        self._process.join(timeout=wait_s)
         if self._process.is_alive():
             self._process.kill()
+
+
+class FakesProcess(ChildProcess):
+    """The fakes' process (FakeWorld): the fake Discord with `channels` more channels, and the fake engine."""
+
+    def __init__(self, channels: int, engine_delay: float) -> None:
+        super().__init__(fakes_main, channels, engine_delay, name="fakes")
 
 
 def fakes_main(conn: Connection, channels: int, engine_delay: float) -> None:
@@ -149,24 +163,20 @@ def fakes_main(conn: Connection, channels: int, engine_delay: float) -> None:
     asyncio.run(FakeWorld(channels, engine_delay).serve(conn))
 
 
-class FakeWorld:
-    """The fake Discord and engine, and what the parent asks of them (timed on this process's clock)."""
+class Served:
+    """What a child process serves: the parent's commands (`do_<command>`) until `do_stop`."""
 
-    def __init__(self, channels: int, engine_delay: float) -> None:
-        self.engine = FakeEngine(reply=scene_reply(random.Random(7)), latency=engine_delay)
-        self.discord = FakeDiscord()
-        self.channels = self.discord.world.add_channels(channels)
+    def __init__(self) -> None:
         self._stopped = asyncio.Event()
 
-    async def serve(self, conn: Connection) -> None:
-        await self.engine.start()
-        await self.discord.start()
+    async def serve_commands(self, conn: Connection) -> None:
+        """Answer the parent's commands, each in a task of its own, until told to stop."""
         loop = asyncio.get_running_loop()
         loop.add_reader(conn.fileno(), lambda: loop.create_task(self._answer(conn, *conn.recv())))
-        await self._stopped.wait()
-        loop.remove_reader(conn.fileno())
-        await self.discord.stop()
-        await self.engine.stop()
+        try:
+            await self._stopped.wait()
+        finally:
+            loop.remove_reader(conn.fileno())
 
     async def _answer(self, conn: Connection, command: str, kwargs: dict[str, Any]) -> None:
         try:
@@ -177,13 +187,33 @@ class FakeWorld:
     async def do_stop(self) -> None:
         self._stopped.set()
 
+    async def do_cpu(self) -> float:
+        """This process's CPU seconds so far (every thread)."""
+        return time.process_time()
+
+
+class FakeWorld(Served):
+    """The fake Discord and engine, and what the parent asks of them (timed on this process's clock)."""
+
+    def __init__(self, channels: int, engine_delay: float, discord_server: FakeDiscord | None = None) -> None:
+        super().__init__()
+        self.engine = FakeEngine(reply=scene_reply(random.Random(7)), latency=engine_delay)
+        self.discord = discord_server or FakeDiscord()
+        self.channels = self.discord.world.add_channels(channels) if channels else []
+
+    async def serve(self, conn: Connection) -> None:
+        await self.engine.start()
+        await self.discord.start()
+        try:
+            await self.serve_commands(conn)
+        finally:
+            await self.discord.stop()
+            await self.engine.stop()
+
     async def do_info(self) -> dict[str, Any]:
         world = self.discord.world
         return {"token": self.discord.token, "api_base": self.discord.api_base, "engine_url": self.engine.url,
                 "gateway_url": self.discord.gateway_url, "guild_id": world.guild_id, "channels": self.channels}
-
-    async def do_cpu(self) -> float:
-        return time.process_time()
 
     async def do_count(self, path: str) -> int:
         return len(self.engine.requests_to(path))
@@ -193,18 +223,11 @@ class FakeWorld:
         its scene art)."""
         since_calls, since_chats = len(self.discord.calls), len(self.engine.requests)
         since_dispatch = len(self.discord.dispatched)
-        await asyncio.gather(*(self.discord.user_says(f"{text} [{label} #{i}]", channel_id=channel)
-                               for i, (channel, text) in enumerate(texts.items())))
+        await self.say_all(label, texts)
         deadline = time.monotonic() + ROUND_S
-        done: dict[int, RestCall] = {}
-        while len(done) < len(texts):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"round {label}: {len(done)}/{len(texts)} replies")
-            for call in self.discord.calls[since_calls:]:
-                channel = self._sealed(call)
-                if channel in texts:
-                    done.setdefault(channel, call)
-            await asyncio.sleep(0.01)
+        done = await self.sealed_replies(texts, since_calls, deadline)
+        if len(done) < len(texts):
+            raise TimeoutError(f"round {label}: {len(done)}/{len(texts)} replies")
         figures = self._figures(since_calls, since_chats, since_dispatch, done)
         # Scene art comes after the reply: wait until each channel's illustrate has finished.
         while art and self._embeddings(since_chats) < len(texts):
@@ -214,6 +237,27 @@ class FakeWorld:
         if art:
             await asyncio.sleep(0.2)  # the image post after the last embedding
         return figures
+
+    async def say_all(self, label: str, texts: dict[int, str]) -> list[dict[str, Any]]:
+        """The user says `texts[channel]` in every channel at once (tagged with the round's label, so each
+        message is told apart); returns the MESSAGE_CREATE payloads, in the order of `texts`."""
+        return list(await asyncio.gather(*(self.discord.user_says(f"{text} [{label} #{i}]", channel_id=channel)
+                                           for i, (channel, text) in enumerate(texts.items()))))
+
+    async def sealed_replies(self, channels: Collection[int], since_calls: int, deadline: float) -> dict[int, RestCall]:
+        """Each channel's first sealed reply (final persona edit) among the calls from `since_calls`, waiting
+        until every channel has one or `deadline` (time.monotonic) passes: those sealed by then."""
+        done: dict[int, RestCall] = {}
+        while True:
+            seen = len(self.discord.calls)
+            for call in self.discord.calls[since_calls:seen]:  # each call read once
+                channel = self._sealed(call)
+                if channel in channels:
+                    done.setdefault(channel, call)
+            since_calls = seen
+            if len(done) == len(channels) or time.monotonic() > deadline:
+                return done
+            await asyncio.sleep(0.01)
 
     def _embeddings(self, since: int) -> int:
         return sum(1 for r in self.engine.requests[since:] if r.path == "/v1/embeddings")

@@ -5,7 +5,7 @@ HELLO, then IDENTIFY -> READY + GUILD_CREATE, heartbeats (ACKed), RESUME, and `d
 Shards: IDENTIFY's `shard: [shard_id, shard_count]` (absent: [0, 1]) picks the shard; each
 (shard_id, shard_count) has its own `ShardSession` (session id, sequence numbers, the events it was
 sent, kept for RESUME, and its sockets). A guild belongs to shard (guild_id >> 22) % shard_count
-(`shard_of()`); READY lists only that shard's guilds and GUILD_CREATE goes only to the owner. An
+(`shard_of()`); READY lists only that shard's guilds and each guild's GUILD_CREATE goes only to its owner. An
 event whose data has a `guild_id` goes only to the sessions whose shard owns that guild; an event
 without one (a DM) goes to shard 0. An event for a session with no socket is kept for its RESUME.
 A second IDENTIFY for the same shard replaces its session: the old session's sockets get no more
@@ -175,8 +175,8 @@ class Gateway:
         self._sessions[session.key] = session
         ready = self.world.ready(session.session_id, self.gateway_url, shard=session.key)
         await ws.send_json(session.record("READY", ready))
-        if session.owns(self.world.guild_id):
-            await ws.send_json(session.record("GUILD_CREATE", self.world.guild()))
+        for guild_id in self.world.shard_guilds(shard_id, shard_count):
+            await ws.send_json(session.record("GUILD_CREATE", self.world.guild(guild_id)))
 
     async def _resume(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> None:
         """Discord's RESUME of the shard session with that id: the events it missed after the client's `seq`

@@ -192,8 +192,8 @@ class RestRoutes:
         if message is None:
             return discord_error(404, 10008, "Unknown Message")
         if self.echo:
-                await self.dispatch("MESSAGE_DELETE", {"id": str(message_id), "channel_id": message["channel_id"],
-                                                   "guild_id": str(self.world.guild_id)})
+            await self.dispatch("MESSAGE_DELETE", {"id": str(message_id), "channel_id": message["channel_id"],
+                                                   "guild_id": message["guild_id"]})
         return web.Response(status=204)
 
     # -- session, application, commands -------------------------------------------------------
@@ -232,7 +232,8 @@ class RestRoutes:
         reference = (body.get("message_reference") or {}).get("message_id")
         bot = self.world.users()[self.world.bot_id]
         message = message_payload(self.world, self.world.ids.next(), channel_id, bot, body.get("content") or "",
-                                  member=self.world.member(self.world.bot_id), components=body.get("components"),
+                                  member=self.world.member(self.world.bot_id, self.world.guild_of(channel_id)),
+                                  components=body.get("components"),
                                   attachments=self._attachments_from(request, channel_id),
                                   reference_id=int(reference) if reference else None,
                                   flags=int(body.get("flags") or 0) & ~EPHEMERAL)
@@ -288,7 +289,8 @@ class RestRoutes:
         hook_id = self.world.ids.next()
         avatar = secrets.token_hex(16) if body.get("avatar") else None
         self.webhooks[hook_id] = {
-            "id": str(hook_id), "type": 1, "guild_id": str(self.world.guild_id), "channel_id": str(channel_id),
+            "id": str(hook_id), "type": 1, "guild_id": str(self.world.guild_of(channel_id)),
+            "channel_id": str(channel_id),
             "name": name, "avatar": avatar, "token": secrets.token_urlsafe(32),
             "application_id": str(self.world.application_id), "user": self.world.users()[self.world.bot_id]}
         return json_response(self.webhooks[hook_id])

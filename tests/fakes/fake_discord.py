@@ -10,7 +10,9 @@ recommend N shards; every IDENTIFY `shard: [id, count]` gets its own session (a 
 replaces it), READY and GUILD_CREATE carry only that shard's guilds, and an event goes only to the shard
 owning its guild (shard 0 without one), as Discord does. Several bot processes, each running some shards,
 share one fake: `shard_of()` (or `world.guild_shard(count)`) says which one gets the guild,
-`identified_shards` which shards have a session, `session(shard_id)` a shard's session.
+`identified_shards` which shards have a session, `session(shard_id)` a shard's session. With more
+guilds (`world.add_guilds()`, before the bot connects) each shard gets its own; `listen_again()` gives
+each process an address of its own, so every recorded call's `port` says which process made it.
 
 The test plays the users: `user_says()` dispatches MESSAGE_CREATE (with attachments served by this
 server), `slash()` an application-command INTERACTION_CREATE built from the synced commands,
@@ -84,6 +86,7 @@ class RestCall:
     status: int = 0
     response: Any = None  # the JSON answered
     authed: bool = False  # sent with the bot's token (webhooks by token and callbacks go without)
+    port: int = 0  # the server's port it came in on (see FakeDiscord.listen_again)
 
 
 @dataclass
@@ -149,6 +152,14 @@ class FakeDiscord(Gateway, RestRoutes):
         self.port = self._runner.addresses[0][1]
         return self
 
+    async def listen_again(self) -> str:
+        """Serve on one more port as well, and return that port's API base (for DISCORD_API_BASE): give each of
+        several bot processes its own, and a call's `port` tells which process made it."""
+        assert self._runner is not None, "start() first"
+        site = web.TCPSite(self._runner, HOST, 0)
+        await site.start()
+        return f"http://{HOST}:{self._runner.addresses[-1][1]}{API}"
+
     async def stop(self) -> None:
         await self._close_gateway()
         if self._runner is not None:
@@ -167,7 +178,8 @@ class FakeDiscord(Gateway, RestRoutes):
     async def _record(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         if not request.path.startswith(API):
             return await handler(request)
-        call = RestCall(request.method, request.path.removeprefix(API), dict(request.query), at=time.perf_counter())
+        call = RestCall(request.method, request.path.removeprefix(API), dict(request.query), at=time.perf_counter(),
+                        port=request.url.port or 0)
         auth = request.headers.get("Authorization")
         if (auth is None and not _tokenless(call.path)) or (auth is not None and auth != f"Bot {self.token}"):
             return discord_error(401, 0, "401: Unauthorized")
@@ -224,7 +236,7 @@ class FakeDiscord(Gateway, RestRoutes):
                                             self.http_base + path, voice=item.voice))
         flags = 1 << 13 if any(a.voice for a in attachments) else 0  # IS_VOICE_MESSAGE
         message = message_payload(self.world, message_id, channel_id, self.world.users()[user_id], content,
-                                  member=self.world.member(user_id), attachments=files,
+                                  member=self.world.member(user_id, self.world.guild_of(channel_id)), attachments=files,
                                   reference_id=reference_id, flags=flags)
         self.messages[message_id] = message
         await self.dispatch("MESSAGE_CREATE", message)
@@ -238,7 +250,8 @@ class FakeDiscord(Gateway, RestRoutes):
         if definition is None:
             raise KeyError(f"/{name} was not synced (synced: {sorted(c['name'] for c in self.commands)})")
         data = {"id": definition["id"], "name": name, "type": definition.get("type", 1),
-                "options": option_payloads(definition, path, options), "guild_id": str(self.world.guild_id)}
+                "options": option_payloads(definition, path, options),
+                "guild_id": str(self.world.guild_of(channel_id or self.world.story_channel_id))}
         return await self._interact(2, data, channel_id, user_id)
 
     async def press(self, message_id: int, custom_id: str, *, user_id: int | None = None) -> dict[str, Any]:
@@ -251,17 +264,18 @@ class FakeDiscord(Gateway, RestRoutes):
                         message: dict[str, Any] | None = None) -> dict[str, Any]:
         channel_id = channel_id or self.world.story_channel_id
         user_id = user_id or self.world.user_id
+        guild_id = self.world.guild_of(channel_id)
         token = secrets.token_urlsafe(24)
         permissions = str(self.world.permissions_of(user_id))
         interaction: dict[str, Any] = {
             "id": str(self.world.ids.next()), "application_id": str(self.world.application_id), "type": kind,
-            "data": data, "guild_id": str(self.world.guild_id), "channel_id": str(channel_id),
+            "data": data, "guild_id": str(guild_id), "channel_id": str(channel_id),
             "channel": self.world.channel(channel_id),
-            "member": {**self.world.member_with_user(user_id), "permissions": permissions},
+            "member": {**self.world.member_with_user(user_id, guild_id), "permissions": permissions},
             "token": token, "version": 1, "locale": "en-US", "guild_locale": "en-US", "entitlements": [],
             "attachment_size_limit": ATTACHMENT_LIMIT,
             "app_permissions": str(self.world.permissions_of(self.world.bot_id)),
-            "authorizing_integration_owners": {"0": str(self.world.guild_id)}, "context": 0,
+            "authorizing_integration_owners": {"0": str(guild_id)}, "context": 0,
         }
         if message is not None:
             interaction["message"] = message
