@@ -22,8 +22,8 @@ message in every channel at once (MESSAGE_CREATE through the gateway), then wait
 channel's reply is sealed, and a little longer for a second reply, were one coming. It prints, per
 round and overall:
 
-- messages handled per second (the messages / from the first dispatch to the last sealed reply;
-  bounded below by the engine's fixed delay);
+- messages handled per second (the round's messages / from its first dispatch to its last sealed
+  reply; a round lasts at least the engine's fixed delay);
 - the bot's added latency p50/p99: dispatch -> final webhook edit, minus the engine's time on that
   message's chat request;
 - replies per message, by user message id: each must get exactly one persona reply, sealed; lost
@@ -35,7 +35,15 @@ round and overall:
 
 It exits non-zero when a reply was lost or duplicated, or came from a process not owning its shard.
 The bot processes and the fakes share this machine's cores: on a small machine the figures are an upper
-bound of the bot's own cost.
+bound of the bot's own cost. For a burst of N simultaneous messages the added latency cannot be below
+about N x the CPU per message (bots, fakes and PostgreSQL together) / the cores.
+
+First figures (December 2026, a 2-core machine, the defaults, 3 rounds): 48.7 msg/s, added latency p50
+15.4 s / p99 20.5 s, 4,000 messages with exactly one reply each, every channel answered by its shard's
+process, ~31 ms bot CPU per message in each process, 4.2 ms in the fakes: CPU-bound (1,000 x ~35 ms,
+plus PostgreSQL's, over 2 cores is at least ~18 s a round; a round took ~20.5 s). With --processes 1 on
+the same machine: 41.9 msg/s, p50 18.4 s / p99 25.2 s, 24 ms CPU per message, its one process saturating
+a core.
 """
 
 from __future__ import annotations
@@ -347,6 +355,11 @@ def print_round(summary: dict[str, Any], messages: int) -> None:
           f"CPU ms/message: {cpu}", flush=True)
 
 
+def plural(count: int, noun: str) -> str:
+    """ "1 bot process", "2 bot processes"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def report(bench: LoadBench) -> dict[str, Any]:
     """Print the overall figures; returns them."""
     args, tally = bench.args, bench.tally
@@ -363,8 +376,9 @@ def report(bench: LoadBench) -> dict[str, Any]:
                          "cpu_ms_per_message": p.cpu_s / p.answered * 1000 if p.answered else None}
                         for p in bench.processes]}
     print(f"\nload benchmark: {figures['channels']} channels in {figures['guilds']} guilds, {args.shards} shards in "
-          f"{args.processes} bot processes, PostgreSQL, fake engine fixed delay {args.engine_delay * 1000:.0f} ms; "
-          f"{len(bench.rounds)} measured rounds")
+          f"{plural(args.processes, 'bot process')}, PostgreSQL, fake engine fixed delay "
+          f"{args.engine_delay * 1000:.0f} ms; "
+          f"{plural(len(bench.rounds), 'measured round')}")
     if added:
         print(f"  messages handled per second (per round, mean)  {figures['msg_per_s']:.1f} msg/s")
         print(f"  bot added latency p50 / p99                    {figures['p50_ms']:.1f} / {figures['p99_ms']:.1f} ms")
@@ -390,7 +404,7 @@ async def run(args: argparse.Namespace, database_url: str) -> dict[str, Any]:
     try:
         started = time.monotonic()
         await bench.start()
-        print(f"set-up: {len(bench.channel_guild)} stories, {args.processes} bot processes ready in "
+        print(f"set-up: {len(bench.channel_guild)} stories, {plural(args.processes, 'bot process')} ready in "
               f"{time.monotonic() - started:.1f} s", flush=True)
         await bench.round("warm-up", measured=False)
         for number in range(args.rounds):
