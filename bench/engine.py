@@ -442,7 +442,8 @@ def report_story(rows: list[tuple[int, float, float, bool]], args: argparse.Name
     warm = sorted(r[1] for r in rows[1:])  # the first turn has nothing to reuse
     cold = sorted(r[2] for r in rows[1:])
     print(f"\nStory replay: {len(rows)} turns, {rows[0][0]}-{rows[-1][0]} prompt tokens, "
-          f"SmolLM2-135M, the offline default (int4 decode), {args.threads or 'default'} threads, greedy {STORY_REPLY_TOKENS}-token replies")
+          f"SmolLM2-135M, the offline default (int4 decode), {args.threads or 'default'} threads, "
+          f"greedy {STORY_REPLY_TOKENS}-token replies")
     print(f"{'':>16} | {'TTFT p50 s':>10} | {'TTFT mean s':>11} | {'TTFT max s':>10}")
     for name, values in (("with reuse", warm), ("without", cold)):
         print(f"{name:>16} | {percentile(values, 50):>10.2f} | {sum(values) / len(values):>11.2f} | "

@@ -120,3 +120,14 @@ async def store(database_url: str):
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture
+def endpoints_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """discord.py's REST base and gateway URL are process-wide (the app's apply_endpoints and the tests
+    that point clients at the fake Discord set them): put them back after the test."""
+    import discord
+
+    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)

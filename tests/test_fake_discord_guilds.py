@@ -14,7 +14,7 @@ import asyncio
 import discord
 
 from tests.fakes.fake_discord import FakeDiscord
-from tests.test_fake_discord_shards import endpoints_restored, server, shard_process, until  # noqa: F401
+from tests.test_fake_discord_shards import server, shard_process, until  # noqa: F401
 
 
 def test_added_guilds_fall_on_consecutive_shards_and_keep_the_main_guild_as_it_was() -> None:

@@ -21,14 +21,6 @@ WAIT_S = 10.0
 
 
 @pytest.fixture
-def endpoints_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    """discord.py's REST base and gateway URL are process-wide: put them back after the test."""
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
-
-
-@pytest.fixture
 async def server(endpoints_restored: None) -> AsyncIterator[FakeDiscord]:
     async with FakeDiscord(shards=2) as fake:
         discord.http.Route.BASE = fake.api_base

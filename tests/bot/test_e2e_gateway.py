@@ -72,14 +72,6 @@ async def _within(task: asyncio.Future, what: str) -> None:
 
 
 @pytest.fixture
-def endpoints_restored(monkeypatch: pytest.MonkeyPatch) -> None:
-    """apply_endpoints sets process-wide discord.py state: put it back after the test."""
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)
-
-
-@pytest.fixture
 async def bot(discord_server: FakeDiscord, fake_engine: FakeEngine, store: Store, sqlite_url: str,
               endpoints_restored: None) -> AsyncIterator[MasqueBot]:
     async with running_bot(discord_server, fake_engine.url, store, sqlite_url) as client:

@@ -19,7 +19,7 @@ import pytest
 from bot.builtin import builtin_personas
 from bot.prefs import ReplyMode
 from bot.store import Store
-from tests.bot.test_e2e_gateway import endpoints_restored, persona_posts, running_bot, start_story  # noqa: F401
+from tests.bot.test_e2e_gateway import persona_posts, running_bot, start_story
 from tests.fakes.fake_discord import FakeDiscord
 from tests.fakes.fake_engine import FakeEngine
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 async def two_bots(postgres_database_url: str, fake_engine: FakeEngine,
-                   endpoints_restored: None) -> AsyncIterator[tuple[FakeDiscord, list]]:  # noqa: F811
+                   endpoints_restored: None) -> AsyncIterator[tuple[FakeDiscord, list]]:
     """The fake Discord with 2 shards and a bot process on each: [shard 0's bot, shard 1's bot]."""
     stores = [Store(postgres_database_url), Store(postgres_database_url)]
     await stores[0].upgrade()

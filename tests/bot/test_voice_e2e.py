@@ -24,7 +24,7 @@ import pytest
 
 from bot.app import MasqueBot
 from bot.store import AuthorKind, Store
-from tests.bot.test_e2e_gateway import endpoints_restored, running_bot, start_story  # noqa: F401
+from tests.bot.test_e2e_gateway import running_bot, start_story
 from tests.fakes.fake_discord import FakeDiscord
 from tests.fakes.fake_engine import FailureMode, FakeEngine
 from tests.fakes.fake_voice import FakeVoiceServer, espeak_pcm
