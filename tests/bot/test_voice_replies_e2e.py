@@ -15,13 +15,7 @@ import pytest
 
 from bot.app import MasqueBot
 from bot.store import Store
-from tests.bot.test_e2e_gateway import (  # noqa: F401
-    PERSONA,
-    buttons,
-    endpoints_restored,
-    running_bot,
-    start_story,
-)
+from tests.bot.test_e2e_gateway import PERSONA, buttons, running_bot, start_story
 from tests.fakes.fake_discord import Attachment, FakeDiscord, RestCall
 from tests.fakes.fake_engine import FakeEngine
 
