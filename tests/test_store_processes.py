@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from bot.builtin import builtin_personas
 from bot.store import GLOBAL_GUILD, DatabaseInUse, Store
-from bot.store.notify import notice, parse_notice
+from bot.store.notify import listener_connect_args, notice, parse_notice
 
 GUILD = 42
 WAIT_S = 10.0
@@ -125,6 +125,14 @@ async def test_changes_made_while_disconnected_are_announced_after(two_processes
         await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     await first.update_guild_settings(GUILD, reply_mode="all")  # its notice waits for the reconnect
     await until(lambda: _mode_is(second, "all"), "the announcement sent once reconnected")
+
+
+def test_the_listener_connects_as_the_pool_does_tls_included():
+    args = listener_connect_args("postgresql+asyncpg://bot:s3cret@db.example:6543/masque?ssl=require"
+                                 "&prepared_statement_cache_size=0")  # SQLAlchemy's option, not asyncpg's
+    assert args == {"host": "db.example", "port": 6543, "user": "bot", "password": "s3cret",
+                    "database": "masque", "ssl": "require"}
+    assert listener_connect_args("postgresql+asyncpg://bot@/masque") == {"user": "bot", "database": "masque"}
 
 
 def test_notices_parse_back_and_junk_is_ignored():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import secrets
 from collections.abc import Callable
@@ -71,14 +72,25 @@ def parse_notice(payload: str) -> tuple[str, str, int | None] | None:
     return (origin, kind, int(key)) if key.lstrip("-").isdigit() else None
 
 
+def listener_connect_args(url: str) -> dict[str, object]:
+    """asyncpg.connect's arguments for the database of a SQLAlchemy URL: host, port, user, password,
+    database, and the query's options as SQLAlchemy's asyncpg dialect passes them (``?ssl=require``)."""
+    parsed = make_url(url)
+    args: dict[str, object] = {k: v for k, v in parsed.translate_connect_args(username="user").items()
+                               if v is not None}
+    import asyncpg  # the postgres extra
+
+    accepted = inspect.signature(asyncpg.connect).parameters  # SQLAlchemy's own options are not asyncpg's
+    args.update({k: v if isinstance(v, str) else v[-1] for k, v in parsed.query.items() if k in accepted})
+    return args
+
+
 class CacheNotices:
     """This process's end of the ``masque_cache`` channel (PostgreSQL)."""
 
     def __init__(self, url: str, on_change: Callable[[str, int | None], None],
                  on_live: Callable[[bool], None]):
-        parsed = make_url(url)
-        self._connect_args = {k: v for k, v in parsed.translate_connect_args(username="user").items()
-                              if v is not None}
+        self._connect_args = listener_connect_args(url)
         self.origin = secrets.token_hex(6)  # our own notices come back to us too: skip them
         self._on_change, self._on_live = on_change, on_live
         self._outbox: asyncio.Queue[str] = asyncio.Queue()
