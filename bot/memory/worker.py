@@ -56,6 +56,7 @@ class _Due:
     not_before: float = 0.0  # monotonic time: a retry waits until then
     failures: int = 0
     interruptions: int = 0  # summary calls of this story stopped for a reply
+    notices: int = 0  # notify() calls: one that comes while the work runs keeps the story due
 
 
 class MemoryWorker:
@@ -77,6 +78,7 @@ class MemoryWorker:
     def notify(self, story_id: int, window_start: int | None) -> None:
         """A prompt of `story_id` was built; turns before `window_start` have left its window."""
         due = self._due.setdefault(story_id, _Due(window_start))
+        due.notices += 1
         if window_start is not None:
             due.window_start = self._windows[story_id] = window_start
         self._ensure_running()
@@ -159,6 +161,7 @@ class MemoryWorker:
 
     async def _visit(self, story_id: int) -> None:
         due = self._due[story_id]
+        notices = due.notices
         try:
             await self.run_once(story_id)
         except Interrupted:
@@ -171,7 +174,8 @@ class MemoryWorker:
             return
         except Exception:  # a bug must not kill the worker for every story
             log.exception("memory work for story %s failed", story_id)
-        self._due.pop(story_id, None)
+        if due.notices == notices:  # a turn stored meanwhile (a later notify) is done on the next visit
+            self._due.pop(story_id, None)
 
     # ------------------------------------------------------------ the work
 
