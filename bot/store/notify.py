@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import secrets
 from collections.abc import Callable
@@ -153,7 +154,7 @@ class CacheNotices:
                             type(exc).__name__)
             self._on_live(False)
             await self._disconnect()
-            for attempt in range(10**9):
+            for attempt in itertools.count():
                 await asyncio.sleep(RECONNECT_S[min(attempt, len(RECONNECT_S) - 1)])
                 try:
                     await self._connect()
