@@ -10,7 +10,7 @@ while it was there, and the export tells who came and went. The choices themselv
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+import weakref
 
 from bot.cards import Card, expand
 from bot.errors import StoryError, UnknownPersona
@@ -28,12 +28,22 @@ from bot.story.cast import (
 from bot.story.tokens import estimate_tokens
 
 MAX_CAST = 8  # personas in one scene: more than this and nobody gets a word in
-RECENT_TURNS = 20  # read to know who spoke last
+
+
+# Parsed cards by persona row: a card is read several times per message (speaker choice, prompt,
+# reply header), and validating its JSON costs more than the rest of those steps. A row whose `card`
+# is replaced gets parsed again; rows are read-only once loaded (the store caches them).
+_CARDS: weakref.WeakKeyDictionary[Persona, tuple[dict, Card]] = weakref.WeakKeyDictionary()
 
 
 def persona_card(persona: Persona) -> Card:
-    """The persona's card model (stored as V3 JSON)."""
-    return Card.model_validate(persona.card)
+    """The persona's card model (stored as V3 JSON). Shared by its callers: do not change it."""
+    cached = _CARDS.get(persona)
+    if cached is not None and cached[0] is persona.card:
+        return cached[1]
+    card = Card.model_validate(persona.card)
+    _CARDS[persona] = (persona.card, card)
+    return card
 
 
 def member_of(persona: Persona) -> Member:
@@ -115,36 +125,34 @@ class Cast:
             if chosen is None:
                 raise StoryError(f"{name} is not in this scene: add them with /story add.")
             return chosen
-        turns = await self.store.recent_turns(story.id, RECENT_TURNS)
-        speaker = await self.speaker(story, "", None, turns)
+        speaker = await self.speaker(story, "", None)
         if speaker is not None:
             return speaker
-        last, ids = last_persona(turns), [p.id for p in cast]  # manual: take turns in cast order
+        last, ids = await self.store.last_persona_id(story.id), [p.id for p in cast]  # manual: in cast order
         return cast[(ids.index(last) + 1) % len(cast) if last in ids else 0]
 
     async def prefs(self, story: Story) -> ChannelPrefs:
         return await channel_prefs(self.store, story.channel_id)
 
-    async def speaker(self, story: Story, text: str, reply_to: int | None,
-                      turns: Sequence[Turn]) -> Persona | None:
+    async def speaker(self, story: Story, text: str, reply_to: int | None) -> Persona | None:
         """Who answers a human message now (None: nobody, the manual strategy)."""
         cast = await self.personas(story)
+        if len(cast) == 1:
+            return cast[0]  # a story of one: no choice to make, nothing to read
         prefs = await self.prefs(story)
+        last = await self.store.last_persona_id(story.id)
         chosen = choose_speaker([member_of(p) for p in cast], text, reply_to=reply_to,
-                                last_speaker=last_persona(turns), strategy=prefs.speaker_strategy, rng=self.rng)
+                                last_speaker=last, strategy=prefs.speaker_strategy, rng=self.rng)
         return next((p for p in cast if chosen and p.id == chosen.persona_id), None)
 
     async def answerer(self, story: Story, reply: str, speaker: int, in_a_row: int) -> Persona | None:
         """Who answers a persona's reply, within the story's limit of persona replies in a row."""
         cast = await self.personas(story)
+        if len(cast) < 2:
+            return None  # nobody else to answer
         prefs = await self.prefs(story)
         chosen = answered_by([member_of(p) for p in cast], reply, speaker, in_a_row, prefs.persona_chain)
         return next((p for p in cast if chosen and p.id == chosen.persona_id), None)
-
-
-def last_persona(turns: Sequence[Turn]) -> int | None:
-    """The persona that spoke last in `turns`."""
-    return next((t.persona_id for t in reversed(turns) if t.author_kind == AuthorKind.PERSONA), None)
 
 
 def group_greeting(persona: Persona, user_name: str, seed: int) -> str:

@@ -38,7 +38,7 @@ from bot.prefs import GuildPrefs, guild_prefs
 from bot.prompt_fit import Fitted, PromptFitter
 from bot.scene_art import SceneArtService, SceneImage
 from bot.settings import BotSettings
-from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Summary, Turn
+from bot.store import AuthorKind, NewTurn, Persona, Store, Story, Turn
 from bot.story import PromptParts, continue_instruction, estimate_tokens, format_transcript
 from bot.story.cast import group_nudge, present_from, scene_members
 from bot.story.generation import Samplers, card_samplers, reply_tokens, resolve
@@ -341,12 +341,13 @@ class StoryPipeline:
         """The prompt of the story's next reply. Steps: 1 read the story, its recent turns and memory
         (the recall query runs beside); 2 fit the prompt to the server's window; 3 recall older turns
         from before that window and fit again."""
-        story, facts, records = await self.store.story_memory(story_id)
-        if story is None:
+        reads = await self.store.prompt_reads(story_id, FIRST_PAGE_TURNS, before)
+        if reads is None:
             raise NoStory()
+        story = reads.story
         query = self.memory.start_query(story, query_turn)
-        turns, summary = await self._prompt_history(story_id, before)
-        memory, books = self.memory.layers(story, facts, records, summary)
+        turns = await self._older_turns(story_id, reads.turns)
+        memory, books = self.memory.layers(story, reads.facts, reads.books, reads.summary)
         card, members = persona_card(persona), await self.cast.members(story)
         scene = ""
         if len(members) > 1:  # a group scene: the speaker's view of it (bot/story/cast.py)
@@ -365,19 +366,18 @@ class StoryPipeline:
                 fitted = await self.fitter.fit(replace(parts, memory=replace(memory, recalled=recalled)), base=fitted)
         return PreparedPrompt(story, turns, fitted, query, [m.name for m in members if m.persona_id != persona.id])
 
-    async def _prompt_history(self, story_id: int, before: int | None) -> tuple[list[Turn], Summary | None]:
-        """The latest summary and the turns after it a prompt may use, reading no more than needed:
-        a first page, then only the older turns the window may still hold (sized by the first page)."""
-        turns, summary = await self.store.prompt_history(story_id, FIRST_PAGE_TURNS, before)
+    async def _older_turns(self, story_id: int, turns: list[Turn]) -> list[Turn]:
+        """`turns` (the first page of the prompt's history) and the older turns the window may still hold,
+        sized by the first page: most prompts read only the first page."""
         if len(turns) < FIRST_PAGE_TURNS:
-            return turns, summary
+            return turns
         window = await self.fitter.window()
         per_turn = max(sum(self.fitter.counter.message(t.text) for t in turns) / len(turns), 1.0)
         wanted = min(HISTORY_TURNS, math.ceil(window / per_turn * HISTORY_SLACK))
         if wanted > len(turns):
             older, _ = await self.store.prompt_history(story_id, wanted - len(turns), turns[0].position)
             turns = older + turns
-        return turns, summary
+        return turns
 
     def samplers(self, prefs: GuildPrefs, card: Card) -> Samplers:
         """The samplers of a reply: the preset, the server's values, the card's (bot/story/generation.py);

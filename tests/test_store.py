@@ -125,6 +125,18 @@ async def test_turns_answered_after_a_reply_that_came_meanwhile_move_after_it(st
     assert (await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, "answer to second"))).position == 5
 
 
+async def test_last_persona_id_is_the_newest_persona_turn_s(store: Store):
+    story = await new_story(store)
+    assert await store.last_persona_id(story.id) is None
+    first = (await store.list_personas())[0].id
+    second = (await store.list_personas())[1].id
+    await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, "a", persona_id=first))
+    await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, "b", persona_id=second))
+    await store.add_turn(story.id, NewTurn(AuthorKind.USER, "c", author_name="Sam"))
+    await store.add_turn(story.id, NewTurn(AuthorKind.SYSTEM, "note", persona_id=first))
+    assert await store.last_persona_id(story.id) == second
+
+
 async def test_concurrent_turns_in_one_channel_keep_order_and_lose_nothing(store: Store):
     story = await new_story(store)
     count = 40

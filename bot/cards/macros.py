@@ -14,6 +14,7 @@ _MACRO = re.compile(r"\{\{\s*(char|user|random|pick|roll)\s*(?::(.*?))?\}\}", re
 _LEGACY = {"<BOT>": "{{char}}", "<USER>": "{{user}}"}
 _DICE = re.compile(r"^\s*(\d*)\s*d?\s*(\d+)\s*$", re.IGNORECASE)
 _MAX_DICE = 100
+_RNG = random.Random()  # when the caller passes none (seeding a new one per call costs more than the rest)
 
 
 def expand(text: str, *, char: str, user: str, seed: int = 0, rng: random.Random | None = None) -> str:
@@ -23,7 +24,7 @@ def expand(text: str, *, char: str, user: str, seed: int = 0, rng: random.Random
     pick every time its prompt is rebuilt); `{{random}}` and `{{roll}}` use `rng`.
     Unknown macros are left as they are.
     """
-    rng = rng or random.Random()
+    rng = rng or _RNG
     for legacy, macro in _LEGACY.items():
         text = text.replace(legacy, macro)
 

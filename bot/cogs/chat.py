@@ -18,7 +18,6 @@ from collections import OrderedDict
 import discord
 from discord.ext import commands
 
-from bot.cast import RECENT_TURNS
 from bot.discord_io.replies import ReplyService, is_nsfw_channel
 from bot.discord_io.scene_queue import SceneQueue, Waiting
 from bot.discord_io.webhooks import NO_MENTIONS
@@ -137,9 +136,8 @@ class Chat(commands.Cog):
             if replied is not None and replied.persona_id is not None:
                 reply_to = replied.persona_id
                 break
-        turns = await self.store.recent_turns(story.id, RECENT_TURNS)
         text = "\n".join(w.user.text for w in batch)
-        return await self.pipeline.cast.speaker(story, text, reply_to, turns)
+        return await self.pipeline.cast.speaker(story, text, reply_to)
 
     async def follow_ups(self, channel: discord.abc.Messageable, story: Story, persona: Persona, turn: Turn) -> None:
         """Personas answering each other: the one a reply names speaks next, a few in a row at most."""

@@ -43,7 +43,7 @@ class StoryMemory:
     def layers(self, story: Story, facts: Sequence[PinnedFact], records: Sequence[LorebookRecord],
                summary: Summary | None) -> tuple[Memory, list[Lorebook]]:
         """The story's memory (recall aside) and the lorebooks it reads besides its card's
-        (from `Store.story_memory`)."""
+        (from `Store.prompt_reads`)."""
         books = []
         for record in records:
             key = (record.id, record.updated_at)

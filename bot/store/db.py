@@ -105,6 +105,7 @@ class Database:
         self._cache_epoch = 0
         self._cache_live = True  # False while the PostgreSQL listener is down: nothing is cached then
         self._notices: CacheNotices | None = None
+        self._persona_turn_at: dict[int, int] = {}  # story id -> its newest persona turn (StoryRepo.answer_after)
         self._process_lock: ProcessLock | None = None
 
     async def listen(self) -> None:

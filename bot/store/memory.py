@@ -41,17 +41,15 @@ class MemoryRepo(Database):
         super().__init__(url)
         self._recall_banks: dict[tuple[int, int], _Bank | None] = {}  # SQLite: (story, dim) -> vectors
 
-    async def story_memory(self, story_id: int) -> tuple[Story | None, list[PinnedFact], list[LorebookRecord]]:
-        """What a prompt reads of a story besides its turns, in one snapshot: the story row, its pinned
-        facts and the lorebooks it reads (its own, then the guild's)."""
-        async with self.read() as session:
-            story = await session.get(Story, story_id)
-            if story is None:
-                return None, [], []
-            facts = list(await session.scalars(
-                _facts_of(story_id)))
-            books = await self._lorebooks(session, story.guild_id, story_id)
-        return story, facts, books
+    async def _story_memory(self, session: AsyncSession, story_id: int,
+                            ) -> tuple[Story | None, list[PinnedFact], list[LorebookRecord]]:
+        """What a prompt reads of a story besides its turns: the story row, its pinned facts and the
+        lorebooks it reads (its own, then the guild's)."""
+        story = await session.get(Story, story_id)
+        if story is None:
+            return None, [], []
+        facts = list(await session.scalars(_facts_of(story_id)))
+        return story, facts, await self._lorebooks(session, story.guild_id, story_id)
 
     # ------------------------------------------------------------ pinned facts
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -16,6 +16,8 @@ from bot.store.models import (
     AuthorKind,
     ChannelPersona,
     ChannelState,
+    LorebookRecord,
+    PinnedFact,
     SceneArt,
     Story,
     StoryStatus,
@@ -28,6 +30,7 @@ from bot.store.models import (
 )
 
 SCENE_BANK_SIZE = 200  # the newest scene images a new scene is compared with
+PERSONA_TURNS_KNOWN = 100_000  # stories whose newest persona turn position `answer_after` remembers
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,17 @@ class NewTurn:
     token_count: int = 0
     message_ids: Sequence[int] = ()
     swipes: Sequence[str] = ()  # persona turns: the alternatives; `text` is swipes[0] when given
+
+@dataclass
+class PromptReads:
+    """What a prompt reads of a story, from one snapshot (`StoryRepo.prompt_reads`)."""
+
+    story: Story
+    facts: list[PinnedFact]
+    books: list[LorebookRecord]
+    turns: list[Turn]  # the last ones the summary does not cover, oldest first, without swipes and messages
+    summary: Summary | None
+
 
 # cache kinds (see Database._cached): read on every message, written only by the methods below
 CHANNEL_SETTINGS = "channel_settings"
@@ -213,37 +227,54 @@ class StoryRepo(MemoryRepo):
             raise
 
     async def _add_turn(self, story_id: int, new: NewTurn) -> Turn:
+        # Core inserts, not the ORM's unit of work: a turn is written on every message, and the flush
+        # machinery cost more CPU than the statements themselves. The Turn returned is built here.
+        texts = list(new.swipes) or ([new.text] if new.author_kind == AuthorKind.PERSONA else [])
+        now = utcnow()
         async with self.session() as session:
             position = await session.scalar(
                 update(Story).where(Story.id == story_id)
-                .values(turn_seq=Story.turn_seq + 1, updated_at=utcnow())
+                .values(turn_seq=Story.turn_seq + 1, updated_at=now)
                 .returning(Story.turn_seq)
             )
             if position is None:
                 raise LookupError(f"story {story_id} does not exist")
-            texts = list(new.swipes) or ([new.text] if new.author_kind == AuthorKind.PERSONA else [])
-            turn = Turn(
-                story_id=story_id, position=position, author_kind=new.author_kind,
-                author_id=new.author_id, author_name=new.author_name, persona_id=new.persona_id,
-                text=texts[0] if texts else new.text, attachments=list(new.attachments),
-                token_count=new.token_count, selected_swipe=0,
-                swipes=[Swipe(index=i, text=t, token_count=new.token_count) for i, t in enumerate(texts)],
-                messages=[TurnMessage(message_id=m, part=i) for i, m in enumerate(new.message_ids)],
-            )
-            session.add(turn)
-        return turn
+            row = dict(story_id=story_id, position=position, author_kind=new.author_kind,
+                       author_id=new.author_id, author_name=new.author_name, persona_id=new.persona_id,
+                       text=texts[0] if texts else new.text, attachments=list(new.attachments),
+                       token_count=new.token_count, selected_swipe=0, created_at=now, updated_at=now)
+            turn_id = await session.scalar(insert(Turn).values(row).returning(Turn.id))
+            swipes = [dict(turn_id=turn_id, index=i, text=t, token_count=new.token_count, created_at=now)
+                      for i, t in enumerate(texts)]
+            messages = [dict(message_id=m, turn_id=turn_id, part=i) for i, m in enumerate(new.message_ids)]
+            if swipes:
+                await session.execute(insert(Swipe), swipes)
+            if messages:
+                await session.execute(insert(TurnMessage), messages)
+        if new.author_kind == AuthorKind.PERSONA:
+            self._note_persona_turn(story_id, position)
+        return Turn(id=turn_id, **row, swipes=[Swipe(**s) for s in swipes],
+                    messages=[TurnMessage(**m) for m in messages])
 
     async def answer_after(self, story_id: int, turns: Sequence[Turn]) -> None:
         """Put people's turns about to be answered after any persona turn stored since they came (they
         arrived while another reply was being written), so the story reads each answer after what it
-        answers. New positions come from the story's counter; `turns` are updated in place."""
+        answers. New positions come from the story's counter; `turns` are updated in place.
+
+        Most messages come when no reply is in the making: the newest persona turn's position, as this
+        process last stored or read it, then says there is nothing to move, without a query. (A
+        channel's persona turns are written by the one process that runs its shard.)"""
         if not turns:
             return
         first = min(t.position for t in turns)
+        known = self._persona_turn_at.get(story_id)
+        if known is not None and known < first:
+            return
         async with self.session() as session:
-            later = await session.scalar(select(func.max(Turn.position)).where(
-                Turn.story_id == story_id, Turn.author_kind == AuthorKind.PERSONA, Turn.position > first))
-            if later is None:
+            latest = await session.scalar(select(func.max(Turn.position)).where(
+                Turn.story_id == story_id, Turn.author_kind == AuthorKind.PERSONA))
+            self._note_persona_turn(story_id, latest or 0)
+            if latest is None or latest < first:
                 return
             for turn in sorted(turns, key=lambda t: t.position):
                 position = await session.scalar(
@@ -251,6 +282,11 @@ class StoryRepo(MemoryRepo):
                     .values(turn_seq=Story.turn_seq + 1).returning(Story.turn_seq))
                 await session.execute(update(Turn).where(Turn.id == turn.id).values(position=position))
                 turn.position = position
+
+    def _note_persona_turn(self, story_id: int, position: int) -> None:
+        if len(self._persona_turn_at) >= PERSONA_TURNS_KNOWN and story_id not in self._persona_turn_at:
+            self._persona_turn_at.clear()  # only a shortcut: the next answer of each story asks again
+        self._persona_turn_at[story_id] = position
 
     async def get_turn(self, turn_id: int) -> Turn | None:
         async with self.read() as session:
@@ -263,19 +299,34 @@ class StoryRepo(MemoryRepo):
                 _with_children(select(Turn).join(TurnMessage).where(TurnMessage.message_id == message_id))
             )
 
+    async def prompt_reads(self, story_id: int, limit: int, before: int | None = None) -> PromptReads | None:
+        """Everything a prompt reads, in one snapshot (one round trip's worth of sessions on every message):
+        the story, its pinned facts and lorebooks, its latest summary and the last `limit` turns the
+        summary does not cover (before position `before` when given). None when the story is gone."""
+        async with self.read() as session:
+            story, facts, books = await self._story_memory(session, story_id)
+            if story is None:
+                return None
+            turns, summary = await self._history(session, story_id, limit, before)
+        return PromptReads(story, facts, books, turns, summary)
+
     async def prompt_history(self, story_id: int, limit: int,
                              before: int | None = None) -> tuple[list[Turn], Summary | None]:
-        """What a prompt reads, in one snapshot: the latest summary, and the last `limit` turns it
-        does not cover (before position `before` when given), oldest first, without their swipes
-        and messages."""
+        """The latest summary, and the last `limit` turns it does not cover (before position `before`
+        when given), oldest first, without their swipes and messages; one snapshot."""
         async with self.read() as session:
-            summary = await session.scalar(_latest_summary(story_id))
-            query = select(Turn).where(Turn.story_id == story_id)
-            if summary is not None:
-                query = query.where(Turn.position > summary.through_position)
-            if before is not None:
-                query = query.where(Turn.position < before)
-            turns = list(await session.scalars(query.order_by(Turn.position.desc()).limit(limit)))
+            return await self._history(session, story_id, limit, before)
+
+    @staticmethod
+    async def _history(session: AsyncSession, story_id: int, limit: int,
+                       before: int | None) -> tuple[list[Turn], Summary | None]:
+        summary = await session.scalar(_latest_summary(story_id))
+        query = select(Turn).where(Turn.story_id == story_id)
+        if summary is not None:
+            query = query.where(Turn.position > summary.through_position)
+        if before is not None:
+            query = query.where(Turn.position < before)
+        turns = list(await session.scalars(query.order_by(Turn.position.desc()).limit(limit)))
         turns.reverse()
         return turns, summary
 
@@ -286,6 +337,13 @@ class StoryRepo(MemoryRepo):
             query = query.limit(limit)
         async with self.read() as session:
             return list(reversed(list(await session.scalars(query))))
+
+    async def last_persona_id(self, story_id: int) -> int | None:
+        """The persona that spoke last in the story (None before any did)."""
+        async with self.read() as session:
+            return await session.scalar(
+                select(Turn.persona_id).where(Turn.story_id == story_id, Turn.author_kind == AuthorKind.PERSONA)
+                .order_by(Turn.position.desc()).limit(1))
 
     async def count_turns(self, story_id: int) -> int:
         async with self.read() as session:

@@ -109,3 +109,20 @@ def test_talkativeness_reads_sillytaverns_string():
     assert talkativeness({"talkativeness": "0.8"}) == 0.8
     assert talkativeness({"talkativeness": "loud"}) == 0.5 and talkativeness({}) == 0.5
     assert talkativeness({"talkativeness": 3}) == 1.0
+
+
+def test_a_persona_s_card_is_parsed_once_and_again_when_its_card_changes():
+    from bot.cast import persona_card
+    from bot.store import Persona
+
+    def v3(name: str) -> dict:
+        return {"spec": "chara_card_v3", "spec_version": "3.0",
+                "data": {"name": name, "description": "d", "first_mes": "hi"}}
+
+    persona = Persona(name="Ada", card=v3("Ada"))
+    card = persona_card(persona)
+    assert card.data.name == "Ada"
+    assert persona_card(persona) is card  # the same parse while the row is the same
+    persona.card = v3("Bea")  # an updated row (as the store loads it after an edit)
+    assert persona_card(persona).data.name == "Bea"
+    assert persona_card(Persona(name="Ada", card=v3("Ada"))) is not card  # another row parses its own
