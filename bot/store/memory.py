@@ -129,10 +129,11 @@ class MemoryRepo(Database):
         if not items:
             return
         async with self.session() as session:
-            alive = set(await session.scalars(select(Turn.id).where(Turn.id.in_([i[0] for i in items]))))
-            known = set(await session.scalars(
-                select(TurnEmbedding.turn_id).where(TurnEmbedding.turn_id.in_([i[0] for i in items]))))
-            fresh = [i for i in items if i[0] in alive and i[0] not in known]
+            # the turns still there that have no embedding yet (one query: this runs after every turn)
+            wanted = set(await session.scalars(
+                select(Turn.id).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
+                .where(Turn.id.in_([i[0] for i in items]), TurnEmbedding.turn_id.is_(None))))
+            fresh = [i for i in items if i[0] in wanted]
             session.add_all(TurnEmbedding(turn_id=t, story_id=story_id, position=p, model=model, dim=len(v),
                                           embedding=list(v)) for t, p, v in fresh)
         self._bank_append(story_id, fresh)

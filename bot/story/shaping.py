@@ -13,6 +13,7 @@ someone else's lines.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -44,6 +45,11 @@ def may_become_name_prefix(text: str, char: str) -> bool:
 
 def _name_pattern(names: Sequence[str]) -> re.Pattern[str] | None:
     """Line openings that belong to someone else: "Name:", "**Name:**", "[Name]", "Name says"."""
+    return _compiled_names(tuple(names))
+
+
+@functools.lru_cache(maxsize=256)  # asked on every streamed chunk, with the same names all reply long
+def _compiled_names(names: tuple[str, ...]) -> re.Pattern[str] | None:
     variants = set()
     for name in names:
         name = name.strip()
