@@ -267,3 +267,26 @@ async def test_cached_rows_follow_every_change(store: Store):
     assert await store.guild_settings(GUILD) == {"cooldown_s": 3}
     await store.forget_guild(GUILD)
     assert await store.guild_settings(GUILD) == {}
+
+
+async def test_a_prompt_s_facts_and_lorebooks_follow_every_change(store: Store):
+    story = await new_story(store)
+
+    async def extras() -> tuple[list[str], list[str]]:
+        reads = await store.prompt_reads(story.id, 10)
+        return [f.text for f in reads.facts], [b.name for b in reads.books]
+
+    assert await extras() == ([], [])
+    fact = await store.add_fact(story.id, "The key is under the mat.", author_id=7)
+    assert await extras() == (["The key is under the mat."], [])
+    await store.save_lorebook(GUILD, None, "Harbour", {"entries": {}})  # the guild's: every story reads it
+    await store.save_lorebook(GUILD, story.id, "Ship", {"entries": {}})
+    assert await extras() == (["The key is under the mat."], ["Ship", "Harbour"])
+    assert await store.remove_lorebook(GUILD, None, "Harbour")
+    assert (await extras())[1] == ["Ship"]
+    await store.remove_fact(story.id, fact.id)
+    assert (await extras())[0] == []
+    await store.add_fact(story.id, "Sam hates boats.", author_id=7)
+    assert (await extras())[0] == ["Sam hates boats."]
+    await store.erase_user(7)  # forget-me takes the facts they pinned
+    assert (await extras())[0] == []

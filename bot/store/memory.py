@@ -25,6 +25,7 @@ from bot.store.models import LorebookRecord, PinnedFact, Story, Summary, Turn, T
 MAX_FACTS = 50
 MAX_FACT_CHARS = 500
 ACTIVE_STORIES = "active_stories"  # cache kind: active stories by channel id (read in bot/store/stories.py)
+STORY_EXTRAS = "story_extras"  # cache kind: a story's pinned facts and lorebooks, by story id (read per prompt)
 
 
 @dataclass
@@ -41,15 +42,14 @@ class MemoryRepo(Database):
         super().__init__(url)
         self._recall_banks: dict[tuple[int, int], _Bank | None] = {}  # SQLite: (story, dim) -> vectors
 
-    async def _story_memory(self, session: AsyncSession, story_id: int,
-                            ) -> tuple[Story | None, list[PinnedFact], list[LorebookRecord]]:
-        """What a prompt reads of a story besides its turns: the story row, its pinned facts and the
-        lorebooks it reads (its own, then the guild's)."""
-        story = await session.get(Story, story_id)
-        if story is None:
-            return None, [], []
-        facts = list(await session.scalars(_facts_of(story_id)))
-        return story, facts, await self._lorebooks(session, story.guild_id, story_id)
+    async def story_extras(self, story_id: int, guild_id: int) -> tuple[list[PinnedFact], list[LorebookRecord]]:
+        """What a prompt reads of a story besides the story row and its turns: its pinned facts and the
+        lorebooks it reads (its own, then the guild's). Cached: read on every message, changed rarely."""
+        async def load() -> tuple[list[PinnedFact], list[LorebookRecord]]:
+            async with self.read() as session:
+                facts = list(await session.scalars(_facts_of(story_id)))
+                return facts, await self._lorebooks(session, guild_id, story_id)
+        return await self._cached(STORY_EXTRAS, story_id, load)
 
     # ------------------------------------------------------------ pinned facts
 
@@ -65,6 +65,7 @@ class MemoryRepo(Database):
                 raise ValueError(f"This story already has {MAX_FACTS} pinned facts; remove one first.")
             fact = PinnedFact(story_id=story_id, text=text, author_id=author_id)
             session.add(fact)
+        self.forget(STORY_EXTRAS, story_id)
         return fact
 
     async def facts(self, story_id: int) -> list[PinnedFact]:
@@ -78,7 +79,8 @@ class MemoryRepo(Database):
             if fact is None or fact.story_id != story_id:
                 return None
             await session.delete(fact)
-            return fact
+        self.forget(STORY_EXTRAS, story_id)
+        return fact
 
     # ------------------------------------------------------------ author's note and lore state
 
@@ -222,6 +224,7 @@ class MemoryRepo(Database):
                 session.add(record)
             else:
                 record.name, record.book = name, book
+        self.forget(STORY_EXTRAS)  # a guild's book is read by all its stories
         return record
 
     async def lorebooks(self, guild_id: int, story_id: int | None) -> list[LorebookRecord]:
@@ -242,6 +245,7 @@ class MemoryRepo(Database):
             if record.name_key == name.casefold():
                 async with self.session() as session:
                     await session.execute(delete(LorebookRecord).where(LorebookRecord.id == record.id))
+                self.forget(STORY_EXTRAS)
                 return record
         return None
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, select, update
 
-from bot.store.memory import MemoryRepo
+from bot.store.memory import STORY_EXTRAS, MemoryRepo
 from bot.store.models import (
     GLOBAL_GUILD,
     AuthorKind,
@@ -107,6 +107,7 @@ class PrivacyRepo(MemoryRepo):
         for story_id in touched:
             self.forget_recall(story_id)
         self.forget(PERSONAS)
+        self.forget(STORY_EXTRAS)  # their pinned facts
         return UserErased(turns=turns, attachments=int(attachments), facts=pinned.rowcount or 0,
                           summaries=summaries.rowcount or 0, scene_art=art.rowcount or 0,
                           personas_unlinked=personas.rowcount or 0)

@@ -300,14 +300,15 @@ class StoryRepo(MemoryRepo):
             )
 
     async def prompt_reads(self, story_id: int, limit: int, before: int | None = None) -> PromptReads | None:
-        """Everything a prompt reads, in one snapshot (one round trip's worth of sessions on every message):
-        the story, its pinned facts and lorebooks, its latest summary and the last `limit` turns the
-        summary does not cover (before position `before` when given). None when the story is gone."""
+        """Everything a prompt reads: the story, its latest summary and the last `limit` turns the summary
+        does not cover (before position `before` when given), in one snapshot; its pinned facts and
+        lorebooks (cached: `story_extras`). None when the story is gone."""
         async with self.read() as session:
-            story, facts, books = await self._story_memory(session, story_id)
+            story = await session.get(Story, story_id)
             if story is None:
                 return None
             turns, summary = await self._history(session, story_id, limit, before)
+        facts, books = await self.story_extras(story_id, story.guild_id)
         return PromptReads(story, facts, books, turns, summary)
 
     async def prompt_history(self, story_id: int, limit: int,
