@@ -19,7 +19,7 @@ from alembic.script import ScriptDirectory
 from platformdirs import user_data_dir
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -58,12 +58,27 @@ def make_engine(url: str) -> AsyncEngine:
     """An async engine; SQLite gets a busy timeout, foreign keys and write-ahead logging."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
+        if parsed.get_driver_name() != "asyncpg":
+            return create_async_engine(url, pool_pre_ping=True)
+        engine = create_async_engine(url)
+        _drop_closed_connections(engine)
+        return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
     _configure_sqlite(engine)
     return engine
+
+
+def _drop_closed_connections(engine: AsyncEngine) -> None:
+    """A pooled asyncpg connection the server closed (a restart, a failover, an idle timeout) is
+    replaced when it is taken from the pool. asyncpg learns of the close as it happens, so this
+    costs no round trip, where pool_pre_ping's costs three (begin, ping, rollback) on every
+    checkout: about as much CPU as the statements of a typical session."""
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(dbapi_conn, _record, _proxy) -> None:
+        if dbapi_conn.driver_connection.is_closed():
+            raise DisconnectionError("the database closed this pooled connection")
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -152,7 +167,7 @@ class Database:
 
     async def retrying_disconnect(self, write: Callable[[], Awaitable[T]]) -> T:
         """`write()`, run once more when its connection died under it (a database restart, a failover):
-        the server rolled the transaction back, and pool_pre_ping hands the retry a live connection.
+        the server rolled the transaction back, and the pool hands the retry a live connection.
         Only for writes that are safe to repeat should the first one have committed after all (a
         connection lost during COMMIT): a turn with message ids is (the second insert is refused)."""
         try:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -68,6 +68,11 @@ class PromptReads:
     turns: list[Turn]  # the last ones the summary does not cover, oldest first, without swipes and messages
     summary: Summary | None
 
+
+# add_turn's statements, built once (building them per turn cost more than running them)
+_NEXT_POSITION = (update(Story).where(Story.id == bindparam("story"))
+                  .values(turn_seq=Story.turn_seq + 1, updated_at=bindparam("now")).returning(Story.turn_seq))
+_INSERT_TURN = insert(Turn).returning(Turn.id)
 
 # cache kinds (see Database._cached): read on every message, written only by the methods below
 CHANNEL_SETTINGS = "channel_settings"
@@ -232,18 +237,14 @@ class StoryRepo(MemoryRepo):
         texts = list(new.swipes) or ([new.text] if new.author_kind == AuthorKind.PERSONA else [])
         now = utcnow()
         async with self.session() as session:
-            position = await session.scalar(
-                update(Story).where(Story.id == story_id)
-                .values(turn_seq=Story.turn_seq + 1, updated_at=now)
-                .returning(Story.turn_seq)
-            )
+            position = await session.scalar(_NEXT_POSITION, {"story": story_id, "now": now})
             if position is None:
                 raise LookupError(f"story {story_id} does not exist")
             row = dict(story_id=story_id, position=position, author_kind=new.author_kind,
                        author_id=new.author_id, author_name=new.author_name, persona_id=new.persona_id,
                        text=texts[0] if texts else new.text, attachments=list(new.attachments),
                        token_count=new.token_count, selected_swipe=0, created_at=now, updated_at=now)
-            turn_id = await session.scalar(insert(Turn).values(row).returning(Turn.id))
+            turn_id = await session.scalar(_INSERT_TURN, row)
             swipes = [dict(turn_id=turn_id, index=i, text=t, token_count=new.token_count, created_at=now)
                       for i, t in enumerate(texts)]
             messages = [dict(message_id=m, turn_id=turn_id, part=i) for i, m in enumerate(new.message_ids)]

@@ -166,7 +166,7 @@ async def _story_turns(store: Store, channel_id: int) -> list[tuple[str, str]]:
 
 async def test_postgres_connections_dropped_mid_story_the_bot_reconnects(pg_store: Store, fake_engine):
     """Every connection of the bot's pool is terminated between turns (a PostgreSQL restart, as the
-    client sees it): the next turns reconnect (pool_pre_ping), and no turn is lost or doubled."""
+    client sees it): the next turns reconnect, and no turn is lost or doubled."""
     fake_engine.reply = _answer
     settings = BotSettings(MASQUE_ENGINE_URL=fake_engine.url, MASQUE_DATABASE_URL=str(pg_store.url),
                            DISCORD_TOKEN=None, _env_file=None)
@@ -188,6 +188,16 @@ async def test_postgres_connections_dropped_mid_story_the_bot_reconnects(pg_stor
         assert after[len(before):] == [item for text in more for item in
                                        [("user", text), ("persona", f"Answer to: Pip: {text}")]]
         assert [m.content for m in w.persona_messages()[1:]] == [t for k, t in after[1:] if k == "persona"]
+
+
+async def test_postgres_reads_after_a_restart_get_live_connections(pg_store: Store):
+    """After a restart the first thing may be a read (a button's lookup, /story status), which nothing
+    retries: the pool must hand it a live connection, never one the server closed."""
+    story = await pg_store.start_story(77, 78, None)
+    await asyncio.gather(*(pg_store.recent_turns(story.id) for _ in range(4)))  # several pooled connections
+    assert await _terminate_backends(pg_store.url) >= 2
+    await asyncio.sleep(0.2)  # the server's goodbye reaches the client, as it does between two messages
+    assert await asyncio.gather(*(pg_store.recent_turns(story.id) for _ in range(4))) == [[]] * 4
 
 
 async def test_postgres_connection_dropped_during_a_write(pg_store: Store, fake_engine):
