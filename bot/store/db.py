@@ -109,9 +109,11 @@ class Database:
         self.url = url or default_database_url()
         self.engine = make_engine(self.url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.read_sessions = async_sessionmaker(
-            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
         self._sqlite = self.engine.dialect.name == "sqlite"
+        # PostgreSQL reads run without BEGIN/COMMIT (two round trips each, on every read): at its
+        # default isolation, READ COMMITTED, each statement takes its own snapshot in a transaction too.
+        reads = {READ_ONLY: True} if self._sqlite else {READ_ONLY: True, "isolation_level": "AUTOCOMMIT"}
+        self.read_sessions = async_sessionmaker(self.engine.execution_options(**reads), expire_on_commit=False)
         self._write_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
             weakref.WeakKeyDictionary()
         # Rows read on every message: active stories, personas, guild and channel settings. See
@@ -181,7 +183,8 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        """A session in a read-only transaction (one snapshot; on SQLite it never waits for a writer)."""
+        """A session for reads (SQLite: one snapshot, in a transaction that never waits for a writer;
+        PostgreSQL: each statement sees what was committed when it began, as in a transaction there)."""
         async with self.read_sessions() as session, session.begin():
             yield session
 
