@@ -1,10 +1,11 @@
 """The only place the bot calls a model: any OpenAI-compatible engine over HTTP.
 
-Uses the official `openai` AsyncOpenAI client, one per base URL. Several URLs
-are used in turn (round robin); one that fails to connect, times out or
-answers 5xx/429 is skipped for `engine_unhealthy_s` seconds and the call moves
-on to the next. Failures surface as three exception types the callers show to
-users: EngineUnavailable, EngineTimeout, EngineBadResponse.
+Plain JSON over one shared aiohttp session (the official `openai` client cost the bot more CPU per
+reply than everything else it does). Several URLs are used in turn (round robin); one that fails to
+connect, times out or answers 5xx/429 is skipped for `engine_unhealthy_s` seconds and the call moves
+on to the next. Each URL gets the `retries` the openai client would have made (connection errors,
+timeouts, 408/409/429/5xx, with Retry-After). Failures surface as the EngineError types the callers
+show to users: EngineUnavailable, EngineTimeout, EngineBadResponse and its kinds.
 
 Our own engine adds a top-level `masque` object to chat responses
 (fusion path, transcripts of audio parts, captions of image parts); in a
@@ -16,17 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import json
 import logging
+import math
+import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
-import openai
 
 from bot.story.generation import EXTRA_PARAMS
 
@@ -38,6 +43,11 @@ HEALTH_TIMEOUT_S = 5.0
 # default voice and most OpenAI-compatible speech servers accept.
 DEFAULT_SPEECH_VOICE = "alloy"
 COUNT_TIMEOUT_S = 10.0  # counting tokens is quick; a server that stalls on it is estimated instead
+# Retries wait as the openai client did: 0.5 s doubling up to 8 s, less up to a quarter (jitter), or what
+# the server asks in Retry-After / retry-after-ms when that is short (a longer ask gets the backoff).
+RETRY_BASE_S, RETRY_MAX_S, RETRY_AFTER_CAP_S = 0.5, 8.0, 20.0
+DONE_DRAIN_S = 0.1  # how long a stream waits after `data: [DONE]` for its body's end
+MAX_CONNECTIONS = 1000  # the openai client's pool size; aiohttp's default (100) would queue busy bots
 
 
 class EngineError(Exception):
@@ -142,7 +152,7 @@ class EngineModels:
 @dataclass
 class _Endpoint:
     base_url: str
-    client: openai.AsyncOpenAI
+    proxy: str | None = None  # from the environment, as the openai client took it (`_env_proxy`)
     unhealthy_until: float = 0.0
     speaks_masque: bool | None = None  # None until a chat response tells us
     can_tokenize: bool | None = None  # None until /tokenize answered or 404'd
@@ -164,6 +174,15 @@ def parse_urls(value: str) -> list[str]:
     return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
 
 
+def _env_proxy(url: str) -> str | None:
+    """The proxy HTTP_PROXY/HTTPS_PROXY/NO_PROXY name for `url`, looked up once (aiohttp's `trust_env`
+    would look it up, and .netrc too, in a thread on every request)."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
 def server_root(base_url: str) -> str:
     """`http://h:p/v1` -> `http://h:p` (where /health and vLLM's /tokenize live)."""
     root = base_url.rstrip("/")
@@ -183,16 +202,18 @@ class EngineClient:
                  models: EngineModels | None = None, image_timeout_s: float | None = None):
         if not urls:
             raise ValueError("EngineClient needs at least one engine URL")
-        timeout = openai.Timeout(timeout_s, connect=connect_timeout_s)
-        self._endpoints = [
-            _Endpoint(url, openai.AsyncOpenAI(base_url=url, api_key=api_key or "not-needed",
-                                              timeout=timeout, max_retries=retries))
-            for url in urls
-        ]
+        self._endpoints = [_Endpoint(url, _env_proxy(url)) for url in urls]
         self._next = 0
-        self._image_timeout = openai.Timeout(image_timeout_s or timeout_s, connect=connect_timeout_s)
+        # `timeout_s` bounds each wait for the next bytes (a stream may run longer), as the openai client's
+        # read timeout did; no total.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
+        self._image_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
+                                                    sock_read=image_timeout_s or timeout_s)
+        self._count_timeout = aiohttp.ClientTimeout(total=COUNT_TIMEOUT_S, sock_connect=connect_timeout_s)
+        self._retries = retries
         self._unhealthy_s = unhealthy_s
         self._api_key = api_key
+        self._http: aiohttp.ClientSession | None = None  # made in the running loop, on first use
         self.models = models or EngineModels()
         self.observer: CallObserver | None = None
 
@@ -222,8 +243,57 @@ class EngineClient:
         return any(known) if known else None
 
     async def close(self) -> None:
-        for endpoint in self._endpoints:
-            await endpoint.client.close()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # ------------------------------------------------------------ HTTP
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The one session every call shares (its connections are kept alive between calls)."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self._api_key or 'not-needed'}"}, timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS))
+        return self._http
+
+    async def _request(self, endpoint: _Endpoint, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """One try: the 2xx response, its body unread (the caller releases it), or _StatusError.
+
+        `path` is under the base URL (`/models`), or a whole URL (`/tokenize` sits beside /v1)."""
+        url = path if "://" in path else endpoint.base_url + path
+        response = await self._session().request(method, url, proxy=endpoint.proxy, **kwargs)
+        if response.status >= 400:
+            async with response:
+                raise _StatusError(response.status, await response.read(), response.headers)
+        return response
+
+    async def _read(self, endpoint: _Endpoint, method: str, path: str, **kwargs: Any) -> bytes:
+        """The whole body of a 2xx answer, with retries."""
+        async def attempt() -> bytes:
+            async with await self._request(endpoint, method, path, **kwargs) as response:
+                return await response.read()
+        return await self._retrying(attempt)
+
+    async def _json(self, endpoint: _Endpoint, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON of a 2xx answer, with retries (a body that is not JSON raises JSONDecodeError)."""
+        return json.loads(await self._read(endpoint, method, path, **kwargs))
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt`, again up to `retries` times after a connection error, a timeout or an answer
+        worth another try (`_StatusError.retryable`), waiting as `retry_delay` says in between."""
+        tries = 0
+        while True:
+            try:
+                return await attempt()
+            except (aiohttp.ClientError, TimeoutError, _StatusError) as exc:
+                status = exc if isinstance(exc, _StatusError) else None
+                if tries >= self._retries or (status is not None and not status.retryable):
+                    raise
+                delay = retry_delay(tries, status.headers if status is not None else {})
+                log.debug("engine call failed (%s); retrying in %.2f s", exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+                tries += 1
 
     # ------------------------------------------------------------ failover
 
@@ -268,7 +338,7 @@ class EngineClient:
             except (EngineUnavailable, EngineTimeout) as exc:
                 self._mark_down(endpoint, exc)
                 last = exc
-            except openai.OpenAIError as exc:
+            except (_StatusError, aiohttp.ClientError, TimeoutError) as exc:
                 mapped = _map_error(what, exc)
                 if isinstance(mapped, EngineBadResponse):
                     raise mapped from exc
@@ -295,61 +365,58 @@ class EngineClient:
 
     async def _chat_stream(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> AsyncIterator[StreamEvent]:
         opened = await self._call("chat", lambda e: self._open_stream(e, messages, params), observe=False)
-        endpoint, stream = opened
+        endpoint, response = opened
         shaped = 0  # chunks that look like chat chunks; a stream of none is not OpenAI-shaped
         try:
-            async for chunk in stream:
+            async for chunk in _stream_chunks(response):
                 shaped += 1 if isinstance(chunk, dict) and isinstance(chunk.get("choices"), list) else 0
                 event = _chunk_event(chunk)
                 if event.extras is not None:
                     endpoint.speaks_masque = True
                 if event.text or event.extras is not None:
                     yield event
-        except openai.OpenAIError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _map_error("chat", exc) from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EngineBadResponse(f"chat: the engine streamed something that is not a chunk ({exc})") from exc
         finally:
-            await stream.close()
+            response.release()
         if not shaped:
             raise EngineBadResponse("chat: the engine's stream carried no chat chunks")
 
-    async def _open_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
+    async def _open_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]],
+                           params: dict[str, Any]) -> tuple[_Endpoint, aiohttp.ClientResponse]:
         if endpoint.refuses_extras:
             params = _without_extras(params)
         try:
             return await self._post_stream(endpoint, messages, params)
-        except openai.BadRequestError as exc:
-            if endpoint.refuses_extras or not _refused_extras(exc, params):
+        except _StatusError as exc:
+            if exc.status != 400 or endpoint.refuses_extras or not _refused_extras(exc, params):
                 raise
             # OpenAI itself answers "Unrecognized request argument supplied: top_k": send only its own
             # samplers to this server from now on.
             log.info("engine %s refuses the sampler extras (%s); sending OpenAI's samplers only",
-                     endpoint.base_url, _short(exc, 120))
+                     endpoint.base_url, exc.message[:120])
             endpoint.refuses_extras = True
             return await self._post_stream(endpoint, messages, _without_extras(params))
 
-    async def _post_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]], params: dict[str, Any]):
-        # The low-level call with plain JSON both ways: the typed `chat.completions.create` walks
-        # every message through its TypedDict transform and builds a pydantic model per chunk,
-        # which cost more of the bot's CPU per reply than everything else it does. The client's
-        # retries, timeouts and error types are the same.
-        stream = await endpoint.client.post(
-            "/chat/completions", body={"model": self.models.chat, "messages": messages, "stream": True, **params},
-            cast_to=object, stream=True, stream_cls=openai.AsyncStream[object])
-        content_type = stream.response.headers.get("content-type", "")
+    async def _post_stream(self, endpoint: _Endpoint, messages: list[dict[str, Any]],
+                           params: dict[str, Any]) -> tuple[_Endpoint, aiohttp.ClientResponse]:
+        body = {"model": self.models.chat, "messages": messages, "stream": True, **params}
+        response = await self._retrying(lambda: self._request(endpoint, "POST", "/chat/completions", json=body))
+        content_type = response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
-            await stream.close()
+            response.close()
             raise EngineBadResponse(f"chat: the engine answered {content_type or 'no content type'}, "
                                     "not an event stream")
-        return endpoint, stream
+        return endpoint, response
 
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> ChatResult:
         """One whole reply (used for scene-art prompts and other short calls)."""
         async def call(endpoint: _Endpoint) -> ChatResult:
-            completion = await endpoint.client.chat.completions.create(
-                model=self.models.chat, messages=messages, **params)
-            extras = (completion.model_extra or {}).get("masque")
+            completion = await self._json(endpoint, "POST", "/chat/completions",
+                                          json={"model": self.models.chat, "messages": messages, **params})
+            extras = completion.get("masque") if isinstance(completion, dict) else None
             if isinstance(extras, dict):
                 endpoint.speaks_masque = True
             text = _field(_first(completion, "choices"), "message", "content", kind=str) or ""
@@ -363,7 +430,7 @@ class EngineClient:
         as vLLM and our engine do; `context_length`/`context_window` as some others do); None when
         no server says."""
         async def call(endpoint: _Endpoint) -> int | None:
-            listing = await endpoint.client.get("/models", cast_to=object)
+            listing = await self._json(endpoint, "GET", "/models")
             models = listing.get("data") if isinstance(listing, dict) else None
             if not isinstance(models, list):
                 return None
@@ -383,7 +450,7 @@ class EngineClient:
         """Whether the server serves the image model: our engine lists every loaded role in /v1/models
         (each with a `masque` role tag), so a missing one is off; None for servers that do not say."""
         async def call(endpoint: _Endpoint) -> bool | None:
-            listing = await endpoint.client.get("/models", cast_to=object)
+            listing = await self._json(endpoint, "GET", "/models")
             models = listing.get("data") if isinstance(listing, dict) else None
             models = [m for m in models or [] if isinstance(m, dict)]
             if not any(isinstance(m.get("masque"), dict) for m in models):
@@ -401,15 +468,16 @@ class EngineClient:
             if endpoint.can_tokenize is False:
                 return None
             try:
-                answer = await endpoint.client.post(
-                    f"{server_root(endpoint.base_url)}/tokenize", cast_to=object,
-                    body={"model": self.models.chat, "messages": messages, "add_generation_prompt": True},
-                    options={"timeout": COUNT_TIMEOUT_S})
-            except openai.NotFoundError:
-                endpoint.can_tokenize = False
-                return None
-            except (openai.BadRequestError, openai.UnprocessableEntityError):
-                return None  # e.g. content parts this server cannot tokenize: estimate instead
+                answer = await self._json(
+                    endpoint, "POST", f"{server_root(endpoint.base_url)}/tokenize", timeout=self._count_timeout,
+                    json={"model": self.models.chat, "messages": messages, "add_generation_prompt": True})
+            except _StatusError as exc:
+                if exc.status == 404:
+                    endpoint.can_tokenize = False
+                    return None
+                if exc.status in (400, 422):
+                    return None  # e.g. content parts this server cannot tokenize: estimate instead
+                raise
             count = answer.get("count") if isinstance(answer, dict) else None
             endpoint.can_tokenize = isinstance(count, int)
             return count if isinstance(count, int) else None
@@ -422,10 +490,18 @@ class EngineClient:
 
     async def transcribe(self, data: bytes, filename: str, content_type: str = "") -> str:
         """Speech to text through /v1/audio/transcriptions."""
+        def form() -> aiohttp.FormData:  # a new one each try: older aiohttp sends a FormData only once
+            fields = aiohttp.FormData()
+            fields.add_field("model", self.models.transcription)
+            fields.add_field("file", data, filename=filename, content_type=content_type or None)
+            return fields
+
         async def call(endpoint: _Endpoint) -> str:
-            result = await endpoint.client.audio.transcriptions.create(
-                model=self.models.transcription, file=(filename, data, content_type or None))
-            text = getattr(result, "text", None)
+            async def attempt() -> bytes:
+                async with await self._request(endpoint, "POST", "/audio/transcriptions", data=form()) as response:
+                    return await response.read()
+            result = json.loads(await self._retrying(attempt))
+            text = result.get("text") if isinstance(result, dict) else None
             if not isinstance(text, str):
                 raise EngineBadResponse("the transcription has no text")
             return text.strip()
@@ -434,11 +510,11 @@ class EngineClient:
     async def speech(self, text: str, *, voice: str = "", response_format: str = "wav",
                      speed: float = 1.0) -> bytes:
         """Text to speech through /v1/audio/speech; an empty `voice` asks for the server's default."""
+        body = {"model": self.models.speech, "input": text, "voice": voice or DEFAULT_SPEECH_VOICE,
+                "response_format": response_format, "speed": speed}
+
         async def call(endpoint: _Endpoint) -> bytes:
-            result = await endpoint.client.audio.speech.create(
-                model=self.models.speech, input=text, voice=voice or DEFAULT_SPEECH_VOICE,
-                response_format=response_format, speed=speed)
-            data = result.content
+            data = await self._read(endpoint, "POST", "/audio/speech", json=body)
             if not data:
                 raise EngineBadResponse("the speech response is empty")
             return data
@@ -447,7 +523,7 @@ class EngineClient:
     async def voices(self) -> list[str]:
         """Voice ids from GET /v1/audio/voices (our engine's listing); [] where a server has none."""
         async def call(endpoint: _Endpoint) -> list[str]:
-            listing = await endpoint.client.get("/audio/voices", cast_to=object)
+            listing = await self._json(endpoint, "GET", "/audio/voices")
             items = listing.get("data") if isinstance(listing, dict) else None
             return [str(v["id"]) for v in items or [] if isinstance(v, dict) and v.get("id")]
         try:
@@ -461,20 +537,20 @@ class EngineClient:
 
         An empty `size` leaves the size to the engine's default.
         """
-        extra: dict[str, Any] = {"safe": safe}
+        body: dict[str, Any] = {"model": self.models.image, "prompt": prompt, "n": 1,
+                                "response_format": "b64_json", "safe": safe}
         if size:
-            extra["size"] = size
+            body["size"] = size
         if negative_prompt:
-            extra["negative_prompt"] = negative_prompt
+            body["negative_prompt"] = negative_prompt
         if seed is not None:
-            extra["seed"] = seed
+            body["seed"] = seed
         if steps is not None:
-            extra["steps"] = steps
+            body["steps"] = steps
 
         async def call(endpoint: _Endpoint) -> bytes:
-            result = await endpoint.client.images.generate(
-                model=self.models.image, prompt=prompt, n=1, response_format="b64_json", extra_body=extra,
-                timeout=self._image_timeout)
+            result = await self._json(endpoint, "POST", "/images/generations", json=body,
+                                      timeout=self._image_timeout)
             data = _field(_first(result, "data"), "b64_json", kind=str)
             if not data:
                 raise EngineBadResponse("the image response has no b64_json data")
@@ -486,10 +562,11 @@ class EngineClient:
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """Embeddings through /v1/embeddings, in the order of `texts`."""
+        body = {"model": self.models.embedding, "input": texts, "encoding_format": "float"}
+
         async def call(endpoint: _Endpoint) -> list[list[float]]:
-            result = await endpoint.client.embeddings.create(
-                model=self.models.embedding, input=texts, encoding_format="float")
-            items = getattr(result, "data", None)
+            result = await self._json(endpoint, "POST", "/embeddings", json=body)
+            items = result.get("data") if isinstance(result, dict) else None
             if not isinstance(items, list):
                 raise EngineBadResponse("the embeddings response has no data list")
             ordered = sorted(items, key=lambda d: _field(d, "index", kind=int) or 0)
@@ -544,6 +621,63 @@ async def probe_health(session: aiohttp.ClientSession, base_url: str) -> Health:
     return Health(ready, loading, failed)
 
 
+class SSEParser:
+    """Server-sent events from bytes that arrive in any pieces: the `data` of each whole event.
+
+    The parts of the SSE spec a chat stream uses: lines end with LF, CRLF or CR; `data:` lines (one space
+    after the colon dropped) join with "\\n" into one event, which a blank line ends; lines starting with
+    ":" are comments; other fields (event, id, retry) are ignored; an event with no data is none.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()  # a character may be split between pieces
+        self._line = ""  # the unfinished last line
+        self._data: list[str] = []
+
+    def feed(self, piece: bytes) -> list[str]:
+        """The events that `piece` completes, in order."""
+        text = self._line + self._decoder.decode(piece)
+        held = ""
+        if text.endswith("\r"):  # maybe the first half of a CRLF: wait for the next piece
+            text, held = text[:-1], "\r"
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        *lines, self._line = text.split("\n")
+        self._line += held
+        events = []
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append("\n".join(self._data))
+                    self._data = []
+                continue
+            name, _, value = line.partition(":")
+            if name == "data":
+                self._data.append(value[1:] if value.startswith(" ") else value)
+        return events
+
+
+async def _stream_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    """The JSON chunks of a chat stream until `data: [DONE]` or the end of the body. An `{"error": ...}`
+    chunk (vLLM sends one when generation fails mid-stream) is EngineBadResponse, as the openai client
+    made it."""
+    parser = SSEParser()
+    async for piece in response.content.iter_any():
+        for data in parser.feed(piece):
+            if data.startswith("[DONE]"):
+                # The body's end follows at once: read it, so that the connection is kept for the next call
+                # (one released mid-body is closed).
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                    async with asyncio.timeout(DONE_DRAIN_S):
+                        await response.content.read()
+                return
+            chunk = json.loads(data)
+            if isinstance(chunk, dict) and chunk.get("error"):
+                message, _ = _error_fields(chunk)
+                raise EngineBadResponse(f"chat: the engine failed mid-stream: {message or 'no reason given'}")
+            yield chunk
+
+
 def _chunk_event(chunk: Any) -> StreamEvent:
     """The text and masque extras of one streamed chunk (plain JSON); anything else carries neither."""
     if not isinstance(chunk, dict):
@@ -558,26 +692,78 @@ def _chunk_event(chunk: Any) -> StreamEvent:
     return StreamEvent(text or "", extras if isinstance(extras, dict) else None)
 
 
-def _map_error(what: str, exc: openai.OpenAIError) -> EngineError:
-    """Translate an openai error into ours (the message never includes the API key)."""
-    if isinstance(exc, openai.APITimeoutError):
+class _StatusError(Exception):
+    """A 4xx/5xx answer, with the message and code of its error body (OpenAI's shape, vLLM's older flat
+    one, FastAPI's `detail`, or plain text)."""
+
+    def __init__(self, status: int, body: bytes, headers: Mapping[str, str]):
+        self.status, self.headers = status, headers
+        self.text = body.decode("utf-8", "replace")
+        try:
+            parsed = json.loads(self.text)
+        except ValueError:
+            parsed = None
+        message, code = _error_fields(parsed) if isinstance(parsed, dict) else ("", "")
+        self.message = message or self.text.strip() or f"HTTP {status}"
+        self.code = code
+        super().__init__(f"{status}: {self.message}")
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another try, by the openai client's rules: what `x-should-retry` says, else 408, 409,
+        429 and 5xx (but not our engine's 503 `role_disabled`: that model is off, not busy)."""
+        should = self.headers.get("x-should-retry")
+        if should in ("true", "false"):
+            return should == "true"
+        if self.status == 503 and self.code == "role_disabled":
+            return False
+        return self.status in (408, 409, 429) or self.status >= 500
+
+
+def _error_fields(body: dict[str, Any]) -> tuple[str, str]:
+    """(message, code) of an error body: `{"error": {"message", "code"}}`, `{"error": "..."}`, or both
+    at the top level (vLLM before 0.10, FastAPI's `detail`)."""
+    error = body.get("error")
+    inner = error if isinstance(error, dict) else body
+    message = inner.get("message") or inner.get("detail") or (error if isinstance(error, str) else "")
+    return str(message or ""), str(inner.get("code") or "")
+
+
+def retry_delay(tries: int, headers: Mapping[str, str]) -> float:
+    """Seconds to wait before the retry after `tries` earlier retries: the server's retry-after-ms or
+    Retry-After (seconds) when it asks for 0 to RETRY_AFTER_CAP_S, else the openai client's backoff."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            asked = float(headers.get(name, "")) / scale
+        except ValueError:
+            continue  # absent, or an HTTP date: the backoff will do
+        if math.isfinite(asked) and 0 < asked <= RETRY_AFTER_CAP_S:
+            return asked
+        break
+    return min(RETRY_BASE_S * 2.0 ** min(tries, 32), RETRY_MAX_S) * (1 - 0.25 * random.random())
+
+
+def _map_error(what: str, exc: Exception) -> EngineError:
+    """Translate a transport error or a 4xx/5xx into ours (the message never includes the API key)."""
+    if isinstance(exc, TimeoutError):  # before ClientError: aiohttp's timeouts are both
         return EngineTimeout(f"{what}: the engine timed out")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, aiohttp.ClientError):
         return EngineUnavailable(f"{what}: cannot connect to the engine ({exc.__class__.__name__})")
-    if isinstance(exc, openai.APIStatusError):
-        if exc.status_code == 503 and _error_code(exc) == "role_disabled":  # up, but not for this
-            return EngineFeatureOff(f"{what}: {_short(exc)}", what)
-        if exc.status_code >= 500 or exc.status_code == 429:
-            busy = exc.status_code in (429, 503)
-            return _kinded(EngineUnavailable(f"{what}: the engine answered {exc.status_code}: {_short(exc)}"),
-                           "overloaded" if busy else "server_error")
-        message = f"{what}: the engine refused the request ({exc.status_code}): {_short(exc)}"
-        if exc.status_code in (400, 413, 422) and _is_length_error(exc):
-            found = _PROMPT_COUNT.search(str(exc.message))
-            count = next((int(g) for g in found.groups() if g), None) if found else None
-            return EngineContextLength(message, count)
-        return _kinded(EngineBadResponse(message), "refused")
-    return EngineBadResponse(f"{what}: unusable engine response ({exc.__class__.__name__}: {exc})")
+    if not isinstance(exc, _StatusError):
+        return EngineBadResponse(f"{what}: unusable engine response ({exc.__class__.__name__}: {exc})")
+    status = exc.status
+    if status == 503 and exc.code == "role_disabled":  # up, but not for this
+        return EngineFeatureOff(f"{what}: {_short(exc)}", what)
+    if status >= 500 or status == 429:
+        busy = status in (429, 503)
+        return _kinded(EngineUnavailable(f"{what}: the engine answered {status}: {_short(exc)}"),
+                       "overloaded" if busy else "server_error")
+    message = f"{what}: the engine refused the request ({status}): {_short(exc)}"
+    if status in (400, 413, 422) and _is_length_error(exc):
+        found = _PROMPT_COUNT.search(exc.message)
+        count = next((int(g) for g in found.groups() if g), None) if found else None
+        return EngineContextLength(message, count)
+    return _kinded(EngineBadResponse(message), "refused")
 
 
 def _kinded(error: EngineError, kind: str) -> EngineError:
@@ -589,38 +775,33 @@ def _without_extras(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in EXTRA_PARAMS}
 
 
-def _refused_extras(exc: openai.APIStatusError, params: dict[str, Any]) -> bool:
+def _refused_extras(exc: _StatusError, params: dict[str, Any]) -> bool:
     """True when a 400 names one of the sampler extras we sent."""
-    text = f"{exc.message} {exc.body}".lower()
+    text = f"{exc.message} {exc.text}".lower()
     return any(name in params and name in text for name in EXTRA_PARAMS)
 
 
-def _error_code(exc: openai.APIStatusError) -> str:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    return str(body.get("code") or getattr(exc, "code", "") or "")
-
-
-def _is_length_error(exc: openai.APIStatusError) -> bool:
-    text = f"{exc.message} {_error_code(exc)}".lower()
+def _is_length_error(exc: _StatusError) -> bool:
+    text = f"{exc.message} {exc.code}".lower()
     return any(phrase in text for phrase in _LENGTH_PHRASES)
 
 
-def _short(exc: openai.APIStatusError, limit: int = 300) -> str:
-    return str(exc.message)[:limit]
+def _short(exc: _StatusError, limit: int = 300) -> str:
+    return exc.message[:limit]
 
 
 def _first(obj: Any, name: str) -> Any:
-    """`obj.<name>[0]`, or EngineBadResponse when that is not a non-empty list."""
-    items = getattr(obj, name, None)
+    """`obj[name][0]`, or EngineBadResponse when that is not a non-empty list."""
+    items = obj.get(name) if isinstance(obj, dict) else None
     if not isinstance(items, list) or not items:
         raise EngineBadResponse(f"the engine's answer has no {name!r} list")
     return items[0]
 
 
 def _field(obj: Any, *path: str, kind: type) -> Any:
-    """Follow attribute `path` from `obj`; the end must be `kind` or None, else EngineBadResponse."""
+    """Follow keys `path` from `obj`; the end must be `kind` or None, else EngineBadResponse."""
     for name in path:
-        obj = getattr(obj, name, None)
+        obj = obj.get(name) if isinstance(obj, dict) else None
     if obj is not None and not isinstance(obj, kind):
         raise EngineBadResponse(f"the engine's {'.'.join(path)} is not a {kind.__name__}")
     return obj
