@@ -31,7 +31,7 @@ from bot.store import DatabaseInUse, Store
 log = logging.getLogger("bot")
 EXIT_BAD_SETUP = 2
 # Libraries that log every request or migration step at INFO: too chatty for a terminal role-play.
-NOISY_LOGGERS = ("httpx", "httpx2", "openai", "alembic", "discord.http")
+NOISY_LOGGERS = ("alembic", "discord.http")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import codecs
 import contextlib
 import json
 import logging
-import math
-import random
 import re
 import time
-import urllib.parse
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
+from bot.engine_http import SSEParser, StatusError, env_proxy, error_fields, retry_delay
 from bot.story.generation import EXTRA_PARAMS
 
 log = logging.getLogger(__name__)
@@ -43,9 +39,6 @@ HEALTH_TIMEOUT_S = 5.0
 # default voice and most OpenAI-compatible speech servers accept.
 DEFAULT_SPEECH_VOICE = "alloy"
 COUNT_TIMEOUT_S = 10.0  # counting tokens is quick; a server that stalls on it is estimated instead
-# Retries wait as the openai client did: 0.5 s doubling up to 8 s, less up to a quarter (jitter), or what
-# the server asks in Retry-After / retry-after-ms when that is short (a longer ask gets the backoff).
-RETRY_BASE_S, RETRY_MAX_S, RETRY_AFTER_CAP_S = 0.5, 8.0, 20.0
 DONE_DRAIN_S = 0.1  # how long a stream waits after `data: [DONE]` for its body's end
 MAX_CONNECTIONS = 1000  # the openai client's pool size; aiohttp's default (100) would queue busy bots
 
@@ -174,15 +167,6 @@ def parse_urls(value: str) -> list[str]:
     return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
 
 
-def _env_proxy(url: str) -> str | None:
-    """The proxy HTTP_PROXY/HTTPS_PROXY/NO_PROXY name for `url`, looked up once (aiohttp's `trust_env`
-    would look it up, and .netrc too, in a thread on every request)."""
-    parts = urllib.parse.urlsplit(url)
-    if urllib.request.proxy_bypass(parts.hostname or ""):
-        return None
-    return urllib.request.getproxies().get(parts.scheme)
-
-
 def server_root(base_url: str) -> str:
     """`http://h:p/v1` -> `http://h:p` (where /health and vLLM's /tokenize live)."""
     root = base_url.rstrip("/")
@@ -202,7 +186,7 @@ class EngineClient:
                  models: EngineModels | None = None, image_timeout_s: float | None = None):
         if not urls:
             raise ValueError("EngineClient needs at least one engine URL")
-        self._endpoints = [_Endpoint(url, _env_proxy(url)) for url in urls]
+        self._endpoints = [_Endpoint(url, env_proxy(url)) for url in urls]
         self._next = 0
         # `timeout_s` bounds each wait for the next bytes (a stream may run longer), as the openai client's
         # read timeout did; no total.
@@ -263,14 +247,14 @@ class EngineClient:
         return self._http
 
     async def _request(self, endpoint: _Endpoint, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
-        """One try: the 2xx response, its body unread (the caller releases it), or _StatusError.
+        """One try: the 2xx response, its body unread (the caller releases it), or StatusError.
 
         `path` is under the base URL (`/models`), or a whole URL (`/tokenize` sits beside /v1)."""
         url = path if "://" in path else endpoint.base_url + path
         response = await self._session().request(method, url, proxy=endpoint.proxy, **kwargs)
         if response.status >= 400:
             async with response:
-                raise _StatusError(response.status, await response.read(), response.headers)
+                raise StatusError(response.status, await response.read(), response.headers)
         return response
 
     async def _read(self, endpoint: _Endpoint, method: str, path: str, **kwargs: Any) -> bytes:
@@ -286,13 +270,13 @@ class EngineClient:
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt`, again up to `retries` times after a connection error, a timeout or an answer
-        worth another try (`_StatusError.retryable`), waiting as `retry_delay` says in between."""
+        worth another try (`StatusError.retryable`), waiting as `retry_delay` says in between."""
         tries = 0
         while True:
             try:
                 return await attempt()
-            except (aiohttp.ClientError, TimeoutError, _StatusError) as exc:
-                status = exc if isinstance(exc, _StatusError) else None
+            except (aiohttp.ClientError, TimeoutError, StatusError) as exc:
+                status = exc if isinstance(exc, StatusError) else None
                 if tries >= self._retries or (status is not None and not status.retryable):
                     raise
                 delay = retry_delay(tries, status.headers if status is not None else {})
@@ -343,7 +327,7 @@ class EngineClient:
             except (EngineUnavailable, EngineTimeout) as exc:
                 self._mark_down(endpoint, exc)
                 last = exc
-            except (_StatusError, aiohttp.ClientError, TimeoutError) as exc:
+            except (StatusError, aiohttp.ClientError, TimeoutError) as exc:
                 mapped = _map_error(what, exc)
                 if isinstance(mapped, EngineBadResponse):
                     raise mapped from exc
@@ -395,7 +379,7 @@ class EngineClient:
             params = _without_extras(params)
         try:
             return await self._post_stream(endpoint, messages, params)
-        except _StatusError as exc:
+        except StatusError as exc:
             if exc.status != 400 or endpoint.refuses_extras or not _refused_extras(exc, params):
                 raise
             # OpenAI itself answers "Unrecognized request argument supplied: top_k": send only its own
@@ -476,7 +460,7 @@ class EngineClient:
                 answer = await self._json(
                     endpoint, "POST", f"{server_root(endpoint.base_url)}/tokenize", timeout=self._count_timeout,
                     json={"model": self.models.chat, "messages": messages, "add_generation_prompt": True})
-            except _StatusError as exc:
+            except StatusError as exc:
                 if exc.status == 404:
                     endpoint.can_tokenize = False
                     return None
@@ -626,42 +610,6 @@ async def probe_health(session: aiohttp.ClientSession, base_url: str) -> Health:
     return Health(ready, loading, failed)
 
 
-class SSEParser:
-    """Server-sent events from bytes that arrive in any pieces: the `data` of each whole event.
-
-    The parts of the SSE spec a chat stream uses: lines end with LF, CRLF or CR; `data:` lines (one space
-    after the colon dropped) join with "\\n" into one event, which a blank line ends; lines starting with
-    ":" are comments; other fields (event, id, retry) are ignored; an event with no data is none.
-    """
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")()  # a character may be split between pieces
-        self._line = ""  # the unfinished last line
-        self._data: list[str] = []
-
-    def feed(self, piece: bytes) -> list[str]:
-        """The events that `piece` completes, in order."""
-        text = self._line + self._decoder.decode(piece)
-        held = ""
-        if text.endswith("\r"):  # maybe the first half of a CRLF: wait for the next piece
-            text, held = text[:-1], "\r"
-        if "\r" in text:
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-        *lines, self._line = text.split("\n")
-        self._line += held
-        events = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                    self._data = []
-                continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                self._data.append(value[1:] if value.startswith(" ") else value)
-        return events
-
-
 async def _stream_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
     """The JSON chunks of a chat stream until `data: [DONE]` or the end of the body. An `{"error": ...}`
     chunk (vLLM sends one when generation fails mid-stream) is EngineBadResponse, as the openai client
@@ -678,7 +626,7 @@ async def _stream_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Any]
                 return
             chunk = json.loads(data)
             if isinstance(chunk, dict) and chunk.get("error"):
-                message, _ = _error_fields(chunk)
+                message, _ = error_fields(chunk)
                 raise EngineBadResponse(f"chat: the engine failed mid-stream: {message or 'no reason given'}")
             yield chunk
 
@@ -697,64 +645,13 @@ def _chunk_event(chunk: Any) -> StreamEvent:
     return StreamEvent(text or "", extras if isinstance(extras, dict) else None)
 
 
-class _StatusError(Exception):
-    """A 4xx/5xx answer, with the message and code of its error body (OpenAI's shape, vLLM's older flat
-    one, FastAPI's `detail`, or plain text)."""
-
-    def __init__(self, status: int, body: bytes, headers: Mapping[str, str]):
-        self.status, self.headers = status, headers
-        self.text = body.decode("utf-8", "replace")
-        try:
-            parsed = json.loads(self.text)
-        except ValueError:
-            parsed = None
-        message, code = _error_fields(parsed) if isinstance(parsed, dict) else ("", "")
-        self.message = message or self.text.strip() or f"HTTP {status}"
-        self.code = code
-        super().__init__(f"{status}: {self.message}")
-
-    @property
-    def retryable(self) -> bool:
-        """Worth another try, by the openai client's rules: what `x-should-retry` says, else 408, 409,
-        429 and 5xx (but not our engine's 503 `role_disabled`: that model is off, not busy)."""
-        should = self.headers.get("x-should-retry")
-        if should in ("true", "false"):
-            return should == "true"
-        if self.status == 503 and self.code == "role_disabled":
-            return False
-        return self.status in (408, 409, 429) or self.status >= 500
-
-
-def _error_fields(body: dict[str, Any]) -> tuple[str, str]:
-    """(message, code) of an error body: `{"error": {"message", "code"}}`, `{"error": "..."}`, or both
-    at the top level (vLLM before 0.10, FastAPI's `detail`)."""
-    error = body.get("error")
-    inner = error if isinstance(error, dict) else body
-    message = inner.get("message") or inner.get("detail") or (error if isinstance(error, str) else "")
-    return str(message or ""), str(inner.get("code") or "")
-
-
-def retry_delay(tries: int, headers: Mapping[str, str]) -> float:
-    """Seconds to wait before the retry after `tries` earlier retries: the server's retry-after-ms or
-    Retry-After (seconds) when it asks for 0 to RETRY_AFTER_CAP_S, else the openai client's backoff."""
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            asked = float(headers.get(name, "")) / scale
-        except ValueError:
-            continue  # absent, or an HTTP date: the backoff will do
-        if math.isfinite(asked) and 0 < asked <= RETRY_AFTER_CAP_S:
-            return asked
-        break
-    return min(RETRY_BASE_S * 2.0 ** min(tries, 32), RETRY_MAX_S) * (1 - 0.25 * random.random())
-
-
 def _map_error(what: str, exc: Exception) -> EngineError:
     """Translate a transport error or a 4xx/5xx into ours (the message never includes the API key)."""
     if isinstance(exc, TimeoutError):  # before ClientError: aiohttp's timeouts are both
         return EngineTimeout(f"{what}: the engine timed out")
     if isinstance(exc, aiohttp.ClientError):
         return EngineUnavailable(f"{what}: cannot connect to the engine ({exc.__class__.__name__})")
-    if not isinstance(exc, _StatusError):
+    if not isinstance(exc, StatusError):
         return EngineBadResponse(f"{what}: unusable engine response ({exc.__class__.__name__}: {exc})")
     status = exc.status
     if status == 503 and exc.code == "role_disabled":  # up, but not for this
@@ -780,18 +677,18 @@ def _without_extras(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in EXTRA_PARAMS}
 
 
-def _refused_extras(exc: _StatusError, params: dict[str, Any]) -> bool:
+def _refused_extras(exc: StatusError, params: dict[str, Any]) -> bool:
     """True when a 400 names one of the sampler extras we sent."""
     text = f"{exc.message} {exc.text}".lower()
     return any(name in params and name in text for name in EXTRA_PARAMS)
 
 
-def _is_length_error(exc: _StatusError) -> bool:
+def _is_length_error(exc: StatusError) -> bool:
     text = f"{exc.message} {exc.code}".lower()
     return any(phrase in text for phrase in _LENGTH_PHRASES)
 
 
-def _short(exc: _StatusError, limit: int = 300) -> str:
+def _short(exc: StatusError, limit: int = 300) -> str:
     return exc.message[:limit]
 
 

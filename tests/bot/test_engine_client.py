@@ -22,11 +22,10 @@ from bot.engine_client import (
     EngineTimeout,
     EngineUnavailable,
     Health,
-    SSEParser,
     health_url,
     probe_health,
-    retry_delay,
 )
+from bot.engine_http import SSEParser, retry_delay
 from bot.engine_process import free_port
 from tests.fakes.fake_engine import FakeEngine, embed_text
 
