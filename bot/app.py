@@ -30,11 +30,13 @@ GENERIC_ERROR = "Something went wrong on my side. Try again; if it keeps happeni
 
 
 def masque_intents() -> discord.Intents:
-    """Guilds, guild messages and the privileged message-content intent (to read story messages)."""
+    """Guilds, guild messages and the privileged message-content intent (to read story messages); not
+    typing events (every reply's own "typing..." would come back as one to parse)."""
     intents = discord.Intents.default()
     intents.message_content = True
     intents.members = False
     intents.presences = False
+    intents.typing = False
     return intents
 
 
@@ -62,7 +64,8 @@ class MasqueBot(commands.AutoShardedBot):
                  pipeline: StoryPipeline | None = None):
         super().__init__(command_prefix=commands.when_mentioned, intents=masque_intents(),
                          allowed_mentions=NO_MENTIONS, help_command=None,
-                         shard_count=settings.shard_count, shard_ids=settings.shard_ids)
+                         shard_count=settings.shard_count, shard_ids=settings.shard_ids,
+                         max_messages=None)  # no message cache: edits and deletes are handled from raw events
         self.settings, self.store, self.engine = settings, store, engine
         self.pipeline = pipeline or StoryPipeline(store, engine, settings)
         self.poster = WebhookPoster(self)
