@@ -18,7 +18,7 @@ def test_intents_and_no_pings_by_default(bot_settings, store):
     bot = make_bot(bot_settings, store)
     assert masque_intents().message_content and bot.intents.message_content
     assert not bot.intents.typing and not bot.intents.members and not bot.intents.presences  # unused: not sent
-    assert bot.max_messages is None  # edits and deletes come as raw events: no message cache to keep
+    assert bot._connection.max_messages is None  # edits and deletes come as raw events: no message cache
     mentions = bot.allowed_mentions
     assert not mentions.everyone and not mentions.users and not mentions.roles and not mentions.replied_user
 
