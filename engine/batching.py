@@ -44,6 +44,7 @@ IDLE_POLL_SECONDS = 0.5
 PREFILL_CHUNK = 128
 
 StepObserver = Callable[[int, float, int], None]  # (new tokens, seconds, batch size)
+ARGMAX_CHUNK = 1024  # see greedy_tokens
 
 
 class TextStream:
@@ -393,7 +394,10 @@ class Batcher:
                 [(seq.prompt, seq.generated) for seq in batch.seqs], logits.shape[-1],
                 logits.device,
             )
-        tokens = sample_rows(logits.float(), params, generators, batch.history)
+        if batch.history is None and all(p.temperature <= 0 for p in params):
+            tokens = greedy_tokens(logits)  # what sample_rows gives greedy rows, ~8x sooner at 8 rows
+        else:
+            tokens = sample_rows(logits.float(), params, generators, batch.history)
         if batch.history is not None:
             batch.history.add(tokens)
         batch.last = tokens
@@ -448,6 +452,19 @@ class Batcher:
                 batch.history = batch.history.select(index) if penalised else None
             _trim_padding(batch)
         return batch
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for [batch, vocab] logits (the first index of each row's maximum,
+    NaN counting as the maximum, as argmax has it), via the maxima of ARGMAX_CHUNK-wide chunks:
+    torch's argmax walks the vocabulary one element at a time (0.4 ms for 8 rows of SmolLM2's
+    49,152), its max is vectorised (0.02 ms)."""
+    rows, vocab = logits.shape
+    if vocab % ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    chunks = logits.reshape(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # the first chunk holding the row's maximum
+    return best * ARGMAX_CHUNK + chunks[torch.arange(rows, device=logits.device), best].argmax(dim=-1)
 
 
 def _left_pad(cache: DynamicCache, mask: torch.Tensor, width: int) -> torch.Tensor:
