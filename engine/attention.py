@@ -61,6 +61,36 @@ def rowwise_attention(
     return out, None
 
 
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     starts: list[int]) -> torch.Tensor:
+    """One query per row, for decode steps: ``query`` [batch, heads, dim] already scaled, ``key``
+    and ``value`` [batch, kv heads, keys, dim] left-padded, each row's keys from ``starts[row]``.
+    Returns [batch, heads * dim].
+
+    Row by row as :func:`rowwise_attention`, so a row's numbers never depend on its neighbours,
+    but with two batched matrix products and a softmax over the row's own keys, the query heads
+    of a key head side by side: one query makes SDPA's blocking and its scratch buffers cost more
+    than the arithmetic (~18 against ~12 us a row and layer at 50 keys, alike at 300)."""
+    batch, heads, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    queries = query.view(batch, kv_heads, heads // kv_heads, dim)
+    keys_t = key.transpose(2, 3)  # [batch, kv heads, dim, keys]: each row's keys as bmm wants them
+    if batch == 1:  # the same arithmetic without the per-row views
+        return _one_row(queries[0], keys_t[0], value[0], starts[0], length).view(1, heads * dim)
+    rows = [_one_row(q, k, v, start, length)
+            for q, k, v, start in zip(queries.unbind(), keys_t.unbind(), value.unbind(), starts, strict=True)]
+    return torch.cat(rows).view(batch, heads * dim)
+
+
+def _one_row(query: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, start: int,
+             length: int) -> torch.Tensor:
+    """softmax(q k^T) v for one row: ``query`` [kv heads, group, dim], ``keys_t`` [kv heads,
+    dim, keys], ``values`` [kv heads, keys, dim], the row's keys from ``start``."""
+    if start:
+        keys_t, values = keys_t.narrow(2, start, length - start), values.narrow(1, start, length - start)
+    return torch.bmm(torch.bmm(query, keys_t).softmax(dim=-1), values)
+
+
 AttentionInterface.register(NAME, rowwise_attention)
 
 

@@ -9,11 +9,21 @@ RoPE per tensor) and copying the whole KV cache on every step (``torch.cat``: 92
   per-channel weights, per-token activations, an exact integer matmul);
 - with ``decode_int4`` (``quantize=int4``) the decode steps use a second, 4-bit copy of those
   projections (:class:`engine.quantize.Int4Linear`, GGUF Q4_1's groups): a decode step reads every
-  weight for a handful of tokens, so it is bound by memory bandwidth and half the bytes make
-  batch 1 ~1.5x faster; prompts keep the int8 kernels, 4x faster than the 4-bit one on 128-token
-  chunks. Which copy runs depends on the phase alone, never on the batch, so batching and prefix
-  reuse still never change a reply (the prefix cache holds prompts' keys, all from prefill);
-- RMSNorm is ``F.rms_norm``; RoPE's cos/sin come from one table, applied to q and k at once;
+  weight for a handful of tokens, so half the bytes make batch 1 ~1.4x faster; prompts keep the
+  int8 kernels, 4x faster than the 4-bit one on 128-token chunks. The 4-bit kernel's cost grows
+  with every 4 rows (gate+up: 0.11 ms for 1 row, 0.35 ms for 8), so the widest projection, gate+up
+  (PACKED_AT_DECODE), and the output layer decode on the int8 weights prepacked for FBGEMM instead
+  (:class:`engine.quantize.PackedInt8Linear`: 0.12 and 0.15 ms). Which copy runs depends on the
+  phase and the layer alone, never on the batch, so batching and prefix reuse still never change
+  a reply (the prefix cache holds prompts' keys, all from prefill);
+- a decode step (:meth:`LeanDecoder._decode_step`) runs on 2-D [batch, width] rows with as few
+  ops as it can: a per-row attention of two small matrix products
+  (:func:`engine.attention.decode_attention`), RMSNorm in three ops, 1/sqrt(dim) folded into the
+  queries' RoPE factors, the 4-bit kernels' bfloat16 outputs left for float32 operands to
+  promote. On this 2-core EPYC with one thread: 13 ms a step at batch 1 (16 before) and 28 ms at
+  8 (42 before);
+- RMSNorm is ``F.rms_norm`` in prompts; RoPE's cos/sin come from one table, applied to q and k at
+  once (``roll`` and a signed sine instead of rotate_half's four ops, the same numbers);
 - the KV cache (:class:`GrowingCache`) has room to grow, so a step writes one column instead of
   copying the cache;
 - attention is :func:`engine.attention.rowwise_attention`, so a row's numbers never depend on
@@ -36,11 +46,17 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from engine.attention import rowwise_attention
-from engine.quantize import Int4Linear, Int8Linear
+from engine.attention import decode_attention, rowwise_attention
+from engine.quantize import Int4Linear, Int8Linear, packed_or_plain
 
 SUPPORTED = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
 GROWTH = 256  # cache columns added beyond need when a layer runs out of room
+# Decode-step projections that run on prepacked int8 (engine.quantize.PackedInt8Linear) rather
+# than 4 bits: the 4-bit kernel's cost grows with every 4 rows, FBGEMM's barely, and gate+up is
+# the widest (see the module docstring for the figures). The price is int8 activations: fed the
+# same text, SmolLM2's decode steps pick float32's top token 92% of the time (int4 alone: 94%,
+# int8 everywhere: 90%); () keeps every projection in 4 bits (12.4 ms at batch 1, 34 ms at 8).
+PACKED_AT_DECODE = ("gate_up",)
 
 
 def supports(model: Any) -> bool:
@@ -74,11 +90,20 @@ class _Projections(nn.Module):
         self.down = kind(mlp.down_proj)
 
 
+def _decode_projections(layer: nn.Module, prefill: _Projections) -> _Projections:
+    """The decode steps' projections: 4-bit, but those named in PACKED_AT_DECODE the prompts'
+    int8 weights prepacked (see the module docstring), where FBGEMM can serve."""
+    decode = _Projections(layer, Int4Linear)
+    for name in PACKED_AT_DECODE:
+        setattr(decode, name, packed_or_plain(getattr(prefill, name)))
+    return decode
+
+
 class _Layer(nn.Module):
     def __init__(self, layer: nn.Module, decode_int4: bool) -> None:
         super().__init__()
         self.prefill = _Projections(layer, Int8Linear)
-        self.decode = _Projections(layer, Int4Linear) if decode_int4 else self.prefill
+        self.decode = _decode_projections(layer, self.prefill) if decode_int4 else self.prefill
         self.norm_in = nn.Parameter(layer.input_layernorm.weight.detach().float(), requires_grad=False)
         self.norm_post = nn.Parameter(layer.post_attention_layernorm.weight.detach().float(),
                                       requires_grad=False)
@@ -98,7 +123,7 @@ class GrowingLayer(DynamicLayer):
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._k is None else self._k[:, :, :self._k_len]
+        return None if self._k is None else self._k.narrow(2, 0, self._k_len)
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
@@ -106,7 +131,7 @@ class GrowingLayer(DynamicLayer):
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return None if self._v is None else self._v[:, :, :self._v_len]
+        return None if self._v is None else self._v.narrow(2, 0, self._v_len)
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
@@ -127,7 +152,7 @@ class GrowingLayer(DynamicLayer):
             grown = storage.new_empty((*storage.shape[:2], end + GROWTH, storage.shape[3]))
             grown[:, :, :length] = storage[:, :, :length]
             storage = grown
-        storage[:, :, length:end] = new
+        storage.narrow(2, length, new.shape[2]).copy_(new)
         return storage
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
@@ -165,7 +190,11 @@ class LeanDecoder(nn.Module):
         self.embed = nn.Parameter(inner.embed_tokens.weight.detach().float(), requires_grad=False)
         self.layers = nn.ModuleList(_Layer(layer, decode_int4) for layer in inner.layers)
         self.norm = nn.Parameter(inner.norm.weight.detach().float(), requires_grad=False)
+        # the output layer (a third of a decode step's bytes) prepacked where the decode kernels run:
+        # the same int8 weights, twice as fast for one row or eight (engine.quantize)
         self.lm_head = Int8Linear(model.lm_head)
+        if decode_int4:
+            self.lm_head = packed_or_plain(self.lm_head)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -178,6 +207,21 @@ class LeanDecoder(nn.Module):
         scale = getattr(inner.rotary_emb, "attention_scaling", 1.0)
         self.register_buffer("cos", table.cos() * scale, persistent=False)
         self.register_buffer("sin", table.sin() * scale, persistent=False)
+        # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: one op where there were four
+        half = self.head_dim // 2
+        signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
+        self.register_buffer("sin_signed", signed, persistent=False)
+        # decode steps' RMSNorm (see _rms): weights times sqrt(width), and sqrt(width * eps)
+        root = config.hidden_size ** 0.5
+        for layer in self.layers:
+            layer.norm_in_scaled = nn.Parameter(layer.norm_in * root, requires_grad=False)
+            layer.norm_post_scaled = nn.Parameter(layer.norm_post * root, requires_grad=False)
+        self.norm_scaled = nn.Parameter(self.norm * root, requires_grad=False)
+        self.register_buffer("norm_floor", torch.tensor((config.hidden_size * self.eps) ** 0.5),
+                             persistent=False)
+        # decode steps fold attention's 1/sqrt(dim) into the queries' RoPE factors
+        self.register_buffer("head_scale", torch.tensor(
+            [self.scaling] * self.heads + [1.0] * self.kv_heads).view(-1, 1), persistent=False)
 
     def make_cache(self) -> GrowingCache:
         """An empty KV cache for this model (the batcher asks for one per prefill)."""
@@ -187,22 +231,23 @@ class LeanDecoder(nn.Module):
                 logits_to_keep: int = 0, row_starts: list[int] | None = None,
                 decoding: bool = False, **_: Any) -> SimpleNamespace:
         """Logits [batch, tokens kept, vocab] for ``input_ids`` at ``position_ids``; ``decoding``
-        (the batcher's decode steps) picks the decode projections."""
+        (the batcher's decode steps: one token a row) takes :meth:`_decode_step`."""
+        if decoding and self.decode_int4:
+            return SimpleNamespace(logits=self._decode_step(input_ids, position_ids, cache, row_starts))
         batch, length = input_ids.shape
         hidden = F.embedding(input_ids, self.embed)
         cos = self.cos[position_ids].unsqueeze(2)  # [batch, length, 1, dim]: q and k heads alike
-        sin = self.sin[position_ids].unsqueeze(2)
+        sin = self.sin_signed[position_ids].unsqueeze(2)
         half = self.head_dim // 2
         q_width, k_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         width = hidden.shape[-1]
         for index, layer in enumerate(self.layers):
-            proj = layer.decode if decoding else layer.prefill
+            proj = layer.prefill
             normed = F.rms_norm(hidden, (width,), layer.norm_in, self.eps)
             qkv = proj.qkv(normed)
             qk = qkv[..., :q_width + k_width].view(batch, length, self.heads + self.kv_heads,
                                                    self.head_dim)
-            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + rotated * sin
+            qk = qk * cos + qk.roll(half, -1) * sin
             query = qk[:, :, :self.heads].transpose(1, 2)
             key = qk[:, :, self.heads:].transpose(1, 2)
             value = qkv[..., q_width + k_width:].view(batch, length, self.kv_heads,
@@ -217,3 +262,37 @@ class LeanDecoder(nn.Module):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return SimpleNamespace(logits=self.lm_head(F.rms_norm(hidden, (width,), self.norm, self.eps)))
+
+    def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: GrowingCache,
+                     row_starts: list[int] | None) -> torch.Tensor:
+        """One token for each row ([batch, 1] ids): the forward above on 2-D [batch, width]
+        activations with the decode kernels, the attention scale folded into the queries' RoPE
+        factors and :func:`engine.attention.decode_attention`. Every row's numbers still depend
+        on that row alone. Logits [batch, 1, vocab]."""
+        batch = input_ids.shape[0]
+        hidden = F.embedding(input_ids.view(batch), self.embed)
+        positions = position_ids.view(batch)
+        cos = self.cos[positions].unsqueeze(1) * self.head_scale  # [batch, q + kv heads, dim]
+        sin = self.sin_signed[positions].unsqueeze(1) * self.head_scale
+        half, heads, dim = self.head_dim // 2, self.heads + self.kv_heads, self.head_dim
+        qk_width = heads * dim
+        starts = row_starts if row_starts is not None else [0] * batch
+        # the projections' outputs may be bfloat16 (Int4Linear.rows): float32 operands promote them
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            proj = layer.decode
+            qkv = proj.qkv.rows(self._rms(hidden, layer.norm_in_scaled))
+            qk = qkv[:, :qk_width].view(batch, heads, dim)
+            qk = qk * cos + qk.roll(half, -1) * sin
+            keys, values = layer_cache.update(qk[:, self.heads:].unsqueeze(2),  # [batch, kv heads, 1, dim]
+                                              qkv[:, qk_width:].view(batch, self.kv_heads, 1, dim))
+            hidden.add_(proj.o.rows(decode_attention(qk[:, :self.heads], keys, values, starts)))
+            gate, up = proj.gate_up.rows(self._rms(hidden, layer.norm_post_scaled)).chunk(2, dim=-1)
+            hidden.add_(proj.down.rows(F.silu(gate if gate.dtype == torch.float32 else gate.float()).mul_(up)))
+        return self.lm_head.rows(self._rms(hidden, self.norm_scaled)).unsqueeze(1)
+
+    def _rms(self, rows: torch.Tensor, weight_scaled: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of 2-D ``rows`` in three ops where F.rms_norm takes seven (twice as long at a
+        few rows): ``x / sqrt(mean(x^2) + eps) = x * sqrt(n) / hypot(|x|, sqrt(n * eps))``, the
+        ``sqrt(n)`` folded into the weight."""
+        return torch.div(rows, torch.hypot(torch.linalg.vector_norm(rows, dim=-1, keepdim=True),
+                                           self.norm_floor)).mul_(weight_scaled)

@@ -15,7 +15,7 @@ import torch
 from engine.backends import llm
 from engine.lean import GrowingLayer, LeanDecoder
 from engine.prefix_cache import MIN_REUSE_TOKENS, PrefixCache, common_prefix
-from engine.quantize import Int4Linear, Int8Linear
+from engine.quantize import Int4Linear, Int8Linear, PackedInt8Linear
 from engine.registry import resolve_model
 from engine.sampling import SamplingParams
 from engine.settings import EngineSettings
@@ -94,8 +94,13 @@ def test_the_offline_model_is_served_by_the_lean_decoder(backend) -> None:  # no
     assert isinstance(backend.model, LeanDecoder) and backend.model.decode_int4
     int8 = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
     int4 = [m for m in backend.model.modules() if isinstance(m, Int4Linear)]
-    assert len(int8) == 30 * 4 + 1  # prompts: qkv, o, gate+up, down in 30 layers, and the output layer
-    assert len(int4) == 30 * 4  # decode steps: the same projections in 4 bits (the output layer stays int8)
+    packed = [m for m in backend.model.modules() if isinstance(m, PackedInt8Linear)]
+    assert len(int8) == 30 * 4  # prompts: qkv, o, gate+up, down in 30 layers
+    # decode steps: qkv, o and down in 4 bits; gate+up and the output layer (both phases') in
+    # prepacked int8
+    assert len(int4) == 30 * 3 and len(packed) == 30 + 1
+    assert all(isinstance(layer.decode.gate_up, PackedInt8Linear) for layer in backend.model.layers)
+    assert isinstance(backend.model.lm_head, PackedInt8Linear)
     assert not any(isinstance(m, torch.nn.Linear) for m in backend.model.modules())
 
 

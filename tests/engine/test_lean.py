@@ -1,0 +1,214 @@
+"""The lean decoder's decode-step kernels, on random weights and a tiny random Llama (no model
+download): the prepacked int8 linear, the per-row decode attention, the decode step itself, and
+the batcher's greedy pick. Each must give a row the same numbers whatever shares its batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual torch alias
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine import lean, quantize
+from engine.attention import NAME as ROWWISE_ATTENTION
+from engine.attention import decode_attention
+from engine.batching import ARGMAX_CHUNK, _Batch, _merge, greedy_tokens
+from engine.quantize import Int4Linear, Int8Linear, PackedInt8Linear, packed_or_plain
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # noqa: ANN201 - the decode path as the server runs it
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_packed_int8_linear_is_int8linear_prepacked_and_independent_of_the_batch() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 1536)
+    int8 = Int8Linear(linear)
+    packed = PackedInt8Linear(int8)
+    rows = torch.randn(8, 576) * 3
+    rows[3] = 0  # an all-zero row: the bias, not NaN
+    together = packed.rows(rows)
+    alone = torch.cat([packed.rows(rows[i:i + 1]) for i in range(8)])
+    assert torch.equal(together, alone)  # bit for bit, whatever shares the call
+    assert torch.equal(together[3], linear.bias.detach())
+    # the same integers as Int8Linear: only the float scaling may round differently
+    reference = int8.rows(rows)
+    assert (together - reference).abs().max() < 1e-5 * reference.abs().max()
+    assert torch.equal(packed(rows.view(2, 4, 576)).view(8, -1), together)  # forward keeps the shape
+
+
+def test_packed_int8_linear_gives_way_where_fbgemm_cannot_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    int8 = Int8Linear(torch.nn.Linear(64, 96))
+    assert isinstance(packed_or_plain(int8), PackedInt8Linear)
+
+    def no_fbgemm(*_: object) -> None:
+        raise RuntimeError("Didn't find engine for operation quantized::linear_prepack")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.ops.quantized, "linear_prepack", no_fbgemm)
+        assert packed_or_plain(int8) is int8
+
+    def saturating(self: PackedInt8Linear, *_: object) -> None:  # what 16-bit pair sums would give
+        raise ValueError("FBGEMM's int8 product is not exact on this CPU")
+
+    monkeypatch.setattr(PackedInt8Linear, "_check_exact", saturating)
+    assert packed_or_plain(int8) is int8
+
+
+def test_int4_rows_are_the_kernels_bfloat16_exactly() -> None:
+    torch.manual_seed(0)
+    int4 = Int4Linear(torch.nn.Linear(576, 960, bias=False))
+    rows = torch.randn(3, 576)
+    out = int4.rows(rows)
+    assert out.dtype == torch.bfloat16  # the decode step lets float32 operands promote it
+    assert torch.equal(out.float(), int4(rows))
+    with_bias = Int4Linear(torch.nn.Linear(576, 960))
+    assert with_bias.rows(rows).dtype == torch.float32
+
+
+def test_decode_attention_is_each_rows_own_attention() -> None:
+    torch.manual_seed(0)
+    batch, heads, kv_heads, dim, length = 4, 9, 3, 64, 40
+    starts = [0, 7, 23, 39]  # left padding: the last row has a single key
+    query = torch.randn(batch, heads, dim) * 0.125
+    spare = torch.randn(batch, kv_heads, length + 16, dim)  # room to grow, as the cache has
+    key, value = spare[:, :, :length], torch.randn(batch, kv_heads, length + 16, dim)[:, :, :length]
+    out = decode_attention(query, key, value, starts)
+    assert out.shape == (batch, heads * dim)
+    for row, start in enumerate(starts):
+        expected = F.scaled_dot_product_attention(
+            query[row:row + 1].unsqueeze(2), key[row:row + 1, :, start:], value[row:row + 1, :, start:],
+            scale=1.0, enable_gqa=True)
+        assert torch.allclose(out[row], expected[0, :, 0].reshape(-1), atol=1e-5)
+        # alone, unpadded, in storage of another size: the same bits
+        alone = decode_attention(query[row:row + 1], key[row:row + 1, :, start:].clone(),
+                                 value[row:row + 1, :, start:].clone(), [0])
+        assert torch.equal(alone[0], out[row])
+
+
+def test_greedy_tokens_is_argmax() -> None:
+    torch.manual_seed(0)
+    for vocab in (4 * ARGMAX_CHUNK, 1000):
+        logits = torch.randn(8, vocab)
+        assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
+        ties = torch.randint(0, 3, (8, vocab)).float()  # the first of equal maxima, across chunks too
+        assert torch.equal(greedy_tokens(ties), ties.argmax(dim=-1))
+        ties[2, 5], ties[2, vocab - 3] = float("nan"), float("nan")
+        assert torch.equal(greedy_tokens(ties), ties.argmax(dim=-1))
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation(ROWWISE_ATTENTION)
+    return model
+
+
+def prefilled(decoder: lean.LeanDecoder, prompt: list[int]) -> _Batch:
+    cache = decoder.make_cache()
+    with torch.inference_mode():
+        out = decoder(input_ids=torch.tensor([prompt]), position_ids=torch.arange(len(prompt))[None],
+                      cache=cache, logits_to_keep=1, row_starts=[0])
+    mask = torch.ones((1, len(prompt)), dtype=torch.long)
+    return _Batch([], cache, mask, out.logits[:, -1].argmax(-1))
+
+
+def decode(decoder: lean.LeanDecoder, batch: _Batch, steps: int) -> list[torch.Tensor]:
+    """Greedy decode steps the way the batcher runs them; each step's logits."""
+    logits = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            positions = batch.mask.sum(-1, keepdim=True)
+            batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+            starts = (batch.mask.shape[1] - batch.mask.sum(-1)).tolist()
+            out = decoder(input_ids=batch.last.unsqueeze(-1), position_ids=positions, cache=batch.cache,
+                          row_starts=starts, decoding=True).logits[:, -1]
+            batch.last = out.argmax(-1)
+            logits.append(out)
+    return logits
+
+
+def test_the_decode_step_is_the_forward_on_the_same_weights() -> None:
+    """With the prompts' int8 projections put in for the decode ones, a decode step computes
+    what the general forward computes for that token (the attention, RMSNorm and RoPE are
+    rewritten, not the maths)."""
+    model = tiny_llama()
+    decoder = lean.LeanDecoder(model, 256, decode_int4=True)
+    for layer in decoder.layers:
+        layer.decode = layer.prefill
+    decoder.lm_head = Int8Linear(model.lm_head)
+    prompt = torch.randint(0, 256, (12,)).tolist()
+    batch = prefilled(decoder, prompt)
+    fed = [int(batch.last)]  # the tokens the steps take in: the prompt's next, then their own
+    stepped = decode(decoder, batch, 6)
+    fed += [int(logits.argmax(-1)) for logits in stepped[:-1]]
+    sequence = prompt + fed
+    with torch.inference_mode():
+        whole = decoder(input_ids=torch.tensor([sequence]), position_ids=torch.arange(len(sequence))[None],
+                        cache=decoder.make_cache(), row_starts=[0]).logits[0]
+    for step, logits in enumerate(stepped):
+        expected = whole[len(prompt) + step]
+        assert torch.allclose(logits[0], expected, atol=1e-4 * expected.abs().max().item()), step
+
+
+def test_the_decode_step_gives_each_row_its_solo_numbers() -> None:
+    """Rows of different lengths decoded together (left-padded, as the batcher merges them)
+    get bit for bit the logits each gets alone, step after step."""
+    model = tiny_llama()
+    decoder = lean.LeanDecoder(model, 256, decode_int4=True)
+    assert isinstance(decoder.layers[0].decode.qkv, Int4Linear)
+    assert isinstance(decoder.layers[0].decode.gate_up, PackedInt8Linear)
+    prompts = [torch.randint(0, 256, (length,)).tolist() for length in (5, 17, 9)]
+    solo = [decode(decoder, prefilled(decoder, prompt), 5) for prompt in prompts]
+    together = prefilled(decoder, prompts[0])
+    for prompt in prompts[1:]:
+        together = _merge(together, prefilled(decoder, prompt))
+    batched = decode(decoder, together, 5)
+    for step in range(5):
+        for row in range(len(prompts)):
+            assert torch.equal(batched[step][row], solo[row][step][0]), (step, row)
+
+
+def test_the_decode_rmsnorm_is_rmsnorm() -> None:
+    decoder = lean.LeanDecoder(tiny_llama(), 256, decode_int4=True)
+    rows = torch.randn(5, 64)
+    rows[1] *= 1e-3  # where eps matters
+    weight = decoder.layers[0].norm_in
+    expected = F.rms_norm(rows, (64,), weight, decoder.eps)
+    assert torch.allclose(decoder._rms(rows, decoder.layers[0].norm_in_scaled), expected,  # noqa: SLF001
+                          rtol=1e-5, atol=1e-6)
+    assert torch.equal(decoder._rms(torch.zeros(1, 64), decoder.layers[0].norm_in_scaled),  # noqa: SLF001
+                       torch.zeros(1, 64))
+
+
+def test_without_fbgemm_the_decode_step_keeps_int4_and_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fbgemm(*_: object) -> None:
+        raise RuntimeError("no FBGEMM in this build")
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack", no_fbgemm)
+    decoder = lean.LeanDecoder(tiny_llama(), 256, decode_int4=True)
+    assert isinstance(decoder.layers[0].decode.gate_up, Int8Linear)
+    assert type(decoder.lm_head) is Int8Linear
+    prompts = [torch.randint(0, 256, (length,)).tolist() for length in (4, 11)]
+    solo = [decode(decoder, prefilled(decoder, prompt), 3) for prompt in prompts]
+    batched = decode(decoder, _merge(prefilled(decoder, prompts[0]), prefilled(decoder, prompts[1])), 3)
+    for step in range(3):
+        for row in range(2):
+            assert torch.equal(batched[step][row], solo[row][step][0])
+
+
+def test_packed_at_decode_names_the_projections(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lean, "PACKED_AT_DECODE", ())
+    decoder = lean.LeanDecoder(tiny_llama(), 256, decode_int4=True)
+    assert all(isinstance(getattr(decoder.layers[0].decode, name), Int4Linear)
+               for name in ("qkv", "o", "gate_up", "down"))
+    assert quantize.INT4_GROUP == 32
