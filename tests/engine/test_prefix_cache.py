@@ -95,11 +95,10 @@ def test_the_offline_model_is_served_by_the_lean_decoder(backend) -> None:  # no
     int8 = [m for m in backend.model.modules() if isinstance(m, Int8Linear)]
     int4 = [m for m in backend.model.modules() if isinstance(m, Int4Linear)]
     packed = [m for m in backend.model.modules() if isinstance(m, PackedInt8Linear)]
-    assert len(int8) == 30 * 4  # prompts: qkv, o, gate+up, down in 30 layers
-    # decode steps: qkv, o and down in 4 bits; gate+up and the output layer (both phases') in
-    # prepacked int8
-    assert len(int4) == 30 * 3 and len(packed) == 30 + 1
-    assert all(isinstance(layer.decode.gate_up, PackedInt8Linear) for layer in backend.model.layers)
+    # prompts: qkv, o, gate+up, down in 30 layers and the output layer, int8 prepacked for FBGEMM
+    assert not int8 and len(packed) == 30 * 4 + 1
+    assert len(int4) == 30 * 3  # decode steps: qkv, o and down in 4 bits, gate+up the prompts' int8
+    assert all(layer.decode.gate_up is layer.prefill.gate_up for layer in backend.model.layers)
     assert isinstance(backend.model.lm_head, PackedInt8Linear)
     assert not any(isinstance(m, torch.nn.Linear) for m in backend.model.modules())
 
