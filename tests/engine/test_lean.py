@@ -212,3 +212,40 @@ def test_packed_at_decode_names_the_projections(monkeypatch: pytest.MonkeyPatch)
     assert all(isinstance(getattr(decoder.layers[0].decode, name), Int4Linear)
                for name in ("qkv", "o", "gate_up", "down"))
     assert quantize.INT4_GROUP == 32
+
+
+def test_smoothing_folds_into_the_weights_and_leaves_the_source_model_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama()
+    norms = [layer.post_attention_layernorm.weight.detach().clone() for layer in model.model.layers]
+    final = model.model.norm.weight.detach().clone()
+    smoothed = lean.LeanDecoder(model, 256, decode_int4=True)
+    assert all(torch.equal(layer.post_attention_layernorm.weight, norm)
+               for layer, norm in zip(model.model.layers, norms, strict=True))
+    assert torch.equal(model.model.norm.weight, final)
+    assert not torch.equal(smoothed.layers[0].norm_post, norms[0])  # the factors went into the norm
+    assert torch.equal(smoothed.layers[0].norm_post_scaled, smoothed.layers[0].norm_post * 64 ** 0.5)
+    assert smoothed.layers[0].decode.gate_up is smoothed.layers[0].prefill.gate_up
+    monkeypatch.setattr(lean.LeanDecoder, "_smooth", lambda self, model: None)
+    plain = lean.LeanDecoder(model, 256, decode_int4=True)
+    prompt = torch.randint(0, 256, (1, 20))
+    with torch.inference_mode():
+        exact = model(prompt).logits[0]
+        logits = [decoder(input_ids=prompt, position_ids=torch.arange(20)[None], cache=decoder.make_cache(),
+                          row_starts=[0]).logits[0] for decoder in (smoothed, plain)]
+    for got in logits:  # the same function, within int8's error
+        assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_down_smoothing_goes_through_ups_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lean, "PACKED_AT_DECODE", ("gate_up", "down"))
+    model = tiny_llama()
+    decoder = lean.LeanDecoder(model, 256, decode_int4=True)
+    assert decoder.layers[1].decode.down is decoder.layers[1].prefill.down
+    assert isinstance(decoder.layers[1].decode.down, PackedInt8Linear)
+    prompt = torch.randint(0, 256, (1, 20))
+    with torch.inference_mode():
+        exact = model(prompt).logits[0]
+        got = decoder(input_ids=prompt, position_ids=torch.arange(20)[None], cache=decoder.make_cache(),
+                      row_starts=[0]).logits[0]
+    assert (got - exact).abs().max() < 0.05 * exact.abs().max()
