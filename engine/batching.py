@@ -132,6 +132,20 @@ class SequenceHandle:
         except RuntimeError:  # the loop has closed: nobody is listening any more
             self.cancelled.set()
 
+    @staticmethod
+    def push_all(deltas: list[tuple[SequenceHandle, Delta]]) -> None:
+        """:meth:`push` for many handles at once: one wake-up of each event loop instead of one per
+        delta (a decode step's deltas, from the worker thread)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[SequenceHandle, Delta]]] = {}
+        for handle, delta in deltas:
+            by_loop.setdefault(handle._loop, []).append((handle, delta))  # noqa: SLF001
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                for handle, _ in items:
+                    handle.cancelled.set()
+
     def cancel(self) -> None:
         """Stop generating for this sequence (client gone, stop string found...)."""
         self.cancelled.set()
@@ -146,6 +160,11 @@ class SequenceHandle:
         if delta.finish_reason is not None:
             self._finished = True
         return delta
+
+
+def _deliver(items: list[tuple[SequenceHandle, Delta]]) -> None:
+    for handle, delta in items:
+        handle._queue.put_nowait(delta)  # noqa: SLF001 - the handle's own loop, as push() does
 
 
 @dataclass
@@ -209,6 +228,7 @@ class Batcher:
         self.admission = Admission("chat", max_queue, workers=1)
         self.on_step = on_step
         self.peak_batch = 0  # the most sequences decoded together so far
+        self._outbox: list[tuple[SequenceHandle, Delta]] | None = None  # a step's deltas, pushed at once
         self._inbox: queue.Queue[_Sequence] = queue.Queue()
         self._stop = threading.Event()
         self._device = next(model.parameters()).device
@@ -402,8 +422,13 @@ class Batcher:
             batch.history.add(tokens)
         batch.last = tokens
         self.peak_batch = max(self.peak_batch, len(batch.seqs))
-        for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
-            self._emit(seq, token)
+        self._outbox = []
+        try:
+            for seq, token in zip(batch.seqs, tokens.tolist(), strict=True):
+                self._emit(seq, token)
+        finally:
+            outbox, self._outbox = self._outbox, None
+            SequenceHandle.push_all(outbox)
         if self.on_step is not None:
             self.on_step(len(batch.seqs), time.perf_counter() - started, len(batch.seqs))
 
@@ -416,6 +441,13 @@ class Batcher:
         if delta is not None and delta.finish_reason is not None:
             self._finish(seq, delta)
         elif delta is not None:
+            self._send(seq, delta)
+
+    def _send(self, seq: _Sequence, delta: Delta) -> None:
+        """Push ``delta``, or keep it for the step's one push (see _advance)."""
+        if self._outbox is not None:
+            self._outbox.append((seq.handle, delta))
+        else:
             seq.handle.push(delta)
 
     def _finish(self, seq: _Sequence, delta: Delta) -> None:
@@ -428,7 +460,7 @@ class Batcher:
         seq.handle.cancelled.set()  # marks it done for the batch
         self._release(seq)  # before the last delta, so a caller that saw it sees the slot free
         if listening:
-            seq.handle.push(delta)
+            self._send(seq, delta)
 
     def _release(self, seq: _Sequence) -> None:
         if not seq.released:

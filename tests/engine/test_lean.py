@@ -249,3 +249,34 @@ def test_down_smoothing_goes_through_ups_rows(monkeypatch: pytest.MonkeyPatch) -
         got = decoder(input_ids=prompt, position_ids=torch.arange(20)[None], cache=decoder.make_cache(),
                       row_starts=[0]).logits[0]
     assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+async def test_a_steps_deltas_reach_the_loop_in_one_wake_up() -> None:
+    import asyncio
+
+    from engine.batching import Delta, SequenceHandle
+
+    loop = asyncio.get_running_loop()
+    handles = [SequenceHandle(loop) for _ in range(3)]
+    calls = []
+    original = loop.call_soon_threadsafe
+
+    def counted(*args: object) -> object:
+        calls.append(args)
+        return original(*args)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    try:
+        SequenceHandle.push_all([(handles[0], Delta("a", 1)), (handles[1], Delta("b", 1)),
+                                 (handles[0], Delta("c", 2, "stop"))])
+    finally:
+        del loop.call_soon_threadsafe
+    assert len(calls) == 1
+    assert [d.text async for d in handles[0]] == ["a", "c"]
+    assert (await handles[1].__anext__()).text == "b"
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    orphan = SequenceHandle(closed)
+    SequenceHandle.push_all([(orphan, Delta("x", 1))])
+    assert orphan.cancelled.is_set()
