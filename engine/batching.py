@@ -259,6 +259,10 @@ class Batcher:
     # -- the worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        # torch.set_num_threads (the registry's, on another thread) reaches this thread at its first
+        # ATen parallel loop; until then OpenMP's per-thread default (every core) holds, and a
+        # oneDNN product (torch._int_mm) run first would use it. Settle it now.
+        torch.get_num_threads()
         batch: _Batch | None = None
         while not self._stop.is_set():
             try:

@@ -280,3 +280,38 @@ async def test_a_steps_deltas_reach_the_loop_in_one_wake_up() -> None:
     orphan = SequenceHandle(closed)
     SequenceHandle.push_all([(orphan, Delta("x", 1))])
     assert orphan.cancelled.is_set()
+
+
+def test_the_worker_thread_takes_torchs_thread_count_before_its_first_op(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.set_num_threads on one thread reaches another only at its first ATen parallel loop;
+    OpenMP (oneDNN's torch._int_mm) reads the thread's own default before that. The batcher's
+    thread settles it before its first step."""
+    import ctypes
+    import threading
+    from types import SimpleNamespace
+
+    from engine.batching import Batcher
+
+    gomp = next((line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line), None)
+    if gomp is None:
+        pytest.skip("torch is not built with GNU OpenMP here")
+    omp_max = ctypes.CDLL(gomp).omp_get_max_threads
+    fresh = {}
+    thread = threading.Thread(target=lambda: fresh.setdefault("threads", omp_max()))
+    thread.start()
+    thread.join()
+    if fresh["threads"] == 1:
+        pytest.skip("this machine's OpenMP default is one thread: nothing to settle")
+    seen = []
+
+    def first_step(self: Batcher, batch: object) -> None:
+        seen.append(omp_max())
+        self._stop.set()  # noqa: SLF001
+
+    monkeypatch.setattr(Batcher, "_step", first_step)
+    model = torch.nn.Linear(1, 1)
+    model.config = SimpleNamespace()
+    batcher = Batcher(model, None, max_batch=1, max_queue=1, eos_ids=set())
+    batcher._thread.join(timeout=10)  # noqa: SLF001
+    assert seen == [1]  # the one_thread fixture's count, as the registry sets the server's
