@@ -14,9 +14,11 @@ RoPE per tensor) and copying the whole KV cache on every step (``torch.cat``: 92
   make batch 1 ~1.4x faster; prompts keep int8, 4x faster than the 4-bit kernel on 128-token
   chunks. The 4-bit kernel's cost grows with every 4 rows (gate+up: 0.11 ms for 1 row, 0.35 ms
   for 8), so the widest projection, gate+up (PACKED_AT_DECODE), and the output layer decode on the
-  prepacked int8 instead (0.12 and 0.15 ms). Which kernel runs depends on the phase and the layer
-  alone, never on the batch, so batching and prefix reuse still never change a reply (the prefix
-  cache holds prompts' keys, all from prefill);
+  prepacked int8 instead (0.12 and 0.15 ms), its input's outlier channels smoothed into the weights
+  at load (SmoothQuant, :meth:`LeanDecoder._smooth`), so the int8 activations cost about no
+  accuracy. Which kernel runs depends on the phase and the layer alone, never on the batch, so
+  batching and prefix reuse still never change a reply (the prefix cache holds prompts' keys, all
+  from prefill);
 - a decode step (:meth:`LeanDecoder._decode_step`) runs on 2-D [batch, width] rows with as few
   ops as it can: a per-row attention of two small matrix products
   (:func:`engine.attention.decode_attention`), RMSNorm in three ops, 1/sqrt(dim) folded into the
@@ -122,7 +124,7 @@ class _Layer(nn.Module):
         self.decode = self.prefill
         if decode_int4:
             # prompts too on the int8 weights prepacked, where FBGEMM can serve (the same integers;
-            # 20% faster on a 45-token prompt, its quantisation costs less); decode steps in 4 bits
+            # ~15% faster on a 45-token prompt, its quantisation costs less); decode steps in 4 bits
             # but for PACKED_AT_DECODE, which share the prompts' module (see the module docstring)
             for name in _NAMES:
                 setattr(self.prefill, name, packed_or_plain(getattr(self.prefill, name)))
