@@ -31,6 +31,7 @@ CLIP_TEXT = (
 )
 SPOKEN_LINE = "The lighthouse keeper lit the lamp at dusk."
 MAX_WER = 0.2
+MAX_CER = 0.1  # of the letters alone, word boundaries ignored
 VOICE = "en_US-joe-medium"
 
 
@@ -344,7 +345,13 @@ def test_openai_voice_names_speak_with_the_default_voice(openai_client: openai.O
                                               response_format="wav").read()
     assert alloy[:4] == b"RIFF"
     heard = openai_client.audio.transcriptions.create(model="whisper-1", file=("alloy.wav", alloy))
-    assert word_error_rate(SPOKEN_LINE, heard.text) < MAX_WER, heard.text
+    # Characters, not words: piper samples its voice afresh each time, and Whisper sometimes hears
+    # "light housekeeper" (2 word errors in 8) where the same sounds make "lighthouse keeper".
+    assert jiwer.cer(_letters(SPOKEN_LINE), _letters(heard.text) or "?") < MAX_CER, heard.text
+
+
+def _letters(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
 def test_speech_error_through_the_client(openai_client: openai.OpenAI) -> None:
