@@ -60,7 +60,8 @@ class NewTurn:
 
 @dataclass
 class PromptReads:
-    """What a prompt reads of a story, from one snapshot (`StoryRepo.prompt_reads`)."""
+    """What a prompt reads of a story (`StoryRepo.prompt_reads`): the story, summary and turns from one
+    snapshot; facts and lorebooks from the cache."""
 
     story: Story
     facts: list[PinnedFact]
