@@ -7,6 +7,7 @@ Run from the repository root::
     .venv/bin/python bench/engine.py --samplers --max-tokens 64   # each sampler's cost instead
     .venv/bin/python bench/engine.py --backend llm,ct2 --skip-audio   # two backends, one run
     .venv/bin/python bench/engine.py --backend llamacpp,llm-int8,llm-int4 --threads 1 --skip-audio
+    .venv/bin/python bench/engine.py --backend llamacpp,llm-int4 --threads 1 --skip-audio --rounds 5
     .venv/bin/python bench/engine.py --story 30 --threads 1   # prefix reuse over a story
 
 It prints, side by side:
@@ -17,6 +18,12 @@ It prints, side by side:
   and the TTS real-time factor of piper (the backends are called directly);
 - llama.cpp (llama-cpp-python, when installed) on the same GGUF at batch 1, the anchor for the
   goals: one channel >= llama.cpp batch 1, eight channels >= 3x llama.cpp batch 1.
+
+With ``--rounds N`` every backend's server stays up and the measures run in N interleaved rounds
+(the anchor, then each backend at each level), so that a noisy neighbour on a shared machine hurts
+them alike; it prints each level's best and median of N, and the goals judged on the best of N,
+on the medians, and round by round (each round against its own anchor). The one-at-a-time
+requests run in the first round only.
 
 Backends: ``llm`` (transformers in ``--dtype``), ``llm-int4`` (the offline default: 4-bit decode
 steps, see engine.lean), ``llm-int8`` (float32 with
@@ -41,12 +48,13 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,18 +179,46 @@ async def chat_server(settings: EngineSettings) -> AsyncIterator[openai.AsyncOpe
         await runner.cleanup()
 
 
-async def bench_chat(settings: EngineSettings, levels: list[int], max_tokens: int) -> dict:
-    """Serve SmolLM2 and measure each load level, batched and one at a time."""
-    results = {}
-    async with chat_server(settings) as client:
-        for level in levels:
-            questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(level)]
-            batched = await concurrent(client, questions, max_tokens)
-            alone = await sequential(client, questions, max_tokens)
-            results[level] = (batched, alone)
-            print(f"  level {level:2d}: batched {batched.rate:6.1f} tok/s, "
-                  f"one at a time {alone.rate:6.1f} tok/s", flush=True)
-    return results
+@dataclass
+class Level:
+    """One load level over the rounds: the concurrent runs, and the one-at-a-time run (round 1)."""
+
+    batched: list[Run]
+    alone: Run | None = None
+
+    @property
+    def rates(self) -> list[float]:
+        return [run.rate for run in self.batched]
+
+
+async def bench_chat(backends: dict[str, EngineSettings], levels: list[int], max_tokens: int,
+                     rounds: int, anchor: Callable[[], float] | None) -> tuple[dict, list[float]]:
+    """Serve SmolLM2 on every backend at once and measure them in interleaved rounds: per round
+    the llama.cpp anchor (``anchor()``, batch 1), then each backend at each load level, so that a
+    noisy neighbour hurts them alike. The same requests one at a time run in the first round only
+    (they take longer than all the concurrent levels together). Returns ({backend: {level:
+    Level}}, the anchor's tok/s per round)."""
+    results: dict[str, dict[int, Level]] = {name: {} for name in backends}
+    anchors: list[float] = []
+    async with AsyncExitStack() as stack:
+        clients = {name: await stack.enter_async_context(chat_server(settings))
+                   for name, settings in backends.items()}
+        for round_ in range(rounds):
+            if anchor is not None:
+                anchors.append(anchor())
+                print(f"round {round_ + 1}: llama.cpp batch 1 {anchors[-1]:.1f} tok/s", flush=True)
+            for name, client in clients.items():
+                for level in levels:
+                    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(level)]
+                    batched = await concurrent(client, questions, max_tokens)
+                    entry = results[name].setdefault(level, Level([]))
+                    entry.batched.append(batched)
+                    line = f"round {round_ + 1}: {name} level {level:2d}: batched {batched.rate:6.1f} tok/s"
+                    if round_ == 0:
+                        entry.alone = await sequential(client, questions, max_tokens)
+                        line += f", one at a time {entry.alone.rate:6.1f} tok/s"
+                    print(line, flush=True)
+    return results, anchors
 
 
 async def bench_samplers(settings: EngineSettings, levels: list[int], max_tokens: int,
@@ -256,8 +292,10 @@ def chat_settings(args: argparse.Namespace, backend: str | None = None,
     )
 
 
-def bench_llama_cpp(settings: EngineSettings, max_tokens: int, threads: int) -> float | None:
-    """llama.cpp batch-1 tokens/s on the same GGUF, or None when it is not installed."""
+def llama_cpp_anchor(settings: EngineSettings, max_tokens: int,
+                     threads: int) -> Callable[[], float] | None:
+    """A function measuring llama.cpp's batch-1 tokens/s on the same GGUF (four greedy chats, the
+    prompt included, as a llama.cpp user waits for it), or None when it is not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -266,14 +304,19 @@ def bench_llama_cpp(settings: EngineSettings, max_tokens: int, threads: int) -> 
     # n_batch=1: larger prompt batches crashed in decode on this CPU (see issue 3)
     llm = Llama(model_path=gguf, n_ctx=1024, n_batch=1, n_threads=threads or os.cpu_count(),
                 verbose=False, seed=0)
-    tokens, started = 0, time.perf_counter()
-    for question in QUESTIONS[:4]:
-        out = llm.create_chat_completion(
-            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
-            max_tokens=max_tokens, temperature=0,
-        )
-        tokens += out["usage"]["completion_tokens"]
-    return tokens / (time.perf_counter() - started)
+
+    def measure() -> float:
+        tokens, started = 0, time.perf_counter()
+        for question in QUESTIONS[:4]:
+            out = llm.create_chat_completion(
+                messages=[{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": question}],
+                max_tokens=max_tokens, temperature=0,
+            )
+            tokens += out["usage"]["completion_tokens"]
+        return tokens / (time.perf_counter() - started)
+
+    return measure
 
 
 def bench_audio(settings: EngineSettings) -> dict[str, float]:
@@ -301,37 +344,57 @@ def bench_audio(settings: EngineSettings) -> dict[str, float]:
     return figures
 
 
-def report_chat(chat: dict, backend: str, args: argparse.Namespace) -> None:
+def report_chat(chat: dict[int, Level], backend: str, args: argparse.Namespace) -> None:
     engine = {"llm": f"transformers, {args.dtype}", "llamacpp": "llama.cpp backend",
               "llm-int8": "lean decoder, int8 linear layers",
               "llm-int4": "lean decoder, int8 prompts, 4-bit decode steps",
               "hybrid": f"hybrid: llama.cpp alone, transformers {args.dtype} batch",
               "ct2": "CTranslate2 int8"}[backend]
     print(f"\nChat: SmolLM2-135M-Instruct ({engine}, {args.threads or 'default'} threads), "
-          f"max_tokens={args.max_tokens}, greedy")
-    print(f"{'concurrent':>10} | {'batched tok/s':>13} | {'one-at-a-time tok/s':>19} | "
-          f"{'speed-up':>8} | {'TTFT p50 s':>10} | {'TTFT p99 s':>10}")
-    for level, (batched, alone) in chat.items():
-        p50, p99 = (percentile(batched.ttfts, p) for p in PERCENTILES)
-        print(f"{level:>10} | {batched.rate:>13.1f} | {alone.rate:>19.1f} | "
-              f"{batched.rate / alone.rate:>7.2f}x | {p50:>10.2f} | {p99:>10.2f}")
+          f"max_tokens={args.max_tokens}, greedy, {args.rounds} round(s)")
+    print(f"{'concurrent':>10} | {'best tok/s':>10} | {'median tok/s':>12} | "
+          f"{'one-at-a-time tok/s':>19} | {'speed-up':>8} | {'TTFT p50 s':>10} | {'TTFT p99 s':>10}")
+    for level, entry in chat.items():
+        ttfts = [t for run in entry.batched for t in run.ttfts]  # every round's
+        p50, p99 = (percentile(ttfts, p) for p in PERCENTILES)
+        best, middle = max(entry.rates), statistics.median(entry.rates)
+        print(f"{level:>10} | {best:>10.1f} | {middle:>12.1f} | {entry.alone.rate:>19.1f} | "
+              f"{middle / entry.alone.rate:>7.2f}x | {p50:>10.2f} | {p99:>10.2f}")
+    if args.rounds > 1:
+        print(f"{'per round':>10} | " + "; ".join(
+            f"b{level}: " + " ".join(f"{rate:.1f}" for rate in entry.rates)
+            for level, entry in chat.items()))
 
 
-def report(chats: dict[str, dict], llama: float | None, audio: dict[str, float],
+def verdicts(chat: dict[int, Level], anchors: list[float]) -> list[str]:
+    """The goals judged three ways: best of N against best of N, median against median, and
+    round by round (each round's figures against that round's anchor)."""
+    lines = []
+    for goal, level, factor, text in ((1, 1, 1, "one channel >= llama.cpp b1"),
+                                      (2, 8, 3, "8 channels >= 3x llama.cpp b1")):
+        if level not in chat:
+            continue
+        rates = chat[level].rates
+        for name, ours, anchor in (("best", max(rates), max(anchors)),
+                                   ("median", statistics.median(rates), statistics.median(anchors))):
+            lines.append(f"  goal {goal} ({text}), {name:>6}: {ours:.1f} vs {factor * anchor:.1f} "
+                         f"-> {'met' if ours >= factor * anchor else 'not met'}")
+        met = sum(ours >= factor * anchor for ours, anchor in zip(rates, anchors, strict=True))
+        lines.append(f"  goal {goal} ({text}), round by round: met in {met} of {len(rates)}")
+    return lines
+
+
+def report(chats: dict[str, dict], anchors: list[float], audio: dict[str, float],
            args: argparse.Namespace, wall: float) -> None:
     for backend, chat in chats.items():
         report_chat(chat, backend, args)
     chat = chats[args.backends[-1]]  # the goals are judged on the last (fastest) backend named
-    if llama is None:
-        print("llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python)")
+    if not anchors:
+        print("llama.cpp: not measured (--skip-llama, or pip install llama-cpp-python)")
     else:
-        print(f"llama.cpp batch 1 on the same GGUF: {llama:.1f} tok/s")
-        if 1 in chat:
-            print(f"  goal 1 (one channel >= llama.cpp b1): {chat[1][0].rate:.1f} vs {llama:.1f} "
-                  f"-> {'met' if chat[1][0].rate >= llama else 'not met'}")
-        if 8 in chat:
-            print(f"  goal 2 (8 channels >= 3x llama.cpp b1): {chat[8][0].rate:.1f} vs "
-                  f"{3 * llama:.1f} -> {'met' if chat[8][0].rate >= 3 * llama else 'not met'}")
+        print(f"llama.cpp batch 1 on the same GGUF: best {max(anchors):.1f} tok/s, median "
+              f"{statistics.median(anchors):.1f} (rounds: {' '.join(f'{a:.1f}' for a in anchors)})")
+        print("\n".join(verdicts(chat, anchors)))
     for name, rtf in audio.items():
         print(f"{name:>22}: real-time factor {rtf:.3f} ({1 / rtf:.1f}x faster than real time)")
     print(f"total bench time {wall:.0f} s")
@@ -478,11 +541,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--samplers", action="store_true",
                         help="measure each sampler's cost instead (no llama.cpp, no audio)")
-    parser.add_argument("--rounds", type=int, default=2, help="--samplers: keep the best of N")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved rounds: best and median of N (default 1; --samplers: "
+                             "best of N, default 2)")
     parser.add_argument("--story", type=int, default=0, metavar="TURNS",
                         help="replay a story of TURNS turns with and without prefix reuse instead")
     args = parser.parse_args(argv)
     args.levels = args.levels or ([1, 8] if args.samplers else [1, 4, 8, 16])
+    args.rounds = args.rounds or (2 if args.samplers else 1)
     args.backends = args.backend.split(",")
     unknown = set(args.backends) - {"llm", "llm-int8", "llm-int4", "ct2", "llamacpp", "hybrid"}
     if unknown:
@@ -499,16 +565,15 @@ def main(argv: list[str] | None = None) -> None:
                           for level in args.levels} for name, fields in SAMPLER_SETS.items()}
         report_samplers(rates, timings, args, time.perf_counter() - started)
         return
-    chats = {}
-    for backend in args.backends:
-        print(f"{backend}: chat load levels (each: concurrent, then the same requests one at a time)")
-        chats[backend] = asyncio.run(
-            bench_chat(chat_settings(args, backend), args.levels, args.max_tokens))
-    llama = None if args.skip_llama else bench_llama_cpp(settings, args.max_tokens, args.threads)
+    anchor = None if args.skip_llama else llama_cpp_anchor(settings, args.max_tokens, args.threads)
+    print(f"chat load levels, {args.rounds} round(s): llama.cpp batch 1, then each backend "
+          "(concurrent; in round 1 also the same requests one at a time)")
+    chats, anchors = asyncio.run(bench_chat(
+        {backend: chat_settings(args, backend) for backend in args.backends}, args.levels,
+        args.max_tokens, args.rounds, anchor))
     audio = {} if args.skip_audio else bench_audio(EngineSettings(
         cache_dir=Path(os.environ["MASQUE_CACHE_DIR"])))
-    report(chats, llama, audio, args, time.perf_counter() - started)
-
+    report(chats, anchors, audio, args, time.perf_counter() - started)
 
 if __name__ == "__main__":
     main()
