@@ -21,6 +21,7 @@ from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from bot.store.notify import CacheNotices, DatabaseInUse, ProcessLock
+from bot.store.sqlite import connector
 
 log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_S = 30
@@ -55,7 +57,8 @@ def alembic_config(url: str | None = None) -> Config:
 
 
 def make_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets a busy timeout, foreign keys and write-ahead logging."""
+    """An async engine; SQLite gets a busy timeout, foreign keys, write-ahead logging and one trip to
+    its connection's thread a statement (bot/store/sqlite.py)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         if parsed.get_driver_name() != "asyncpg":
@@ -65,7 +68,7 @@ def make_engine(url: str) -> AsyncEngine:
         return engine
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    engine = create_async_engine(url, async_creator=connector(parsed, timeout=SQLITE_BUSY_TIMEOUT_S))
     _configure_sqlite(engine)
     return engine
 
@@ -151,19 +154,29 @@ class Database:
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session in a transaction that may write: committed on success, rolled back on error."""
+        async with self._writer_turn(), self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        """A Core connection in a transaction that may write, for hot writes of Core statements: the
+        ORM's execution path (`session.execute`) costs more CPU than the statements themselves."""
+        async with self._writer_turn(), self.engine.begin() as connection:
+            yield connection
+
+    @asynccontextmanager
+    async def _writer_turn(self) -> AsyncIterator[None]:
+        """SQLite has one writer at a time. Queue this process's writers here, in arrival order,
+        rather than in SQLite's busy handler, which sleeps in steps of up to 100 ms and so leaves
+        the lock idle while writers wait (the busy timeout still covers other processes)."""
         if not self._sqlite:
-            async with self.sessions() as session, session.begin():
-                yield session
+            yield
             return
-        # SQLite has one writer at a time. Queue this process's writers here, in arrival order,
-        # rather than in SQLite's busy handler, which sleeps in steps of up to 100 ms and so leaves
-        # the lock idle while writers wait (the busy timeout still covers other processes).
         lock = self._write_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
         async with asyncio.timeout(SQLITE_BUSY_TIMEOUT_S):
             await lock.acquire()
         try:
-            async with self.sessions() as session, session.begin():
-                yield session
+            yield
         finally:
             lock.release()
 

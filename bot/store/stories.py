@@ -74,6 +74,8 @@ class PromptReads:
 _NEXT_POSITION = (update(Story).where(Story.id == bindparam("story"))
                   .values(turn_seq=Story.turn_seq + 1, updated_at=bindparam("now")).returning(Story.turn_seq))
 _INSERT_TURN = insert(Turn).returning(Turn.id)
+_INSERT_SWIPES = insert(Swipe)
+_INSERT_MESSAGES = insert(TurnMessage)
 
 # cache kinds (see Database._cached): read on every message, written only by the methods below
 CHANNEL_SETTINGS = "channel_settings"
@@ -233,26 +235,27 @@ class StoryRepo(MemoryRepo):
             raise
 
     async def _add_turn(self, story_id: int, new: NewTurn) -> Turn:
-        # Core inserts, not the ORM's unit of work: a turn is written on every message, and the flush
-        # machinery cost more CPU than the statements themselves. The Turn returned is built here.
+        # Core inserts on a Core connection, not the ORM's unit of work nor its execution path: a turn
+        # is written on every message, and either cost more CPU than the statements themselves. The
+        # Turn returned is built here.
         texts = list(new.swipes) or ([new.text] if new.author_kind == AuthorKind.PERSONA else [])
         now = utcnow()
-        async with self.session() as session:
-            position = await session.scalar(_NEXT_POSITION, {"story": story_id, "now": now})
+        async with self.connection() as connection:
+            position = (await connection.execute(_NEXT_POSITION, {"story": story_id, "now": now})).scalar()
             if position is None:
                 raise LookupError(f"story {story_id} does not exist")
             row = dict(story_id=story_id, position=position, author_kind=new.author_kind,
                        author_id=new.author_id, author_name=new.author_name, persona_id=new.persona_id,
                        text=texts[0] if texts else new.text, attachments=list(new.attachments),
                        token_count=new.token_count, selected_swipe=0, created_at=now, updated_at=now)
-            turn_id = await session.scalar(_INSERT_TURN, row)
+            turn_id = (await connection.execute(_INSERT_TURN, row)).scalar()
             swipes = [dict(turn_id=turn_id, index=i, text=t, token_count=new.token_count, created_at=now)
                       for i, t in enumerate(texts)]
             messages = [dict(message_id=m, turn_id=turn_id, part=i) for i, m in enumerate(new.message_ids)]
             if swipes:
-                await session.execute(insert(Swipe), swipes)
+                await connection.execute(_INSERT_SWIPES, swipes)
             if messages:
-                await session.execute(insert(TurnMessage), messages)
+                await connection.execute(_INSERT_MESSAGES, messages)
         if new.author_kind == AuthorKind.PERSONA:
             self._note_persona_turn(story_id, position)
         return Turn(id=turn_id, **row, swipes=[Swipe(**s) for s in swipes],
