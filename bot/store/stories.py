@@ -95,9 +95,13 @@ def _with_children(query):
     return query.options(selectinload(Turn.swipes), selectinload(Turn.messages))
 
 
-def _latest_summary(story_id: int):
-    return (select(Summary).where(Summary.story_id == story_id)
-            .order_by(Summary.through_position.desc(), Summary.id.desc()).limit(1))
+# prompt reads, built once (building a select with its clauses cost about as much as running it)
+_LATEST_SUMMARY = (select(Summary).where(Summary.story_id == bindparam("story"))
+                   .order_by(Summary.through_position.desc(), Summary.id.desc()).limit(1))
+_TURNS_BETWEEN = (select(Turn).where(Turn.story_id == bindparam("story"), Turn.position > bindparam("after"),
+                                     Turn.position < bindparam("before"))
+                  .order_by(Turn.position.desc()).limit(bindparam("limit")))
+_NO_POSITION_BOUND = 2**31 - 1  # positions are 32-bit integers
 
 
 class StoryRepo(MemoryRepo):
@@ -326,13 +330,10 @@ class StoryRepo(MemoryRepo):
     @staticmethod
     async def _history(session: AsyncSession, story_id: int, limit: int,
                        before: int | None) -> tuple[list[Turn], Summary | None]:
-        summary = await session.scalar(_latest_summary(story_id))
-        query = select(Turn).where(Turn.story_id == story_id)
-        if summary is not None:
-            query = query.where(Turn.position > summary.through_position)
-        if before is not None:
-            query = query.where(Turn.position < before)
-        turns = list(await session.scalars(query.order_by(Turn.position.desc()).limit(limit)))
+        summary = await session.scalar(_LATEST_SUMMARY, {"story": story_id})
+        turns = list(await session.scalars(_TURNS_BETWEEN, {
+            "story": story_id, "limit": limit, "before": _NO_POSITION_BOUND if before is None else before,
+            "after": -_NO_POSITION_BOUND if summary is None else summary.through_position}))
         turns.reverse()
         return turns, summary
 
@@ -444,7 +445,7 @@ class StoryRepo(MemoryRepo):
 
     async def latest_summary(self, story_id: int) -> Summary | None:
         async with self.read() as session:
-            return await session.scalar(_latest_summary(story_id))
+            return await session.scalar(_LATEST_SUMMARY, {"story": story_id})
 
     async def add_scene_art(self, art: SceneArt) -> SceneArt:
         async with self.session() as session:
