@@ -7,6 +7,7 @@ Run from the repository root::
     .venv/bin/python bench/bot.py --database-url postgresql+asyncpg://USER:PASS@HOST/DB  # an empty database
     .venv/bin/python bench/bot.py --cast 4                 # each story a scene of 4 personas
     .venv/bin/python bench/bot.py --channels 20 --rounds 4 --compare-cast 4 --scene-rounds 0  # 1 vs 4, side by side
+    .venv/bin/python bench/bot.py --loop asyncio            # the bot on asyncio's own loop instead of uvloop
 
 The real MasqueBot (discord.py, the story pipeline, a real SQLite or PostgreSQL store) runs against the
 local fake Discord (REST + gateway) and the fake engine, which run in a separate process (as if on
@@ -71,6 +72,7 @@ sys.path.insert(0, str(REPO))
 
 import discord  # noqa: E402
 
+from bot import event_loop  # noqa: E402
 from bot.app import MasqueBot, apply_endpoints  # noqa: E402
 from bot.builtin import builtin_personas  # noqa: E402
 from bot.cards import parse_card  # noqa: E402
@@ -510,6 +512,7 @@ def report(args: argparse.Namespace, columns: list[Column]) -> dict[str, Any]:
     if len(columns) > 1:
         print("  (one bot and one fakes' process; each column on its own channels, their rounds alternating)")
     print("  one person per channel: the merge window for several people never applies")
+    print(f"  the bot's event loop: {type(asyncio.get_running_loop()).__module__.split('.')[0]} (--loop)")
     width = max(len(name) for name, _, _ in ROWS)
     print(f"  {'':<{width}}" + "".join(f"  {label:>12}" for label in figures))
     for name, key, shape in ROWS:
@@ -562,6 +565,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-delay", type=float, default=0.25, help="the fake engine's fixed delay, seconds")
     parser.add_argument("--scene-rounds", type=int, default=6, help="rounds with scene art on (0: skip)")
     parser.add_argument("--database-url", default="", help="default: a SQLite file in a temporary folder")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the bot's event loop (bot/event_loop.py; masque-bot's default: uvloop where installed)")
     parser.add_argument("--breakdown", action="store_true", help="also time the store's methods per message")
     parser.add_argument("--cast", type=int, default=1, choices=range(1, len(CAST) + 1),
                         help="personas in each story's scene")
@@ -580,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     discord.utils.setup_logging(level=logging.WARNING, root=False)
     fakes = FakesProcess(args.channels * len(column_casts(args)), args.engine_delay)
     try:
-        return asyncio.run(main_async(args, fakes))
+        return event_loop.run(main_async(args, fakes), use_uvloop=args.loop == "uvloop")
     finally:
         fakes.close()
 

@@ -69,6 +69,7 @@ import discord  # noqa: E402
 import yarl  # noqa: E402
 
 from bench.bot import CAST, PERSONA, READY_S, ROUND_S, ChildProcess, FakeWorld, Served, percentile  # noqa: E402
+from bot import event_loop  # noqa: E402
 from bot.app import MasqueBot, apply_endpoints  # noqa: E402
 from bot.builtin import builtin_personas  # noqa: E402
 from bot.engine_client import EngineClient  # noqa: E402
@@ -164,7 +165,7 @@ def worker_main(conn: Connection, database_url: str, env: dict[str, str]) -> Non
     """A bot process: the real MasqueBot on some shards (MASQUE_SHARD_IDS in `env`), its own Store."""
     logging.basicConfig(level=logging.WARNING)
     discord.utils.setup_logging(level=logging.WARNING, root=False)
-    asyncio.run(BotWorker(database_url, env).serve(conn))
+    event_loop.run(BotWorker(database_url, env).serve(conn))  # the loop masque-bot runs on
 
 
 class BotWorker(Served):

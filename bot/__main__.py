@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from bot import event_loop
 from bot.builtin import builtin_personas
 from bot.console import DEFAULT_USER_NAME, run_console
 from bot.engine_client import EngineClient
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        return asyncio.run(run_until_stopped(args, settings))
+        return event_loop.run(run_until_stopped(args, settings), use_uvloop=settings.uvloop)
     except EngineStartError as exc:
         print(f"masque-bot: the local engine did not start: {exc}\n"
               "Set MASQUE_ENGINE_URL to use an engine that is already running.", file=sys.stderr)

@@ -22,6 +22,8 @@ class BotSettings(BaseSettings):
     discord_api_base: str | None = Field(default=None, validation_alias="DISCORD_API_BASE")
     discord_gateway_url: str | None = Field(default=None, validation_alias="DISCORD_GATEWAY_URL")
     log_level: str = Field(default="INFO", validation_alias="MASQUE_LOG_LEVEL")
+    # The event loop (bot/event_loop.py): uvloop where installed; off: asyncio's own loop.
+    uvloop: bool = Field(default=True, validation_alias="MASQUE_UVLOOP")
     # Monitoring (bot/metrics.py): Prometheus GET /metrics on this port (0: off) and address.
     metrics_port: int = Field(default=0, ge=0, le=65535, validation_alias="MASQUE_METRICS_PORT")
     metrics_host: str = Field(default="127.0.0.1", validation_alias="MASQUE_METRICS_HOST")
