@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from engine.attention import NAME as ROWWISE_ATTENTION
 from engine.attention import row_starts
-from engine.prefix_cache import PrefixCache
+from engine.prefix_cache import PrefixCache, common_prefix
 from engine.queueing import Admission
 from engine.sampling import SamplingParams, TokenHistory, sample_rows  # re-exported for callers
 
@@ -319,14 +319,17 @@ class Batcher:
     def _prefill(self, seqs: list[_Sequence]) -> _Batch:
         """Run the prompts of ``seqs`` and sample their first tokens.
 
-        With the per-row attention each prompt runs alone, in chunks on a fixed grid, from its
-        longest cached prefix (see :meth:`_prefill_row`); otherwise all run together,
-        left-padded, in one call."""
+        With the per-row attention each prompt runs in chunks on a fixed grid, from its longest
+        cached prefix: the prompts' chunks together where the model can (engine.lean, see
+        :meth:`_prefill_together`), else one prompt after another (:meth:`_prefill_row`);
+        otherwise all run together, left-padded, in one call."""
         now = time.perf_counter()
         for seq in seqs:
             seq.prefilled = now
         if not self._rowwise:
             return self._prefill_padded(seqs)
+        if callable(getattr(self.model, "prefill_chunks", None)):
+            return self._prefill_together(seqs)
         batch = None
         for seq in seqs:
             fresh = self._prefill_row(seq)
@@ -357,6 +360,31 @@ class Batcher:
         self._advance(batch, out.logits[:, -1, :], started)
         return batch
 
+    def _cached_prefix(self, prompt: list[int]) -> tuple[DynamicCache, int]:
+        """A fresh cache holding ``prompt``'s longest cached prefix that ends on a chunk boundary,
+        and that prefix's length (0 without a hit)."""
+        cache = self._new_cache()
+        reuse = 0
+        if self.prefix_cache is not None:
+            reuse, entry = self.prefix_cache.lookup(prompt, align=PREFILL_CHUNK)
+            if entry is not None:
+                for index, (keys, values) in enumerate(zip(entry.keys, entry.values, strict=True)):
+                    cache.update(keys[:, :, :reuse], values[:, :, :reuse], index)
+            if self.metrics is not None:
+                self.metrics.observe_prefix("chat", len(prompt), reuse, self.prefix_cache.nbytes)
+        return cache, reuse
+
+    def _prefilled(self, seq: _Sequence, cache: DynamicCache) -> _Batch:
+        """The one-row batch of a prompt that has run; its state stored for the next turn."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(
+                seq.prompt,
+                [layer.keys.clone() for layer in cache.layers],
+                [layer.values.clone() for layer in cache.layers],
+            )
+        mask = torch.ones((1, len(seq.prompt)), dtype=torch.long, device=self._device)
+        return _Batch([seq], cache, mask, torch.empty(0, dtype=torch.long))
+
     def _prefill_row(self, seq: _Sequence) -> _Batch:
         """Run one prompt in PREFILL_CHUNK-token chunks at fixed positions (0-127, 128-255,
         ...), starting after the longest cached prefix that ends on a chunk boundary.
@@ -368,15 +396,7 @@ class Batcher:
         layer 5's keys). The prompt's state is then stored for the next turn."""
         started = time.perf_counter()
         prompt = seq.prompt
-        cache = self._new_cache()
-        reuse = 0
-        if self.prefix_cache is not None:
-            reuse, entry = self.prefix_cache.lookup(prompt, align=PREFILL_CHUNK)
-            if entry is not None:
-                for index, (keys, values) in enumerate(zip(entry.keys, entry.values, strict=True)):
-                    cache.update(keys[:, :, :reuse], values[:, :, :reuse], index)
-            if self.metrics is not None:
-                self.metrics.observe_prefix("chat", len(prompt), reuse, self.prefix_cache.nbytes)
+        cache, reuse = self._cached_prefix(prompt)
         for begin in range(reuse, len(prompt), PREFILL_CHUNK):
             end = min(begin + PREFILL_CHUNK, len(prompt))
             out = self.model(
@@ -385,15 +405,44 @@ class Batcher:
                 position_ids=torch.arange(begin, end, device=self._device).unsqueeze(0),
                 cache=cache, use_cache=True, logits_to_keep=1, row_starts=[0],
             )
-        mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self._device)
-        batch = _Batch([seq], cache, mask, torch.empty(0, dtype=torch.long))
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(
-                prompt,
-                [layer.keys.clone() for layer in cache.layers],
-                [layer.values.clone() for layer in cache.layers],
-            )
+        batch = self._prefilled(seq, cache)
         self._advance(batch, out.logits[:, -1, :], started)
+        return batch
+
+    def _prefill_together(self, seqs: list[_Sequence], defer: bool = True) -> _Batch:
+        """:meth:`_prefill_row` for several prompts at once: each prompt's chunks are the ones
+        it would run alone (same grid, same cached prefix), but the k-th chunks of all the
+        prompts go through the model in one ``prefill_chunks`` call (engine.lean: the linear
+        layers on all their tokens at once, attention per prompt), which gives each chunk its
+        solo numbers. With a prefix cache, the prompts that share a chunk or more with an earlier
+        one of the group (the same card, a regenerated turn) run in a second call, after the
+        others are stored, so that they reuse that prefix."""
+        started = time.perf_counter()
+        first, later = [], []
+        for seq in seqs:
+            shares = defer and self.prefix_cache is not None and any(
+                _reusable(seq.prompt, other.prompt) for other in first)
+            (later if shares else first).append(seq)
+        starts = [self._cached_prefix(seq.prompt) for seq in first]
+        caches = [cache for cache, _ in starts]
+        chunks = [list(range(reuse, len(seq.prompt), PREFILL_CHUNK))
+                  for seq, (_, reuse) in zip(first, starts, strict=True)]
+        last: list[torch.Tensor | None] = [None] * len(first)
+        for step in range(max(len(begins) for begins in chunks)):
+            rows = [row for row, begins in enumerate(chunks) if step < len(begins)]
+            logits = self.model.prefill_chunks([
+                (first[row].prompt[chunks[row][step]:chunks[row][step] + PREFILL_CHUNK],
+                 chunks[row][step], caches[row]) for row in rows])
+            for index, row in enumerate(rows):
+                if step == len(chunks[row]) - 1:
+                    last[row] = logits[index]
+        batch = None
+        for seq, cache in zip(first, caches, strict=True):
+            fresh = self._prefilled(seq, cache)
+            batch = fresh if batch is None else _merge(batch, fresh)
+        self._advance(batch, torch.stack(last), started)
+        if later:
+            batch = _merge(batch, self._prefill_together(later, defer=False))
         return batch
 
     def _decode(self, batch: _Batch) -> None:
@@ -488,6 +537,12 @@ class Batcher:
                 batch.history = batch.history.select(index) if penalised else None
             _trim_padding(batch)
         return batch
+
+
+def _reusable(prompt: list[int], other: list[int]) -> bool:
+    """Whether ``prompt`` could take a chunk or more of its prefix from ``other``'s state (see
+    PrefixCache.lookup: at least one token is left to run, reuse ends on a chunk boundary)."""
+    return min(common_prefix(prompt, other), len(prompt) - 1) >= PREFILL_CHUNK
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

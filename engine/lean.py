@@ -30,7 +30,10 @@ RoPE per tensor) and copying the whole KV cache on every step (``torch.cat``: 92
 - the KV cache (:class:`GrowingCache`) has room to grow, so a step writes one column instead of
   copying the cache;
 - attention is :func:`engine.attention.rowwise_attention`, so a row's numbers never depend on
-  its neighbours and a chunked prefill from a cached prefix equals a cold one.
+  its neighbours and a chunked prefill from a cached prefix equals a cold one;
+- prompts admitted together run their chunks in one call (:meth:`LeanDecoder.prefill_chunks`):
+  the per-token ops on all their tokens at once, attention per prompt, each chunk's numbers its
+  solo ones (8 prompts of ~37 tokens: 332 ms against 428 one after another, one thread).
 
 It takes the batcher's call (``input_ids``, ``position_ids``, ``cache``, ``logits_to_keep``,
 ``row_starts``) and answers with ``.logits``, so :class:`engine.batching.Batcher` drives it as
@@ -332,6 +335,57 @@ class LeanDecoder(nn.Module):
         (the batcher's decode steps: one token a row) takes :meth:`_decode_step`."""
         if decoding and self.decode_int4:
             return SimpleNamespace(logits=self._decode_step(input_ids, position_ids, cache, row_starts))
+
+        def attend(index: int, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor) -> torch.Tensor:
+            key, value = cache.update(key, value, index)
+            return rowwise_attention(None, query, key, value, None, scaling=self.scaling,
+                                     row_starts=row_starts)[0]
+
+        hidden = self._layers(input_ids, position_ids, attend)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return SimpleNamespace(logits=self._logits(hidden))
+
+    def prefill_chunks(self, chunks: list[tuple[list[int], int, GrowingCache]]) -> torch.Tensor:
+        """Several prompts' chunks in one call, each given as (token ids, position of its first
+        token, that prompt's own one-row cache, holding the tokens before it); returns each
+        chunk's last logits, [chunks, vocab].
+
+        The chunks' tokens run as the rows of one sequence through every per-token op (the
+        linear layers, norms, RoPE: each row's numbers are its own, see engine.quantize), and
+        each chunk attends alone over its own cache, with the shapes a solo call gives it. So each
+        chunk gets bit for bit the numbers (and writes the keys) that :meth:`forward` gives it
+        alone, with one set of calls per layer instead of one per prompt."""
+        bounds, offset = [], 0
+        for ids, _, _ in chunks:
+            bounds.append((offset, len(ids)))
+            offset += len(ids)
+        device = self.embed.device
+        input_ids = torch.tensor([[token for ids, _, _ in chunks for token in ids]], device=device)
+        position_ids = torch.cat([torch.arange(begin, begin + len(ids), device=device)
+                                  for ids, begin, _ in chunks])
+
+        def attend(index: int, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor) -> torch.Tensor:
+            parts = []
+            for (start, length), (_, _, cache) in zip(bounds, chunks, strict=True):
+                keys, values = cache.update(key[:, :, start:start + length],
+                                            value[:, :, start:start + length], index)
+                parts.append(rowwise_attention(
+                    None, query[:, :, start:start + length], keys, values, None,
+                    scaling=self.scaling, row_starts=[0])[0])
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+        hidden = self._layers(input_ids, position_ids[None], attend)
+        last = torch.tensor([start + length - 1 for start, length in bounds], device=device)
+        return self._logits(hidden[0, last])
+
+    def _layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attend: Any) -> torch.Tensor:
+        """The hidden states after every layer, [batch, length, width], attention by
+        ``attend(layer index, query, key, value)`` ([batch, heads, length, dim] each; it returns
+        [batch, length, heads, dim]) with the prompts' int8 projections."""
         batch, length = input_ids.shape
         hidden = F.embedding(input_ids, self.embed)
         cos = self.cos[position_ids].unsqueeze(2)  # [batch, length, 1, dim]: q and k heads alike
@@ -350,16 +404,15 @@ class LeanDecoder(nn.Module):
             key = qk[:, :, self.heads:].transpose(1, 2)
             value = qkv[..., q_width + k_width:].view(batch, length, self.kv_heads,
                                                       self.head_dim).transpose(1, 2)
-            key, value = cache.update(key, value, index)
-            attended, _ = rowwise_attention(None, query, key, value, None, scaling=self.scaling,
-                                            row_starts=row_starts)
+            attended = attend(index, query, key, value)
             hidden = hidden + proj.o(attended.reshape(batch, length, q_width))
             normed = F.rms_norm(hidden, (width,), layer.norm_post, self.eps)
             gate, up = proj.gate_up(normed).chunk(2, dim=-1)
             hidden = hidden + proj.down(F.silu(gate) * up)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return SimpleNamespace(logits=self.lm_head(F.rms_norm(hidden, (width,), self.norm, self.eps)))
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.eps))
 
     def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: GrowingCache,
                      row_starts: list[int] | None) -> torch.Tensor:

@@ -178,6 +178,41 @@ def test_the_decode_step_gives_each_row_its_solo_numbers() -> None:
             assert torch.equal(batched[step][row], solo[row][step][0]), (step, row)
 
 
+@pytest.mark.parametrize("decode_int4", [True, False])
+def test_chunks_prefilled_together_get_their_solo_numbers(decode_int4: bool) -> None:
+    """Several prompts' chunks in one ``prefill_chunks`` call (the batcher's way of running the
+    prompts admitted in one step) give each chunk bit for bit the logits and the keys and values
+    that its own call gives: from position 0 or after an earlier chunk in its cache."""
+    decoder = lean.LeanDecoder(tiny_llama(), 256, decode_int4=decode_int4)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (length,), generator=generator).tolist()
+               for length in (5, 17, 1, 40, 9)]
+    earlier = torch.randint(0, 256, (32,), generator=generator).tolist()  # the 4th's first chunk
+
+    def cache_for(row: int) -> lean.GrowingCache:
+        cache = decoder.make_cache()
+        if row == 3:
+            decoder.prefill_chunks([(earlier, 0, cache)])
+        return cache
+
+    begins = [32 if row == 3 else 0 for row in range(len(prompts))]
+    with torch.inference_mode():
+        solo = []
+        for row, prompt in enumerate(prompts):
+            cache = cache_for(row)
+            positions = torch.arange(begins[row], begins[row] + len(prompt))[None]
+            logits = decoder(input_ids=torch.tensor([prompt]), position_ids=positions, cache=cache,
+                             logits_to_keep=1, row_starts=[0]).logits[0, -1]
+            solo.append((logits, cache))
+        caches = [cache_for(row) for row in range(len(prompts))]
+        together = decoder.prefill_chunks(list(zip(prompts, begins, caches, strict=True)))
+    assert together.shape == (len(prompts), 256)
+    for row, (logits, cache) in enumerate(solo):
+        assert torch.equal(together[row], logits), row
+        for mine, theirs in zip(caches[row].layers, cache.layers, strict=True):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values), row
+
+
 def test_the_decode_rmsnorm_is_rmsnorm() -> None:
     decoder = lean.LeanDecoder(tiny_llama(), 256, decode_int4=True)
     rows = torch.randn(5, 64)

@@ -6,6 +6,7 @@ reports its hits."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from engine.backends import llm
+from engine.batching import PREFILL_CHUNK
 from engine.lean import GrowingLayer, LeanDecoder
 from engine.prefix_cache import MIN_REUSE_TOKENS, PrefixCache, common_prefix
 from engine.quantize import Int4Linear, Int8Linear, PackedInt8Linear
@@ -165,6 +167,67 @@ async def test_batch_of_eight_gives_each_prompt_its_solo_text(backend) -> None: 
         backend.batcher.prefix_cache = cache
     assert backend.batcher.peak_batch > max(peak, 4)
     assert together == solo
+
+
+async def test_prompts_admitted_together_run_in_one_call_and_keep_their_solo_text(
+        backend, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Eight prompts admitted in one step run their chunks in one model call per chunk (the
+    linear layers on all their tokens, attention per prompt); each still gets its solo greedy
+    text, with the prefix cache on and off. The prompts are one to three chunks long; with the
+    cache, those sharing the card's first chunk with an earlier one wait for it and reuse it."""
+    batcher = backend.batcher
+    questions = ["Hi", "What is that light out on the water tonight?", "Who are you?",
+                 "Tell me about the storm. " * 20, "Describe the lamp room.", "Hi",
+                 "Is the boat coming back before the tide turns, keeper? " * 12, "Why do gulls circle?"]
+    prompts = [chat(backend, q) for q in questions]
+    prompts[1] = prompts[1][-60:]  # no card: shares no chunk with the others
+    chunks = [(len(p) - 1) // PREFILL_CHUNK + 1 for p in prompts]
+    assert sorted(set(chunks)) == [1, 2, 3]
+    cache = batcher.prefix_cache
+    batcher.prefix_cache = None
+    try:
+        solo = [await reply(backend, p) for p in prompts]
+    finally:
+        batcher.prefix_cache = cache
+    calls: list[int] = []
+    run_chunks = batcher.model.prefill_chunks
+
+    def counted(chunks: list) -> torch.Tensor:  # noqa: ANN001
+        calls.append(len(chunks))
+        return run_chunks(chunks)
+
+    monkeypatch.setattr(batcher.model, "prefill_chunks", counted)
+    take = batcher._take  # noqa: SLF001
+    queued = threading.Event()
+
+    def held(room: int, block: bool) -> list:
+        queued.wait()  # all eight are queued before the worker admits any
+        return take(room, block)
+
+    monkeypatch.setattr(batcher, "_take", held)
+    for prefix_cache in (None, cache):
+        batcher.prefix_cache, calls[:] = prefix_cache, []
+        queued.clear()
+        try:
+            handles = [backend.submit(p, SamplingParams(max_tokens=24, temperature=0)) for p in prompts]
+            queued.set()
+            together = [await text_of(handle) for handle in handles]
+        finally:
+            batcher.prefix_cache = cache
+        assert together == solo
+        if prefix_cache is None:  # every prompt's k-th chunk in the k-th call
+            assert calls == [sum(n > k for n in chunks) for k in range(3)]
+        else:  # the first card and the card-less prompt, then the rest after the card's chunk
+            rest = [n - 1 for row, n in enumerate(chunks) if row > 1]
+            assert calls == [2, 1] + [sum(n > k for n in rest) for k in range(max(rest))], calls
+
+
+async def text_of(handle) -> str:  # noqa: ANN001
+    pieces = []
+    async for delta in handle:
+        assert delta.finish_reason != "error", delta.error
+        pieces.append(delta.text)
+    return "".join(pieces)
 
 
 async def test_rows_joining_and_leaving_mid_flight_keep_their_solo_text(backend) -> None:  # noqa: ANN001
