@@ -21,7 +21,8 @@ answered. It prints:
 - the bot's added latency per message, p50/p99: dispatch -> final webhook edit, minus the time
   the engine spent on that message's chat request (target: p99 < 10 ms);
 - messages handled per second in a round (bounded below by the engine's fixed delay);
-- REST calls per reply (typing, webhook post, final edit; more when the stream is long);
+- REST calls per reply (webhook post, final edit; typing when nothing shows within a second; more when
+  the stream is long);
 - the prompt size per speaker: tokens estimated as the characters of the request's messages / 4, the
   fake engine's usage.prompt_tokens (it counts words) and the system message's characters;
 - with --scene-rounds, the scene-art reuse hit rate: the story moves between a few places, the

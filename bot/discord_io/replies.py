@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 HEARD_QUOTE_CHARS = 300  # the "what was heard" line is a short quote, not the whole transcript
 ART_FILENAME = "scene.png"
+TYPING_DELAY_S = 1.0  # "typing..." only for replies that show nothing this long (keep_typing)
 SPOKEN_CHARS_PER_S = 14  # about how fast text-to-speech reads; caps the text before it is synthesised
 
 
@@ -79,7 +80,7 @@ class ReplyService:
         channel = message.channel
         story = await self.pipeline.story_of(channel.id)
         sink = WebhookReplySink(self.poster, channel, identity_of(persona))
-        typing = asyncio.create_task(keep_typing(channel))  # not awaited first: the engine starts at once
+        typing = asyncio.create_task(keep_typing(channel, sink))  # not awaited: the engine starts at once
         try:
             result = await self.pipeline.respond(story, persona, inputs, sink)
         except EngineError as exc:
@@ -101,7 +102,7 @@ class ReplyService:
         Engine failures are raised (the caller says so where it can)."""
         story = await self.pipeline.story_of(channel.id)
         sink = WebhookReplySink(self.poster, channel, identity_of(persona))
-        typing = asyncio.create_task(keep_typing(channel))
+        typing = asyncio.create_task(keep_typing(channel, sink))
         try:
             result = await self.pipeline.respond(story, persona, [], sink)
         except EngineError:
@@ -255,8 +256,15 @@ class ReplyService:
             await interaction.followup.send("Nothing new to illustrate yet.", ephemeral=True)
 
 
-async def keep_typing(channel: discord.abc.Messageable) -> None:
-    """Show "typing..." until cancelled (a failed typing call only costs the indicator)."""
+async def keep_typing(channel: discord.abc.Messageable, sink: WebhookReplySink,
+                      delay_s: float = TYPING_DELAY_S) -> None:
+    """Show "typing..." until cancelled, from `delay_s` on if nothing of the reply shows by then. A reply
+    that starts sooner needs no indicator, and would be outlasted by it: the persona's message comes
+    from a webhook, not from the bot, so Discord keeps showing the bot typing for up to 10 s after it.
+    A failed typing call only costs the indicator."""
+    await asyncio.sleep(delay_s)
+    if sink.message_ids:
+        return
     with contextlib.suppress(discord.HTTPException):
         async with channel.typing():
             await asyncio.Event().wait()

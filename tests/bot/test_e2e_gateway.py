@@ -20,6 +20,7 @@ from PIL import Image
 
 from bot.app import DiscordSetupError, MasqueBot, apply_endpoints, run_discord
 from bot.cards import expand
+from bot.discord_io.replies import TYPING_DELAY_S
 from bot.engine_client import EngineClient
 from bot.pipeline import persona_card
 from bot.settings import BotSettings
@@ -187,12 +188,33 @@ async def test_a_user_message_gets_a_streamed_reply_as_the_persona_that_pings_no
         assert not call.json["allowed_mentions"].get("users") and not call.json["allowed_mentions"].get("roles")
     assert persona_calls[0].json["username"] == "Wren"
     assert final.json["content"].startswith("@everyone look!")
-    assert discord_server.calls_to("POST", f"/channels/{said['channel_id']}/typing")
     turn = await bot.store.turn_by_message(int(said["id"]))
     assert turn is not None and turn.text == "Wren, what is behind the door?"
     # Discord echoed the persona's webhook messages back through the gateway: no reply to them.
     await asyncio.sleep(0.5)
     assert len(fake_engine.requests_to("/v1/chat/completions")) == len(chats)
+
+
+async def test_typing_shows_only_while_a_reply_is_slow_to_start(
+        bot: MasqueBot, discord_server: FakeDiscord, fake_engine: FakeEngine) -> None:
+    await start_story(discord_server)
+    fake_engine.latency = TYPING_DELAY_S + 0.8  # nothing to show for a while: "typing..."
+    since = len(discord_server.calls)
+    said = await discord_server.user_says("Wren?")
+    typing = f"/channels/{said['channel_id']}/typing"
+    await discord_server.wait_for_call(lambda c: c.method == "PATCH" and buttons(c.json or {}) != [],
+                                       since=since, wait_s=20)
+    calls = discord_server.calls[since:]
+    typed = [i for i, c in enumerate(calls) if c.method == "POST" and c.path.endswith(typing)]
+    posted = [i for i, c in enumerate(calls) if c in discord_server.webhook_calls() and c.method == "POST"]
+    assert typed and posted and typed[0] < posted[0]
+    fake_engine.latency = 0.0  # shown at once: no indicator, which Discord would keep up after the reply
+    since = len(discord_server.calls)
+    await discord_server.user_says("And now?")
+    await discord_server.wait_for_call(lambda c: c.method == "PATCH" and buttons(c.json or {}) != [],
+                                       since=since, wait_s=20)
+    await asyncio.sleep(TYPING_DELAY_S + 0.3)
+    assert not [c for c in discord_server.calls[since:] if c.method == "POST" and c.path.endswith(typing)]
 
 
 async def test_an_image_attachment_reaches_the_engine_and_art_is_uploaded_as_multipart(
