@@ -75,7 +75,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     kv_heads, length = key.shape[1], key.shape[2]
     queries = query.view(batch, kv_heads, heads // kv_heads, dim)
     keys_t = key.transpose(2, 3)  # [batch, kv heads, dim, keys]: each row's keys as bmm wants them
-    if batch == 1:  # the same arithmetic without the per-row views
+    if batch == 1 and not starts[0]:  # the same products as _one_row's, on [1, kv heads, ...] views
+        return torch.matmul(torch.matmul(queries, keys_t).softmax(dim=-1), value).view(1, heads * dim)
+    if batch == 1:
         return _one_row(queries[0], keys_t[0], value[0], starts[0], length).view(1, heads * dim)
     rows = [_one_row(q, k, v, start, length)
             for q, k, v, start in zip(queries.unbind(), keys_t.unbind(), value.unbind(), starts, strict=True)]
