@@ -85,3 +85,26 @@ async def test_the_urls_file_uri_and_options_reach_sqlite(engine, tmp_path: Path
                 await conn.execute(text("INSERT INTO t (name) VALUES ('x')"))
     finally:
         await read_only.dispose()
+
+
+async def test_rollbacks_roll_back_and_a_committed_connection_goes_back_without_a_trip(engine, monkeypatch):
+    with pytest.raises(RuntimeError):
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO t (name) VALUES ('gone')"))
+            raise RuntimeError("a failure mid-transaction")
+    async with engine.connect() as conn:  # closed without a commit: the pool's reset rolls it back
+        await conn.execute(text("INSERT INTO t (name) VALUES ('never committed')"))
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 0
+
+    trips = []
+    real = OneTripConnection._execute
+
+    async def counted(self, fn, *args, **kwargs):
+        trips.append(getattr(fn, "__name__", ""))
+        return await real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(OneTripConnection, "_execute", counted)
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO t (name) VALUES ('kept')"))
+    assert trips.count("commit") == 1 and "rollback" not in trips

@@ -5,7 +5,8 @@ event loop. SQLAlchemy's adapter makes four such calls a statement (open a curso
 the rows, close the cursor), and each hand-off costs the event loop a wake-up and the two threads a
 GIL exchange: on a message's dozen statements, more CPU than SQLite's own work. The cursor here
 does the four in one call and keeps what SQLAlchemy reads afterwards (rows, description, rowcount,
-lastrowid). Everything else is aiosqlite's: its thread, its queue, its connection and errors.
+lastrowid). A rollback with no transaction open (the pool's reset of every connection it takes
+back) takes no trip. Everything else is aiosqlite's: its thread, its queue, its connection and errors.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ class OneTripConnection(aiosqlite.Connection):
     @contextmanager
     async def cursor(self) -> OneTripCursor:
         return OneTripCursor(self)
+
+    async def rollback(self) -> None:
+        # SQLAlchemy's pool rolls back each connection it takes back, after a commit too: without a
+        # transaction open that is a trip to the thread for nothing. (The flag is read here, in the
+        # loop's thread: the connection is being returned, so no statement of it is in flight.)
+        if self._connection is not None and not self._connection.in_transaction:
+            return
+        await super().rollback()
 
     async def run(self, work: Any) -> Any:
         """`work(sqlite3_connection)` on the connection's thread."""
