@@ -20,10 +20,10 @@ It prints, side by side:
   goals: one channel >= llama.cpp batch 1, eight channels >= 3x llama.cpp batch 1.
 
 With ``--rounds N`` every backend's server stays up and the measures run in N interleaved rounds
-(the anchor, then each backend at each level), so that a noisy neighbour on a shared machine hurts
+(the anchor, then each level on each backend in turn), so that a noisy neighbour on a shared machine hurts
 them alike; it prints each level's best and median of N, and the goals judged on the best of N,
 on the medians, and round by round (each round against its own anchor). The one-at-a-time
-requests run in the first round only.
+requests run once, after the first round.
 
 Backends: ``llm`` (transformers in ``--dtype``), ``llm-int4`` (the offline default: 4-bit decode
 steps, see engine.lean), ``llm-int8`` (float32 with
@@ -181,7 +181,7 @@ async def chat_server(settings: EngineSettings) -> AsyncIterator[openai.AsyncOpe
 
 @dataclass
 class Level:
-    """One load level over the rounds: the concurrent runs, and the one-at-a-time run (round 1)."""
+    """One load level over the rounds: the concurrent runs, and the one-at-a-time run (once)."""
 
     batched: list[Run]
     alone: Run | None = None
@@ -194,11 +194,13 @@ class Level:
 async def bench_chat(backends: dict[str, EngineSettings], levels: list[int], max_tokens: int,
                      rounds: int, anchor: Callable[[], float] | None) -> tuple[dict, list[float]]:
     """Serve SmolLM2 on every backend at once and measure them in interleaved rounds: per round
-    the llama.cpp anchor (``anchor()``, batch 1), then each backend at each load level, so that a
-    noisy neighbour hurts them alike. The same requests one at a time run in the first round only
-    (they take longer than all the concurrent levels together). Returns ({backend: {level:
-    Level}}, the anchor's tok/s per round)."""
-    results: dict[str, dict[int, Level]] = {name: {} for name in backends}
+    the llama.cpp anchor (``anchor()``, batch 1), then each load level on each backend in turn, so
+    that a noisy neighbour hurts them alike and batch 1 runs right after the anchor. The same
+    requests one at a time run once, after the first round (they take longer than all the
+    concurrent levels together). Returns ({backend: {level: Level}}, the anchor's tok/s per
+    round)."""
+    results: dict[str, dict[int, Level]] = {name: {level: Level([]) for level in levels}
+                                            for name in backends}
     anchors: list[float] = []
     async with AsyncExitStack() as stack:
         clients = {name: await stack.enter_async_context(chat_server(settings))
@@ -207,17 +209,21 @@ async def bench_chat(backends: dict[str, EngineSettings], levels: list[int], max
             if anchor is not None:
                 anchors.append(anchor())
                 print(f"round {round_ + 1}: llama.cpp batch 1 {anchors[-1]:.1f} tok/s", flush=True)
-            for name, client in clients.items():
+            for level in levels:  # level by level, the backends side by side
+                questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(level)]
+                for name, client in clients.items():
+                    batched = await concurrent(client, questions, max_tokens)
+                    results[name][level].batched.append(batched)
+                    print(f"round {round_ + 1}: {name} level {level:2d}: batched "
+                          f"{batched.rate:6.1f} tok/s", flush=True)
+            if round_ == 0:
                 for level in levels:
                     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(level)]
-                    batched = await concurrent(client, questions, max_tokens)
-                    entry = results[name].setdefault(level, Level([]))
-                    entry.batched.append(batched)
-                    line = f"round {round_ + 1}: {name} level {level:2d}: batched {batched.rate:6.1f} tok/s"
-                    if round_ == 0:
-                        entry.alone = await sequential(client, questions, max_tokens)
-                        line += f", one at a time {entry.alone.rate:6.1f} tok/s"
-                    print(line, flush=True)
+                    for name, client in clients.items():
+                        alone = results[name][level].alone = await sequential(
+                            client, questions, max_tokens)
+                        print(f"{name} level {level:2d}: one at a time {alone.rate:6.1f} tok/s",
+                              flush=True)
     return results, anchors
 
 
@@ -566,8 +572,8 @@ def main(argv: list[str] | None = None) -> None:
         report_samplers(rates, timings, args, time.perf_counter() - started)
         return
     anchor = None if args.skip_llama else llama_cpp_anchor(settings, args.max_tokens, args.threads)
-    print(f"chat load levels, {args.rounds} round(s): llama.cpp batch 1, then each backend "
-          "(concurrent; in round 1 also the same requests one at a time)")
+    print(f"chat load levels, {args.rounds} round(s): llama.cpp batch 1, then each level on each "
+          "backend (concurrent; after round 1, the same requests one at a time)")
     chats, anchors = asyncio.run(bench_chat(
         {backend: chat_settings(args, backend) for backend in args.backends}, args.levels,
         args.max_tokens, args.rounds, anchor))
