@@ -13,6 +13,7 @@ from bot.cards import parse_card
 from bot.store import (
     GLOBAL_GUILD,
     AuthorKind,
+    DuplicateMessage,
     NewTurn,
     PersonaExists,
     SceneArt,
@@ -108,6 +109,27 @@ async def test_turns_swipes_messages_and_rewind(store: Store):
     assert await store.count_turns(story.id) == 1 and await store.turn_by_message(3001) is None
     nxt = await store.add_turn(story.id, NewTurn(AuthorKind.USER, "again"))
     assert nxt.position == 3  # positions never repeat, even after a rewind
+
+
+async def test_a_turn_is_stored_whole_or_not_at_all(store: Store):
+    story = await new_story(store)
+    first = await store.add_turn(story.id, NewTurn(AuthorKind.USER, "Knock knock", message_ids=[71]))
+    with pytest.raises(DuplicateMessage):  # one of its messages already shows a turn
+        await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, "Who?", swipes=["Who?", "Yes?"],
+                                               message_ids=[72, 71]))
+    with pytest.raises(LookupError, match="does not exist"):
+        await store.add_turn(story.id + 1000, NewTurn(AuthorKind.USER, "Anyone?", message_ids=[73]))
+    assert [(t.text, [m.message_id for m in t.messages]) for t in await store.recent_turns(story.id)] == [
+        ("Knock knock", [71])]
+    assert await store.turn_by_message(72) is None and await store.turn_by_message(73) is None
+    second = await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, "Who?", swipes=["Who?", "Yes?"],
+                                                    token_count=2, message_ids=[74, 75]))
+    stored = await store.get_turn(second.id)
+    for turn in (second, stored):  # what add_turn returns is what was stored
+        assert turn.position == first.position + 1  # the refused turn took no position
+        assert [(s.index, s.text, s.token_count) for s in turn.swipes] == [(0, "Who?", 2), (1, "Yes?", 2)]
+        assert [(m.message_id, m.part) for m in turn.messages] == [(74, 0), (75, 1)]
+        assert (turn.author_kind, turn.text, turn.selected_swipe) == (AuthorKind.PERSONA, "Who?", 0)
 
 
 async def test_turns_answered_after_a_reply_that_came_meanwhile_move_after_it(store: Store):

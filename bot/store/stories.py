@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import BigInteger, Text, bindparam, delete, func, insert, select, true, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
@@ -76,6 +77,42 @@ _NEXT_POSITION = (update(Story).where(Story.id == bindparam("story"))
 _INSERT_TURN = insert(Turn).returning(Turn.id)
 _INSERT_SWIPES = insert(Swipe)
 _INSERT_MESSAGES = insert(TurnMessage)
+
+
+def _add_turn_at_once():
+    """PostgreSQL: add_turn's four writes in one statement, through data-modifying CTEs: the story's
+    counter (its row lock orders concurrent turns), the turn at the new position, a swipe per text
+    and a row per message id (unnested arrays, numbered from 0). Nothing is written when the story
+    is gone (no row back), or when a message id is taken (the statement fails whole)."""
+    turns = Turn.__table__
+
+    def param(name: str, type_: Any = None) -> Any:  # "new_...": a bind named as a column would be SET too
+        return bindparam(f"new_{name}", type_=type_ if type_ is not None else turns.c[name].type)
+
+    seq = (update(Story).where(Story.id == param("story_id")).values(turn_seq=Story.turn_seq + 1,
+                                                                    updated_at=param("now", turns.c.updated_at.type))
+           .returning(Story.turn_seq).cte("seq"))
+    now = param("now", turns.c.created_at.type)
+    values = {"story_id": param("story_id"), "position": seq.c.turn_seq, "author_kind": param("author_kind"),
+              "author_id": param("author_id"), "author_name": param("author_name"),
+              "persona_id": param("persona_id"), "text": param("text"), "attachments": param("attachments"),
+              "token_count": param("token_count"), "selected_swipe": param("selected_swipe"),
+              "created_at": now, "updated_at": now}
+    turn = (insert(Turn).from_select(list(values), select(*values.values()).select_from(seq))
+            .returning(Turn.id, Turn.position).cte("turn"))
+    texts = func.unnest(bindparam("new_texts", type_=ARRAY(Text))).table_valued("text", with_ordinality="part").render_derived()
+    ids = func.unnest(bindparam("new_message_ids", type_=ARRAY(BigInteger))).table_valued(
+        "message_id", with_ordinality="part").render_derived()
+    swipes = insert(Swipe).from_select(
+        ["turn_id", "index", "text", "token_count", "created_at"],
+        select(turn.c.id, texts.c.part - 1, texts.c.text, param("token_count"), now).select_from(turn).join(texts, true()))
+    messages = insert(TurnMessage).from_select(
+        ["message_id", "turn_id", "part"],
+        select(ids.c.message_id, turn.c.id, ids.c.part - 1).select_from(turn).join(ids, true()))
+    return select(turn.c.id, turn.c.position).add_cte(swipes.cte("swipes"), messages.cte("messages"))
+
+
+_ADD_TURN_AT_ONCE = _add_turn_at_once()
 
 # cache kinds (see Database._cached): read on every message, written only by the methods below
 CHANNEL_SETTINGS = "channel_settings"
@@ -239,31 +276,53 @@ class StoryRepo(MemoryRepo):
             raise
 
     async def _add_turn(self, story_id: int, new: NewTurn) -> Turn:
-        # Core inserts on a Core connection, not the ORM's unit of work nor its execution path: a turn
+        # Core statements on a Core connection, not the ORM's unit of work nor its execution path: a turn
         # is written on every message, and either cost more CPU than the statements themselves. The
         # Turn returned is built here.
         texts = list(new.swipes) or ([new.text] if new.author_kind == AuthorKind.PERSONA else [])
         now = utcnow()
-        async with self.connection() as connection:
-            position = (await connection.execute(_NEXT_POSITION, {"story": story_id, "now": now})).scalar()
-            if position is None:
-                raise LookupError(f"story {story_id} does not exist")
-            row = dict(story_id=story_id, position=position, author_kind=new.author_kind,
-                       author_id=new.author_id, author_name=new.author_name, persona_id=new.persona_id,
-                       text=texts[0] if texts else new.text, attachments=list(new.attachments),
-                       token_count=new.token_count, selected_swipe=0, created_at=now, updated_at=now)
-            turn_id = (await connection.execute(_INSERT_TURN, row)).scalar()
-            swipes = [dict(turn_id=turn_id, index=i, text=t, token_count=new.token_count, created_at=now)
-                      for i, t in enumerate(texts)]
-            messages = [dict(message_id=m, turn_id=turn_id, part=i) for i, m in enumerate(new.message_ids)]
-            if swipes:
-                await connection.execute(_INSERT_SWIPES, swipes)
-            if messages:
-                await connection.execute(_INSERT_MESSAGES, messages)
+        row = dict(story_id=story_id, author_kind=new.author_kind, author_id=new.author_id,
+                   author_name=new.author_name, persona_id=new.persona_id, text=texts[0] if texts else new.text,
+                   attachments=list(new.attachments), token_count=new.token_count, selected_swipe=0,
+                   created_at=now, updated_at=now)
+        write = self._insert_turn if self._sqlite else self._insert_turn_at_once
+        turn_id, position = await write(row, texts, list(new.message_ids))
         if new.author_kind == AuthorKind.PERSONA:
             self._note_persona_turn(story_id, position)
-        return Turn(id=turn_id, **row, swipes=[Swipe(**s) for s in swipes],
-                    messages=[TurnMessage(**m) for m in messages])
+        swipes = [Swipe(turn_id=turn_id, index=i, text=t, token_count=new.token_count, created_at=now)
+                  for i, t in enumerate(texts)]
+        messages = [TurnMessage(message_id=m, turn_id=turn_id, part=i) for i, m in enumerate(new.message_ids)]
+        return Turn(id=turn_id, position=position, **row, swipes=swipes, messages=messages)
+
+    async def _insert_turn(self, row: dict[str, Any], texts: list[str], message_ids: list[int]) -> tuple[int, int]:
+        """A turn, its swipes and its messages in one transaction: (turn id, position)."""
+        async with self.connection() as connection:
+            position = (await connection.execute(_NEXT_POSITION, {"story": row["story_id"],
+                                                                   "now": row["created_at"]})).scalar()
+            if position is None:
+                raise LookupError(f"story {row['story_id']} does not exist")
+            turn_id = (await connection.execute(_INSERT_TURN, {**row, "position": position})).scalar()
+            if texts:
+                await connection.execute(_INSERT_SWIPES, [
+                    dict(turn_id=turn_id, index=i, text=t, token_count=row["token_count"], created_at=row["created_at"])
+                    for i, t in enumerate(texts)])
+            if message_ids:
+                await connection.execute(_INSERT_MESSAGES, [dict(message_id=m, turn_id=turn_id, part=i)
+                                                            for i, m in enumerate(message_ids)])
+        return turn_id, position
+
+    async def _insert_turn_at_once(self, row: dict[str, Any], texts: list[str],
+                                   message_ids: list[int]) -> tuple[int, int]:
+        """PostgreSQL: what `_insert_turn` writes, as one statement in autocommit (`_ADD_TURN_AT_ONCE`):
+        one round trip where BEGIN, four statements and COMMIT took six; as atomic as a transaction."""
+        async with self.engine.connect() as connection:
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            added = (await connection.execute(_ADD_TURN_AT_ONCE, {
+                f"new_{k}": v for k, v in {**row, "now": row["created_at"], "texts": texts,
+                                           "message_ids": message_ids}.items()})).first()
+        if added is None:
+            raise LookupError(f"story {row['story_id']} does not exist")
+        return added.id, added.position
 
     async def answer_after(self, story_id: int, turns: Sequence[Turn]) -> None:
         """Put people's turns about to be answered after any persona turn stored since they came (they

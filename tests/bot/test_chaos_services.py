@@ -226,7 +226,7 @@ async def test_postgres_connection_dropped_during_a_write(pg_store: Store, fake_
                 waiting = await locker.fetch(
                     "SELECT pid, query FROM pg_stat_activity WHERE datname = current_database()"
                     " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
-            assert any(r["query"].startswith("INSERT INTO turns") for r in waiting), waiting
+            assert any("INSERT INTO turns" in r["query"] for r in waiting), waiting  # the turn's write
             killed = await locker.fetchval(
                 "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE"
                 " datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()) AS k")
