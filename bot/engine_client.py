@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
-from bot.engine_http import SSEParser, StatusError, env_proxy, error_fields, retry_delay
+from bot.engine_http import SSEParser, StatusError, env_proxy, error_fields, loads, retry_delay
 from bot.story.generation import EXTRA_PARAMS
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ class EngineClient:
 
     async def _json(self, endpoint: _Endpoint, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON of a 2xx answer, with retries (a body that is not JSON raises JSONDecodeError)."""
-        return json.loads(await self._read(endpoint, method, path, **kwargs))
+        return loads(await self._read(endpoint, method, path, **kwargs))
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt`, again up to `retries` times after a connection error, a timeout or an answer
@@ -489,7 +489,7 @@ class EngineClient:
             async def attempt() -> bytes:
                 async with await self._request(endpoint, "POST", "/audio/transcriptions", data=form()) as response:
                     return await response.read()
-            result = json.loads(await self._retrying(attempt))
+            result = loads(await self._retrying(attempt))
             text = result.get("text") if isinstance(result, dict) else None
             if not isinstance(text, str):
                 raise EngineBadResponse("the transcription has no text")
@@ -624,7 +624,7 @@ async def _stream_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[Any]
                     async with asyncio.timeout(DONE_DRAIN_S):
                         await response.content.read()
                 return
-            chunk = json.loads(data)
+            chunk = loads(data)
             if isinstance(chunk, dict) and chunk.get("error"):
                 message, _ = error_fields(chunk)
                 raise EngineBadResponse(f"chat: the engine failed mid-stream: {message or 'no reason given'}")

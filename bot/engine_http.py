@@ -12,9 +12,21 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 # Retries wait as the openai client did: 0.5 s doubling up to 8 s, less up to a quarter (jitter), or what
 # the server asks in Retry-After / retry-after-ms when that is short (a longer ask gets the backoff).
 RETRY_BASE_S, RETRY_MAX_S, RETRY_AFTER_CAP_S = 0.5, 8.0, 20.0
+
+
+def loads(data: bytes | str) -> Any:
+    """The JSON of an engine's answer or streamed chunk: orjson, several times faster than json on an
+    embedding's floats; what it refuses, json reads (NaN, Infinity, integers past 64 bits) or refuses
+    with its own errors (JSONDecodeError, UnicodeDecodeError), as before."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def env_proxy(url: str) -> str | None:
