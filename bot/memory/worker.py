@@ -180,21 +180,21 @@ class MemoryWorker:
     # ------------------------------------------------------------ the work
 
     async def _embed(self, story_id: int) -> None:
-        """Embed the story's turns that have none, oldest first."""
-        offered = self._vectors.pop(story_id, [])
-        if offered:
-            await self.store.add_embeddings(story_id, offered, self.engine.models.embedding)
-        for _ in range(EMBED_ROUNDS):
-            turns = await self.store.turns_to_embed(story_id, EMBED_BATCH)
-            texts = [embedding_text(t) for t in turns]
-            if not turns:
-                return
-            vectors = await self.engine.embed(texts)
-            await self.store.add_embeddings(story_id, [(t.id, t.position, v) for t, v in zip(turns, vectors,
-                                                                                               strict=True)],
-                                            self.engine.models.embedding)
-            if len(turns) < EMBED_BATCH:
-                return
+        """Embed the story's turns that have none, oldest first; the vectors offered meanwhile (the
+        recall queries of user turns) are stored with the first batch, in the same write."""
+        offered = {turn_id: (turn_id, position, v) for turn_id, position, v in self._vectors.pop(story_id, [])}
+        try:
+            for _ in range(EMBED_ROUNDS):
+                turns = await self.store.turns_to_embed(story_id, EMBED_BATCH)
+                needed = [t for t in turns if t.id not in offered]
+                vectors = await self.engine.embed([embedding_text(t) for t in needed]) if needed else []
+                items = [(t.id, t.position, offered.pop(t.id)[2]) for t in turns if t.id in offered]
+                items += [(t.id, t.position, v) for t, v in zip(needed, vectors, strict=True)]
+                await self.store.add_embeddings(story_id, items, self.engine.models.embedding)
+                if len(turns) < EMBED_BATCH:
+                    return
+        finally:  # an engine error, or offers past the batches (already embedded, or still queued)
+            await self.store.add_embeddings(story_id, list(offered.values()), self.engine.models.embedding)
 
     async def _summarise(self, story_id: int, window_start: int | None) -> None:
         """Fold the turns that left the window into the summary, a chunk at a time (each chunk stored)."""
@@ -202,6 +202,8 @@ class MemoryWorker:
             return
         latest = await self.store.latest_summary(story_id)
         through = latest.through_position if latest else 0
+        if window_start - through - 1 < self.settings.summary_min_turns:
+            return  # fewer positions than that between them, so fewer turns: nothing to read
         turns = await self.store.turns_between(story_id, through, window_start)
         if len(turns) < self.settings.summary_min_turns:
             return

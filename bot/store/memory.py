@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import LargeBinary, cast, delete, literal_column, select, type_coerce, update
+from sqlalchemy import LargeBinary, bindparam, cast, delete, insert, literal_column, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.store.db import Database
@@ -35,6 +35,15 @@ class _Bank:
     ids: np.ndarray
     positions: np.ndarray
     matrix: np.ndarray  # float32, rows normalised
+
+
+# the memory worker's statements after every turn, built once
+_TURNS_TO_EMBED = (select(Turn).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
+                   .where(Turn.story_id == bindparam("story"), TurnEmbedding.turn_id.is_(None))
+                   .order_by(Turn.position).limit(bindparam("limit")))
+_NOT_EMBEDDED = (select(Turn.id).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
+                 .where(Turn.id.in_(bindparam("ids", expanding=True)), TurnEmbedding.turn_id.is_(None)))
+_INSERT_EMBEDDINGS = insert(TurnEmbedding)
 
 
 class MemoryRepo(Database):
@@ -113,10 +122,7 @@ class MemoryRepo(Database):
     async def turns_to_embed(self, story_id: int, limit: int) -> list[Turn]:
         """The story's turns that have no embedding yet, oldest first."""
         async with self.read() as session:
-            return list(await session.scalars(
-                select(Turn).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
-                .where(Turn.story_id == story_id, TurnEmbedding.turn_id.is_(None))
-                .order_by(Turn.position).limit(limit)))
+            return list(await session.scalars(_TURNS_TO_EMBED, {"story": story_id, "limit": limit}))
 
     async def turns_between(self, story_id: int, after: int, before: int) -> list[Turn]:
         """The story's turns with `after` < position < `before`, oldest first (what a summary folds in)."""
@@ -127,17 +133,18 @@ class MemoryRepo(Database):
 
     async def add_embeddings(self, story_id: int, items: Sequence[tuple[int, int, list[float]]],
                              model: str = "") -> None:
-        """Store (turn id, position, vector) triples. A turn deleted meanwhile is skipped."""
+        """Store (turn id, position, vector) triples. A turn deleted meanwhile is skipped. (Core
+        statements built once: this runs after every turn.)"""
         if not items:
             return
-        async with self.session() as session:
-            # the turns still there that have no embedding yet (one query: this runs after every turn)
-            wanted = set(await session.scalars(
-                select(Turn.id).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
-                .where(Turn.id.in_([i[0] for i in items]), TurnEmbedding.turn_id.is_(None))))
+        async with self.connection() as connection:
+            # the turns still there that have no embedding yet
+            wanted = set((await connection.execute(_NOT_EMBEDDED, {"ids": [i[0] for i in items]})).scalars())
             fresh = [i for i in items if i[0] in wanted]
-            session.add_all(TurnEmbedding(turn_id=t, story_id=story_id, position=p, model=model, dim=len(v),
-                                          embedding=list(v)) for t, p, v in fresh)
+            if fresh:
+                await connection.execute(_INSERT_EMBEDDINGS, [
+                    dict(turn_id=t, story_id=story_id, position=p, model=model, dim=len(v), embedding=list(v))
+                    for t, p, v in fresh])
         self._bank_append(story_id, fresh)
 
     async def recall(self, story_id: int, vector: Sequence[float], before: int, k: int) -> list[Turn]:

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from bot.builtin import builtin_personas
-from bot.engine_client import EngineClient
+from bot.engine_client import EngineClient, EngineError
+from bot.memory.worker import embedding_text
 from bot.pipeline import StoryError, StoryPipeline, UserInput
 from bot.settings import BotSettings
-from bot.store import Store
+from bot.store import AuthorKind, NewTurn, Store
 from bot.story.summary import SUMMARY_SYSTEM
 from tests.bot.story_helpers import Collector, chats, next_id
 from tests.fakes.fake_engine import FakeEngine
@@ -198,3 +199,27 @@ async def test_a_summary_call_in_flight_gives_way_to_a_reply_and_is_made_again(p
     await drained(pipeline)
     assert slow["summaries"] >= 2  # the interrupted summary was asked again
     assert await store.latest_summary(story.id) is not None
+
+
+
+async def test_the_worker_stores_offered_vectors_with_its_own_and_keeps_them_when_the_engine_fails(
+        pipeline, fake_engine, store):
+    story, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    await drained(pipeline)
+    worker, dim = pipeline.memory.worker, len((await pipeline.engine.embed(["x"]))[0])
+    await worker.run_once(story.id)  # the greeting
+    user = await store.add_turn(story.id, NewTurn(AuthorKind.USER, FILLER[0]))
+    reply = await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, FILLER[1]))
+    worker.offer_vector(story.id, user.id, user.position, [0.25] * dim)  # the user turn's recall query
+    since = len(fake_engine.requests_to("/v1/embeddings"))
+    await worker.run_once(story.id)
+    assert [r.json["input"] for r in fake_engine.requests_to("/v1/embeddings")[since:]] == [
+        [embedding_text(reply)]]  # the user turn's vector came offered: not made again
+    assert await store.turns_to_embed(story.id, 100) == []
+    user = await store.add_turn(story.id, NewTurn(AuthorKind.USER, FILLER[2]))
+    reply = await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, FILLER[3]))
+    worker.offer_vector(story.id, user.id, user.position, [0.25] * dim)
+    await fake_engine.set_mode("error", times=1, paths=("/v1/embeddings",))
+    with pytest.raises(EngineError):
+        await worker.run_once(story.id)
+    assert [t.id for t in await store.turns_to_embed(story.id, 100)] == [reply.id]  # the offered one is kept
