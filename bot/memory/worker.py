@@ -26,7 +26,8 @@ from bot.story.summary import chunk_turns, clean_summary, summary_messages
 log = logging.getLogger(__name__)
 
 EMBED_BATCH = 32
-EMBED_ROUNDS = 8  # batches per story per visit: a story of 10,000 old turns is backfilled over visits
+EMBED_ROUNDS = 8  # batches per visit: a story of 10,000 old turns is backfilled over visits
+VISIT_STORIES = 64  # stories whose new turns are embedded together
 IDLE_POLL_S = 0.2
 MAX_IDLE_WAIT_S = 10.0
 RETRY_BASE_S = 15.0
@@ -104,7 +105,7 @@ class MemoryWorker:
     async def run_once(self, story_id: int) -> None:
         """Do a story's due work now, raising on failure (tests, benchmarks, `/story summary redo`)."""
         failure: EngineError | None = None
-        steps = (lambda: self._embed(story_id), lambda: self._summarise(story_id, self._windows.get(story_id)))
+        steps = (lambda: self._embed([story_id]), lambda: self._summarise(story_id, self._windows.get(story_id)))
         for step in steps:
             try:  # one failing (an embedding server down) must not hold up the other
                 await step()
@@ -136,9 +137,9 @@ class MemoryWorker:
             self._task = asyncio.create_task(self._run(), name="masque-memory")
 
     async def _run(self) -> None:
-        while story_id := self._next_ready():
+        while ready := self._ready():
             await self._wait_idle()
-            await self._visit(story_id)
+            await self._visit(ready[:VISIT_STORIES])
         waiting = [d.not_before for d in self._due.values()]
         if waiting and (self._retry is None or self._retry.cancelled()):  # retries: come back for the first
             delay = max(min(waiting) - time.monotonic(), IDLE_POLL_S)
@@ -148,9 +149,9 @@ class MemoryWorker:
         self._retry = None
         self._ensure_running()
 
-    def _next_ready(self) -> int | None:
+    def _ready(self) -> list[int]:
         now = time.monotonic()
-        return next((s for s, d in self._due.items() if d.not_before <= now), None)
+        return [s for s, d in self._due.items() if d.not_before <= now]
 
     async def _wait_idle(self) -> None:
         deadline = time.monotonic() + MAX_IDLE_WAIT_S
@@ -159,42 +160,64 @@ class MemoryWorker:
         while self._busy() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(IDLE_POLL_S)
 
-    async def _visit(self, story_id: int) -> None:
-        due = self._due[story_id]
-        notices = due.notices
+    async def _visit(self, story_ids: list[int]) -> None:
+        """The due work of these stories: their new turns embedded together (one read, one embeddings
+        call a batch, one write, however many stories), then each story's summary."""
+        notices = {s: self._due[s].notices for s in story_ids}
         try:
-            await self.run_once(story_id)
-        except Interrupted:
-            return  # still due: done again after the reply
+            await self._embed(story_ids)
+            failed: EngineError | None = None
         except EngineError as exc:
-            due.failures += 1
-            due.not_before = time.monotonic() + min(self.retry_base_s * 2 ** (due.failures - 1), RETRY_MAX_S)
-            log.warning("memory work for story %s failed (%s); retrying in %.0f s", story_id,
-                        exc.__class__.__name__, due.not_before - time.monotonic())
-            return
+            failed = exc
         except Exception:  # a bug must not kill the worker for every story
-            log.exception("memory work for story %s failed", story_id)
-        if due.notices == notices:  # a turn stored meanwhile (a later notify) is done on the next visit
-            self._due.pop(story_id, None)
+            log.exception("embedding the new turns of stories %s failed", story_ids)
+            failed = None
+        for story_id in story_ids:
+            due = self._due[story_id]
+            failure = failed
+            try:
+                await self._wait_idle()
+                await self._summarise(story_id, self._windows.get(story_id))
+            except Interrupted:
+                continue  # still due: done again after the reply
+            except EngineError as exc:
+                failure = failure or exc
+            except Exception:
+                log.exception("memory work for story %s failed", story_id)
+            if failure is not None:
+                due.failures += 1
+                due.not_before = time.monotonic() + min(self.retry_base_s * 2 ** (due.failures - 1), RETRY_MAX_S)
+                log.warning("memory work for story %s failed (%s); retrying in %.0f s", story_id,
+                            failure.__class__.__name__, due.not_before - time.monotonic())
+            elif due.notices == notices[story_id]:  # a turn stored meanwhile (a later notify): the next visit
+                self._due.pop(story_id, None)
 
     # ------------------------------------------------------------ the work
 
-    async def _embed(self, story_id: int) -> None:
-        """Embed the story's turns that have none, oldest first; the vectors offered meanwhile (the
+    async def _embed(self, story_ids: list[int]) -> None:
+        """Embed these stories' turns that have none, oldest first; the vectors offered meanwhile (the
         recall queries of user turns) are stored with the first batch, in the same write."""
-        offered = {turn_id: (turn_id, position, v) for turn_id, position, v in self._vectors.pop(story_id, [])}
+        offered = {turn_id: (story_id, position, v) for story_id in story_ids
+                   for turn_id, position, v in self._vectors.pop(story_id, [])}
+        model = self.engine.models.embedding
         try:
             for _ in range(EMBED_ROUNDS):
-                turns = await self.store.turns_to_embed(story_id, EMBED_BATCH)
+                turns = await self.store.turns_to_embed_in(story_ids, EMBED_BATCH)
                 needed = [t for t in turns if t.id not in offered]
                 vectors = await self.engine.embed([embedding_text(t) for t in needed]) if needed else []
-                items = [(t.id, t.position, offered.pop(t.id)[2]) for t in turns if t.id in offered]
-                items += [(t.id, t.position, v) for t, v in zip(needed, vectors, strict=True)]
-                await self.store.add_embeddings(story_id, items, self.engine.models.embedding)
+                made = dict(zip((t.id for t in needed), vectors, strict=True))
+                items: dict[int, list[tuple[int, int, list[float]]]] = {}
+                for turn in turns:
+                    vector = offered.pop(turn.id)[2] if turn.id in offered else made[turn.id]
+                    items.setdefault(turn.story_id, []).append((turn.id, turn.position, vector))
+                await self.store.add_embeddings_in(items, model)
                 if len(turns) < EMBED_BATCH:
                     return
         finally:  # an engine error, or offers past the batches (already embedded, or still queued)
-            await self.store.add_embeddings(story_id, list(offered.values()), self.engine.models.embedding)
+            left: dict[int, list[tuple[int, int, list[float]]]] = {}
+            for turn_id, (story_id, position, vector) in offered.items():
+                left.setdefault(story_id, []).append((turn_id, position, vector))
+            await self.store.add_embeddings_in(left, model)
 
     async def _summarise(self, story_id: int, window_start: int | None) -> None:
         """Fold the turns that left the window into the summary, a chunk at a time (each chunk stored)."""

@@ -11,7 +11,7 @@ cannot go stale behind our back; every write here keeps it right.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +39,8 @@ class _Bank:
 
 # the memory worker's statements after every turn, built once
 _TURNS_TO_EMBED = (select(Turn).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
-                   .where(Turn.story_id == bindparam("story"), TurnEmbedding.turn_id.is_(None))
-                   .order_by(Turn.position).limit(bindparam("limit")))
+                   .where(Turn.story_id.in_(bindparam("stories", expanding=True)), TurnEmbedding.turn_id.is_(None))
+                   .order_by(Turn.id).limit(bindparam("limit")))
 _NOT_EMBEDDED = (select(Turn.id).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
                  .where(Turn.id.in_(bindparam("ids", expanding=True)), TurnEmbedding.turn_id.is_(None)))
 _INSERT_EMBEDDINGS = insert(TurnEmbedding)
@@ -121,8 +121,12 @@ class MemoryRepo(Database):
 
     async def turns_to_embed(self, story_id: int, limit: int) -> list[Turn]:
         """The story's turns that have no embedding yet, oldest first."""
+        return await self.turns_to_embed_in([story_id], limit)
+
+    async def turns_to_embed_in(self, story_ids: Sequence[int], limit: int) -> list[Turn]:
+        """These stories' turns that have no embedding yet, the oldest stored first."""
         async with self.read() as session:
-            return list(await session.scalars(_TURNS_TO_EMBED, {"story": story_id, "limit": limit}))
+            return list(await session.scalars(_TURNS_TO_EMBED, {"stories": list(story_ids), "limit": limit}))
 
     async def turns_between(self, story_id: int, after: int, before: int) -> list[Turn]:
         """The story's turns with `after` < position < `before`, oldest first (what a summary folds in)."""
@@ -133,19 +137,26 @@ class MemoryRepo(Database):
 
     async def add_embeddings(self, story_id: int, items: Sequence[tuple[int, int, list[float]]],
                              model: str = "") -> None:
-        """Store (turn id, position, vector) triples. A turn deleted meanwhile is skipped. (Core
+        """Store (turn id, position, vector) triples. A turn deleted meanwhile is skipped."""
+        await self.add_embeddings_in({story_id: items}, model)
+
+    async def add_embeddings_in(self, items: Mapping[int, Sequence[tuple[int, int, list[float]]]],
+                                model: str = "") -> None:
+        """`add_embeddings` for several stories (story id -> its triples), in one transaction. (Core
         statements built once: this runs after every turn.)"""
-        if not items:
+        if not any(items.values()):
             return
         async with self.connection() as connection:
             # the turns still there that have no embedding yet
-            wanted = set((await connection.execute(_NOT_EMBEDDED, {"ids": [i[0] for i in items]})).scalars())
-            fresh = [i for i in items if i[0] in wanted]
-            if fresh:
-                await connection.execute(_INSERT_EMBEDDINGS, [
-                    dict(turn_id=t, story_id=story_id, position=p, model=model, dim=len(v), embedding=list(v))
-                    for t, p, v in fresh])
-        self._bank_append(story_id, fresh)
+            wanted = set((await connection.execute(_NOT_EMBEDDED, {
+                "ids": [turn_id for triples in items.values() for turn_id, _, _ in triples]})).scalars())
+            fresh = {story_id: [i for i in triples if i[0] in wanted] for story_id, triples in items.items()}
+            rows = [dict(turn_id=t, story_id=story_id, position=p, model=model, dim=len(v), embedding=list(v))
+                    for story_id, triples in fresh.items() for t, p, v in triples]
+            if rows:
+                await connection.execute(_INSERT_EMBEDDINGS, rows)
+        for story_id, triples in fresh.items():
+            self._bank_append(story_id, triples)
 
     async def recall(self, story_id: int, vector: Sequence[float], before: int, k: int) -> list[Turn]:
         """The `k` turns before position `before` closest to `vector` (cosine), in story order."""

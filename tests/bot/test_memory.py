@@ -223,3 +223,18 @@ async def test_the_worker_stores_offered_vectors_with_its_own_and_keeps_them_whe
     with pytest.raises(EngineError):
         await worker.run_once(story.id)
     assert [t.id for t in await store.turns_to_embed(story.id, 100)] == [reply.id]  # the offered one is kept
+
+
+async def test_the_new_turns_of_several_stories_are_embedded_in_one_call(pipeline, fake_engine, store):
+    first, _, _ = await pipeline.start_story(CHANNEL, GUILD, "Wren Halloway", "Ann")
+    second, _, _ = await pipeline.start_story(CHANNEL + 1, GUILD, "Wren Halloway", "Bo")
+    await drained(pipeline)
+    turns = [await store.add_turn(story.id, NewTurn(AuthorKind.PERSONA, line))
+             for story, line in ((first, FILLER[0]), (second, FILLER[1]))]
+    since = len(fake_engine.requests_to("/v1/embeddings"))
+    pipeline.memory.worker.notify(first.id, None)  # both due at once, as after a busy minute
+    pipeline.memory.worker.notify(second.id, None)
+    await drained(pipeline)
+    calls = [r.json["input"] for r in fake_engine.requests_to("/v1/embeddings")[since:]]
+    assert len(calls) == 1 and set(calls[0]) >= {embedding_text(t) for t in turns}
+    assert await store.turns_to_embed_in([first.id, second.id], 100) == []
