@@ -32,7 +32,12 @@ from engine.attention import NAME as ROWWISE_ATTENTION
 from engine.attention import row_starts
 from engine.prefix_cache import PrefixCache, common_prefix
 from engine.queueing import Admission
-from engine.sampling import SamplingParams, TokenHistory, sample_rows  # re-exported for callers
+from engine.sampling import (  # re-exported for callers
+    SamplingParams,
+    TokenHistory,
+    greedy_tokens,
+    sample_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,6 @@ IDLE_POLL_SECONDS = 0.5
 PREFILL_CHUNK = 128
 
 StepObserver = Callable[[int, float, int], None]  # (new tokens, seconds, batch size)
-ARGMAX_CHUNK = 1024  # see greedy_tokens
 
 
 class TextStream:
@@ -543,19 +547,6 @@ def _reusable(prompt: list[int], other: list[int]) -> bool:
     """Whether ``prompt`` could take a chunk or more of its prefix from ``other``'s state (see
     PrefixCache.lookup: at least one token is left to run, reuse ends on a chunk boundary)."""
     return min(common_prefix(prompt, other), len(prompt) - 1) >= PREFILL_CHUNK
-
-
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)`` for [batch, vocab] logits (the first index of each row's maximum,
-    NaN counting as the maximum, as argmax has it), via the maxima of ARGMAX_CHUNK-wide chunks:
-    torch's argmax walks the vocabulary one element at a time (0.4 ms for 8 rows of SmolLM2's
-    49,152), its max is vectorised (0.02 ms)."""
-    rows, vocab = logits.shape
-    if vocab % ARGMAX_CHUNK:
-        return logits.argmax(dim=-1)
-    chunks = logits.reshape(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
-    best = chunks.amax(dim=-1).argmax(dim=-1)  # the first chunk holding the row's maximum
-    return best * ARGMAX_CHUNK + chunks[torch.arange(rows, device=logits.device), best].argmax(dim=-1)
 
 
 def _left_pad(cache: DynamicCache, mask: torch.Tensor, width: int) -> torch.Tensor:

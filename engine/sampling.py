@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+ARGMAX_CHUNK = 1024  # see greedy_tokens
+
 
 @dataclass
 class SamplingParams:
@@ -151,17 +153,46 @@ def sample_rows(
     1. Penalties, vectorised over the batch (greedy rows too, as vLLM does); ``history``
        holds every row's tokens and must be given when any row is penalised.
     2. Greedy rows (temperature 0) take the argmax.
-    3. Every other row: temperature, top-k, top-p, min-p, then a draw with its generator.
+    3. Every other row: temperature, top-k, top-p, min-p, then a draw with its generator
+       (:func:`draw`).
     ``logits`` itself is left as it was.
     """
     if any(p.penalised for p in params):
         if history is None:
             raise ValueError("penalised rows need their TokenHistory")
         logits = penalise(logits, params, history)
-    tokens = logits.argmax(dim=-1)
+    if any(p.temperature <= 0 for p in params):
+        tokens = greedy_tokens(logits)
+    else:  # every row draws: no argmax to take
+        tokens = torch.zeros(len(params), dtype=torch.long, device=logits.device)
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.temperature <= 0:
             continue
         probs = filter_row(logits[row] / p.temperature, p).softmax(-1)
-        tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+        tokens[row] = draw(probs, gen)
     return tokens
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token from ``probs`` (one row, summing to about 1), by the inverse of its cumulative
+    distribution: a uniform draw u in [0, 1), the first token whose cumulative mass (summed in
+    float64) exceeds u times the total. The distribution of ``torch.multinomial(probs, 1)``, which
+    on the CPU races one exponential draw per token instead: 1 ms a row for SmolLM2's 49,152
+    tokens against 0.05. A token of zero mass (filtered out) is never drawn: its cumulative mass
+    equals its predecessor's. One float32 uniform per draw, so u * total < total."""
+    cumulative = probs.double().cumsum(0)
+    target = torch.rand(1, generator=generator, device=probs.device).double() * cumulative[-1]
+    return torch.searchsorted(cumulative, target, right=True)[0]
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for [batch, vocab] logits (the first index of each row's maximum,
+    NaN counting as the maximum, as argmax has it), via the maxima of ARGMAX_CHUNK-wide chunks:
+    torch's argmax walks the vocabulary one element at a time (0.4 ms for 8 rows of SmolLM2's
+    49,152), its max is vectorised (0.02 ms)."""
+    rows, vocab = logits.shape
+    if vocab % ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    chunks = logits.reshape(rows, vocab // ARGMAX_CHUNK, ARGMAX_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1)  # the first chunk holding the row's maximum
+    return best * ARGMAX_CHUNK + chunks[torch.arange(rows, device=logits.device), best].argmax(dim=-1)

@@ -12,8 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from engine import lean, quantize
 from engine.attention import NAME as ROWWISE_ATTENTION
 from engine.attention import decode_attention
-from engine.batching import ARGMAX_CHUNK, _Batch, _merge, greedy_tokens
+from engine.batching import _Batch, _merge
 from engine.quantize import Int4Linear, Int8Linear, PackedInt8Linear, packed_or_plain
+from engine.sampling import ARGMAX_CHUNK, greedy_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
