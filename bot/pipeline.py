@@ -43,7 +43,7 @@ from bot.story import PromptParts, continue_instruction, estimate_tokens, format
 from bot.story.cast import group_nudge, present_from, scene_members
 from bot.story.generation import Samplers, card_samplers, reply_tokens, resolve
 from bot.story.prompt import stop_sequences
-from bot.story.shaping import may_become_name_prefix, shape_partial, shape_reply
+from bot.story.shaping import PartialShaper, may_become_name_prefix, shape_reply
 
 log = logging.getLogger(__name__)
 __all__ = ["NoStory", "StoryError", "StoryPipeline", "UnknownPersona", "UnknownTurn", "UserInput"]
@@ -415,6 +415,7 @@ class StoryPipeline:
         others = list(dict.fromkeys([*_other_names(turns, user_name, char), *cast]))
         stream = self.engine.chat_stream(messages, max_tokens=max_tokens, stop=stop_sequences(turns, user_name, cast),
                                          **samplers.request_params())
+        shape_partial = PartialShaper(char, others)
         async with contextlib.aclosing(stream):
             async for event in stream:
                 extras = _merge_extras(extras, event)
@@ -423,7 +424,7 @@ class StoryPipeline:
                 text += event.text
                 if may_become_name_prefix(text, char):
                     continue  # do not flash "Wren" before the header is dropped
-                shown, ran_over = shape_partial(text, char, others)
+                shown, ran_over = shape_partial(text)
                 if ran_over:  # the model is writing someone else's turn: stop it there
                     break
                 await sink.update(_joined(prefix, shown))

@@ -43,13 +43,18 @@ def may_become_name_prefix(text: str, char: str) -> bool:
     return len(stripped) <= len(char) + 1 and f"{char}:".startswith(stripped)
 
 
+_MARKUP_ONLY = re.compile(r"[\s*_\[]*")  # what a name line's match may begin with (see _compiled_names)
+
+
 def _name_pattern(names: Sequence[str]) -> re.Pattern[str] | None:
     """Line openings that belong to someone else: "Name:", "**Name:**", "[Name]", "Name says"."""
-    return _compiled_names(tuple(names))
+    return _compiled_names(tuple(names))[0]
 
 
 @functools.lru_cache(maxsize=256)  # asked on every streamed chunk, with the same names all reply long
-def _compiled_names(names: tuple[str, ...]) -> re.Pattern[str] | None:
+def _compiled_names(names: tuple[str, ...]) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
+    """The name-line opening pattern, and one for a line that may start such an opening continued on
+    the next lines (a name alone, in markup: "**Ann**" then ": ..."), for PartialShaper."""
     variants = set()
     for name in names:
         name = name.strip()
@@ -60,14 +65,16 @@ def _compiled_names(names: tuple[str, ...]) -> re.Pattern[str] | None:
         if len(first) >= 3 and first != name:
             variants.add(re.escape(first))
     if not variants:
-        return None
+        return None, None
     alternatives = "|".join(sorted(variants, key=len, reverse=True))
-    return re.compile(rf"^[\s*_\[]*(?:{alternatives})(?:[\s*_\]]*:|\]|\s+(?:says|said|replies|replied|asks|asked)\b)",
-                      re.IGNORECASE | re.MULTILINE)
+    return (re.compile(rf"^[\s*_\[]*(?:{alternatives})(?:[\s*_\]]*:|\]|\s+(?:says|said|replies|replied|asks|asked)\b)",
+                       re.IGNORECASE | re.MULTILINE),
+            re.compile(rf"[\s*_\[]*(?:{alternatives})[\s*_\]]*", re.IGNORECASE))
 
 
-def cut_point(text: str, others: Sequence[str]) -> int | None:
-    """Where the reply starts speaking for someone else (a line offset), or None.
+def cut_point(text: str, others: Sequence[str], start: int = 0) -> int | None:
+    """Where the reply starts speaking for someone else (a line offset), or None; searched from `start`
+    on (a line's start: `PartialShaper` does not search the lines it has read again).
 
     The first line never counts for a second-person narration ("You say" at the very start is the
     persona addressing the user: "You say that like it's easy.").
@@ -75,10 +82,10 @@ def cut_point(text: str, others: Sequence[str]) -> int | None:
     cuts = []
     pattern = _name_pattern([*others, *GENERIC_NAMES])
     if pattern is not None:
-        cuts += [m.start() for m in pattern.finditer(text)]
-    offset = 0
-    for index, line in enumerate(text.splitlines(keepends=True)):
-        if index and _SECOND_PERSON.match(line):
+        cuts += [m.start() for m in pattern.finditer(text, start)]
+    offset = start
+    for line in text[start:].splitlines(keepends=True):
+        if offset and _SECOND_PERSON.match(line):
             cuts.append(offset)
         offset += len(line)
     return min(cuts) if cuts else None
@@ -164,6 +171,34 @@ def shape_partial(text: str, char: str, others: Sequence[str] = ()) -> tuple[str
     if cut is None:
         return reply, False
     return reply[:cut].strip(), True
+
+
+class PartialShaper:
+    """`shape_partial` for one reply as it streams in, the same answers for the same texts: the lines
+    it has read to their end are not searched for other names again (searching the whole text on
+    every chunk made a reply of n chunks cost O(n^2)). Only the last line, and the lines just above it
+    that a name line's opening may begin with (markup alone, a name alone), are read again."""
+
+    def __init__(self, char: str, others: Sequence[str] = ()):
+        self._char, self._others = char, list(others)
+        self._name_line = _compiled_names(tuple([*others, *GENERIC_NAMES]))[1]
+        self._read = ""  # the reply's text up to where the next search starts (a line's start)
+
+    def __call__(self, text: str) -> tuple[str, bool]:
+        reply = clean_header(text, self._char)
+        start = len(self._read) if reply.startswith(self._read) else 0  # else the header went: read all
+        cut = cut_point(reply, self._others, start)
+        if cut is not None:
+            return reply[:cut].strip(), True
+        line = reply.rfind("\n") + 1
+        while line > 0:
+            above = reply.rfind("\n", 0, line - 1) + 1
+            if not (_MARKUP_ONLY.fullmatch(reply, above, line)
+                    or (self._name_line and self._name_line.fullmatch(reply, above, line))):
+                break
+            line = above
+        self._read = reply[:line]
+        return reply, False
 
 
 def _only_a_name(text: str, char: str) -> bool:

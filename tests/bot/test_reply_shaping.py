@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 import simcord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.engine_client import EngineClient
 from bot.pipeline import StoryPipeline, persona_card
 from bot.prefs import GuildPrefs
 from bot.story.generation import PRESETS, Samplers, asked_tokens, card_samplers, reply_tokens, resolve
-from bot.story.shaping import balance_marks, cut_point, shape_partial, shape_reply, trim_incomplete
+from bot.story.shaping import PartialShaper, balance_marks, cut_point, shape_partial, shape_reply, trim_incomplete
 from tests.bot.simcord_kit import make_bot, world
 from tests.bot.story_helpers import Collector, Script, chats, settings_for
 from tests.bot.test_pipeline import CHANNEL, GUILD, said
@@ -21,6 +23,9 @@ from tests.fakes.fake_engine import FakeEngine
 from tests.fakes.fake_vllm import FakeVLLM
 
 OTHERS = ["Ann Marsh", "Bo"]
+# pieces of streamed replies, name lines split across lines and chunks among them
+PIECES = ["Ann", "Ann Marsh", "Bo", "Wren", "You", "you say", "User", "says", ":", "]", "[", "*", "**", "_", " ",
+          "\n", "\n\n", "Hello", " there.", "the key", "Bob", "nods", "“", "*You nod*"]
 
 # -- shaping -----------------------------------------------------------------------------------
 
@@ -213,3 +218,28 @@ async def test_masque_samplers_shows_changes_and_resets(bot_settings, store, fak
         assert "**roleplay (the bot's default)**" in reset.response.content
         assert (await store.guild_settings(w.guild.id))["reply_tokens"] is None
         assert not w.env.errors
+
+
+@pytest.mark.parametrize("text", [
+    "I wait.\nAnn\n: I take the key.", "I wait.\n**\n\n**Bo**: mine.", "Hm.\n[Ann Marsh\n]: no.",
+    "Hm.\nBo\nsays nothing.", "Wren: I nod.\nYou say yes.", "A\n*\n_\nUser:\nhi", "Fine.\n\nAnn Marsh"])
+def test_the_streaming_shaper_finds_name_lines_split_across_chunks(text):
+    for split in range(1, len(text)):  # a chunk ends anywhere, even inside the name line's opening
+        shaper = PartialShaper("Wren", OTHERS)
+        first = shaper(text[:split])
+        assert first == shape_partial(text[:split], "Wren", OTHERS)
+        if not first[1]:
+            assert shaper(text) == shape_partial(text, "Wren", OTHERS), (text, split)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.sampled_from(PIECES), min_size=1, max_size=60), st.data())
+def test_the_streaming_shaper_answers_as_shape_partial_on_every_prefix(pieces, data):
+    text = "".join(pieces)
+    ends = sorted(set(data.draw(st.lists(st.integers(1, len(text)), max_size=20)) + [len(text)]))
+    shaper = PartialShaper("Wren", OTHERS)
+    for end in ends:  # the chunks as they arrive: each call sees the text so far
+        shown = shaper(text[:end])
+        assert shown == shape_partial(text[:end], "Wren", OTHERS), text[:end]
+        if shown[1]:
+            break  # the stream stops there
