@@ -221,8 +221,8 @@ class MemoryWorker:
 
     async def _summarise(self, story_id: int, window_start: int | None) -> None:
         """Fold the turns that left the window into the summary, a chunk at a time (each chunk stored)."""
-        if window_start is None:
-            return
+        if window_start is None or window_start - 1 < self.settings.summary_min_turns:
+            return  # too few positions before the window for a summary, whatever the last one covers
         latest = await self.store.latest_summary(story_id)
         through = latest.through_position if latest else 0
         if window_start - through - 1 < self.settings.summary_min_turns:

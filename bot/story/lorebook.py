@@ -38,6 +38,8 @@ from bot.story.lore_entries import (
 )
 from bot.story.tokens import estimate_tokens
 
+_RNG = random.Random()  # lore's probability rolls when no rng is given (seeding one per prompt cost more than the scan)
+
 DEFAULT_LORE_BUDGET = 1024  # tokens: SillyTavern's 25% of a 4k window, when the caller has no better figure
 DEFAULT_MAX_RECURSION = 0  # SillyTavern's max recursion steps: 0 = until nothing new activates
 MAX_SCAN_DEPTH = 1000  # SillyTavern's ceiling on any scan depth
@@ -81,7 +83,7 @@ def activate(books: Sequence[Lorebook], history: Sequence[str], *, turn: int, ti
     """
     entries = prepare(books, macros)
     clock = _Timed(timed or {}, entries, turn)
-    scan = _Scan(entries, _Buffer(history), clock, rng or random.Random(), count_tokens,
+    scan = _Scan(entries, _Buffer(history), clock, rng or _RNG, count_tokens,
                  _budget(books, budget), max_recursion)
     active = _placed(scan.run())
     hits = [LoreHit(e.content, POSITIONS[e.position], e.depth, e.role, e.order, e.book, e.uid)
@@ -103,7 +105,7 @@ def triggered_entries(book: Lorebook | None, scanned: Sequence[str], budget: int
     if book is None:
         return []
     entries = prepare([book], None)
-    scan = _Scan(entries, _Buffer(scanned), _Timed({}, entries, 0), random.Random(), estimate_tokens,
+    scan = _Scan(entries, _Buffer(scanned), _Timed({}, entries, 0), _RNG, estimate_tokens,
                  _budget([book], DEFAULT_LORE_BUDGET if budget is None else budget), DEFAULT_MAX_RECURSION)
     return [e.source for e in _placed(scan.run())]
 
