@@ -500,7 +500,8 @@ def column_figures(column: Column) -> dict[str, Any]:
             "rest_per_reply": statistics.mean(r["rest_per_reply"] for r in rounds),
             "chats_per_message": statistics.mean(r["chats_per_message"] for r in rounds),
             "warm_up_rest": sum(column.warm_up_rest) / len(column.warm_up_rest),
-            "bot_cpu_ms": column.bot_cpu / messages * 1000, "memory_cpu_ms": column.memory_cpu / messages * 1000, "fakes_cpu_ms": column.fakes_cpu / messages * 1000,
+            "bot_cpu_ms": column.bot_cpu / messages * 1000, "memory_cpu_ms": column.memory_cpu / messages * 1000,
+            "fakes_cpu_ms": column.fakes_cpu / messages * 1000,
             "speakers": speakers, "speaker_checked": column.checked, "speaker_wrong": column.wrong}
 
 

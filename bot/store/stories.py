@@ -100,12 +100,14 @@ def _add_turn_at_once():
               "created_at": now, "updated_at": now}
     turn = (insert(Turn).from_select(list(values), select(*values.values()).select_from(seq))
             .returning(Turn.id, Turn.position).cte("turn"))
-    texts = func.unnest(bindparam("new_texts", type_=ARRAY(Text))).table_valued("text", with_ordinality="part").render_derived()
+    texts = func.unnest(bindparam("new_texts", type_=ARRAY(Text))).table_valued(
+        "text", with_ordinality="part").render_derived()
     ids = func.unnest(bindparam("new_message_ids", type_=ARRAY(BigInteger))).table_valued(
         "message_id", with_ordinality="part").render_derived()
     swipes = insert(Swipe).from_select(
         ["turn_id", "index", "text", "token_count", "created_at"],
-        select(turn.c.id, texts.c.part - 1, texts.c.text, param("token_count"), now).select_from(turn).join(texts, true()))
+        select(turn.c.id, texts.c.part - 1, texts.c.text, param("token_count"), now)
+        .select_from(turn).join(texts, true()))
     messages = insert(TurnMessage).from_select(
         ["message_id", "turn_id", "part"],
         select(ids.c.message_id, turn.c.id, ids.c.part - 1).select_from(turn).join(ids, true()))
