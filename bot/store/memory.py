@@ -37,13 +37,14 @@ class _Bank:
     matrix: np.ndarray  # float32, rows normalised
 
 
-# the memory worker's statements after every turn, built once
+# statements run on every turn (the memory worker's, recall's), built once
 _TURNS_TO_EMBED = (select(Turn).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
                    .where(Turn.story_id.in_(bindparam("stories", expanding=True)), TurnEmbedding.turn_id.is_(None))
                    .order_by(Turn.id).limit(bindparam("limit")))
 _NOT_EMBEDDED = (select(Turn.id).outerjoin(TurnEmbedding, TurnEmbedding.turn_id == Turn.id)
                  .where(Turn.id.in_(bindparam("ids", expanding=True)), TurnEmbedding.turn_id.is_(None)))
 _INSERT_EMBEDDINGS = insert(TurnEmbedding)
+_TURNS_BY_ID = select(Turn).where(Turn.id.in_(bindparam("ids", expanding=True))).order_by(Turn.position)  # recall
 
 
 class MemoryRepo(Database):
@@ -167,7 +168,7 @@ class MemoryRepo(Database):
         if not ids:
             return []
         async with self.read() as session:
-            return list(await session.scalars(select(Turn).where(Turn.id.in_(ids)).order_by(Turn.position)))
+            return list(await session.scalars(_TURNS_BY_ID, {"ids": ids}))
 
     async def _recall_sql(self, story_id: int, vector: Sequence[float], before: int, k: int) -> list[int]:
         from pgvector.sqlalchemy import VECTOR
