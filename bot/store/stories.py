@@ -287,16 +287,17 @@ class StoryRepo(MemoryRepo):
                    author_name=new.author_name, persona_id=new.persona_id, text=texts[0] if texts else new.text,
                    attachments=list(new.attachments), token_count=new.token_count, selected_swipe=0,
                    created_at=now, updated_at=now)
+        swipes = [dict(index=i, text=t, token_count=new.token_count, created_at=now) for i, t in enumerate(texts)]
+        messages = [dict(message_id=m, part=i) for i, m in enumerate(new.message_ids)]
         write = self._insert_turn if self._sqlite else self._insert_turn_at_once
-        turn_id, position = await write(row, texts, list(new.message_ids))
+        turn_id, position = await write(row, swipes, messages)
         if new.author_kind == AuthorKind.PERSONA:
             self._note_persona_turn(story_id, position)
-        swipes = [Swipe(turn_id=turn_id, index=i, text=t, token_count=new.token_count, created_at=now)
-                  for i, t in enumerate(texts)]
-        messages = [TurnMessage(message_id=m, turn_id=turn_id, part=i) for i, m in enumerate(new.message_ids)]
-        return Turn(id=turn_id, position=position, **row, swipes=swipes, messages=messages)
+        return Turn(id=turn_id, position=position, **row, swipes=[Swipe(turn_id=turn_id, **s) for s in swipes],
+                    messages=[TurnMessage(turn_id=turn_id, **m) for m in messages])
 
-    async def _insert_turn(self, row: dict[str, Any], texts: list[str], message_ids: list[int]) -> tuple[int, int]:
+    async def _insert_turn(self, row: dict[str, Any], swipes: list[dict[str, Any]],
+                           messages: list[dict[str, Any]]) -> tuple[int, int]:
         """A turn, its swipes and its messages in one transaction: (turn id, position)."""
         async with self.connection() as connection:
             position = (await connection.execute(_NEXT_POSITION, {"story": row["story_id"],
@@ -304,24 +305,21 @@ class StoryRepo(MemoryRepo):
             if position is None:
                 raise LookupError(f"story {row['story_id']} does not exist")
             turn_id = (await connection.execute(_INSERT_TURN, {**row, "position": position})).scalar()
-            if texts:
-                await connection.execute(_INSERT_SWIPES, [
-                    dict(turn_id=turn_id, index=i, text=t, token_count=row["token_count"], created_at=row["created_at"])
-                    for i, t in enumerate(texts)])
-            if message_ids:
-                await connection.execute(_INSERT_MESSAGES, [dict(message_id=m, turn_id=turn_id, part=i)
-                                                            for i, m in enumerate(message_ids)])
+            if swipes:
+                await connection.execute(_INSERT_SWIPES, [{**s, "turn_id": turn_id} for s in swipes])
+            if messages:
+                await connection.execute(_INSERT_MESSAGES, [{**m, "turn_id": turn_id} for m in messages])
         return turn_id, position
 
-    async def _insert_turn_at_once(self, row: dict[str, Any], texts: list[str],
-                                   message_ids: list[int]) -> tuple[int, int]:
+    async def _insert_turn_at_once(self, row: dict[str, Any], swipes: list[dict[str, Any]],
+                                   messages: list[dict[str, Any]]) -> tuple[int, int]:
         """PostgreSQL: what `_insert_turn` writes, as one statement in autocommit (`_ADD_TURN_AT_ONCE`):
         one round trip where BEGIN, four statements and COMMIT took six; as atomic as a transaction."""
+        values = {**row, "now": row["created_at"], "texts": [s["text"] for s in swipes],
+                  "message_ids": [m["message_id"] for m in messages]}
         async with self.engine.connect() as connection:
             connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            added = (await connection.execute(_ADD_TURN_AT_ONCE, {
-                f"new_{k}": v for k, v in {**row, "now": row["created_at"], "texts": texts,
-                                           "message_ids": message_ids}.items()})).first()
+            added = (await connection.execute(_ADD_TURN_AT_ONCE, {f"new_{k}": v for k, v in values.items()})).first()
         if added is None:
             raise LookupError(f"story {row['story_id']} does not exist")
         return added.id, added.position
