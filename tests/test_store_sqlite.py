@@ -1,17 +1,20 @@
 """SQLite's connections (bot/store/sqlite.py): one trip to aiosqlite's thread a statement, and the same
-results and errors SQLAlchemy gets from aiosqlite's own cursor."""
+results and errors SQLAlchemy gets from aiosqlite's own cursor; a hot write's whole transaction in one
+trip, on statements compiled once."""
 
 from __future__ import annotations
 
+import enum
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import JSON, Column, DateTime, Enum, Integer, MetaData, Table, Text, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from bot.store.db import make_engine
-from bot.store.sqlite import OneTripConnection
+from bot.store.db import Database, make_engine
+from bot.store.sqlite import OneTripConnection, Prepared
 
 
 @pytest.fixture
@@ -108,3 +111,76 @@ async def test_rollbacks_roll_back_and_a_committed_connection_goes_back_without_
     async with engine.begin() as conn:
         await conn.execute(text("INSERT INTO t (name) VALUES ('kept')"))
     assert trips.count("commit") == 1 and "rollback" not in trips
+
+
+class Mood(enum.Enum):
+    CALM = "calm"
+    STORMY = "stormy"
+
+
+_FEELINGS = Table("feelings", MetaData(), Column("id", Integer, primary_key=True), Column("mood", Enum(Mood)),
+                  Column("notes", JSON), Column("at", DateTime(timezone=True)), Column("said", Text))
+
+
+async def test_prepared_statements_store_what_sqlalchemy_stores(tmp_path: Path):
+    """A row written through `Prepared` on the raw connection is stored byte for byte as SQLAlchemy's
+    own insert stores it (its enum, JSON and datetime conversions), so the ORM reads both alike."""
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'prepared.db'}")
+    async with database.engine.begin() as conn:
+        await conn.run_sync(_FEELINGS.metadata.create_all)
+    row = {"mood": Mood.STORMY, "notes": [{"weather": "hail"}, "ünï"], "at": datetime(2026, 12, 6, 9, 5, tzinfo=UTC),
+           "said": "it's 'quoted'"}
+    try:
+        async with database.engine.begin() as conn:
+            await conn.execute(insert(_FEELINGS), {"id": 1, **row})
+        prepared = Prepared(insert(_FEELINGS).returning(_FEELINGS.c.id), ["id", *row])
+        returned = await database.write_in_one_trip(
+            lambda db: db.execute(prepared.sql, prepared.parameters({"id": 2, **row})).fetchone())
+        assert returned == (2,)
+        async with database.engine.connect() as conn:
+            stored = (await conn.execute(text("SELECT mood, notes, at, said FROM feelings ORDER BY id"))).all()
+            read = (await conn.execute(select(_FEELINGS).order_by(_FEELINGS.c.id))).all()
+        assert stored[0] == stored[1]
+        assert read[1][1:] == read[0][1:] and read[1].mood is Mood.STORMY and read[1].notes == row["notes"]
+    finally:
+        await database.close()
+
+
+async def test_a_write_in_one_trip_is_one_transaction_and_one_trip(tmp_path: Path, monkeypatch):
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'trip.db'}")
+    async with database.engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT UNIQUE)"))
+
+    def insert_names(*names: str):
+        def work(db: sqlite3.Connection) -> int:
+            for name in names:
+                db.execute("INSERT INTO t (name) VALUES (?)", (name,))
+            return len(names)
+        return work
+
+    def fail(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t (name) VALUES ('half')")
+        raise LookupError("the story is gone")
+
+    trips = []
+    real = OneTripConnection._execute
+
+    async def counted(self, fn, *args, **kwargs):
+        trips.append(fn)
+        return await real(self, fn, *args, **kwargs)
+
+    try:
+        monkeypatch.setattr(OneTripConnection, "_execute", counted)
+        assert await database.write_in_one_trip(insert_names("a", "b", "c")) == 3
+        assert len(trips) == 1  # BEGIN IMMEDIATE, three inserts and COMMIT; giving the connection back: none
+        monkeypatch.undo()
+        with pytest.raises(IntegrityError):  # sqlite3's error, as SQLAlchemy's
+            await database.write_in_one_trip(insert_names("d", "a"))
+        with pytest.raises(LookupError, match="gone"):
+            await database.write_in_one_trip(fail)
+        async with database.engine.connect() as conn:
+            names = (await conn.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
+        assert names == ["a", "b", "c"]  # "d" and "half" were rolled back with their transactions
+        assert await database.write_in_one_trip(insert_names("e")) == 1  # the connection lives on
+    finally:
+        await database.close()

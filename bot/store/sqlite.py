@@ -7,19 +7,46 @@ GIL exchange: on a message's dozen statements, more CPU than SQLite's own work. 
 does the four in one call and keeps what SQLAlchemy reads afterwards (rows, description, rowcount,
 lastrowid). A rollback with no transaction open (the pool's reset of every connection it takes
 back) takes no trip. Everything else is aiosqlite's: its thread, its queue, its connection and errors.
+
+The hottest write, a turn, goes further: its whole transaction (BEGIN IMMEDIATE, four statements,
+COMMIT) runs in one trip (`OneTripConnection.write`), on statements compiled once (`Prepared`), at
+about a third of the CPU of the same statements through SQLAlchemy's execution path.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import aiosqlite
 from aiosqlite.context import contextmanager
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.engine import URL
+from sqlalchemy.sql import ClauseElement
+
+T = TypeVar("T")
+DIALECT = SQLiteDialect_aiosqlite()  # what `Prepared` compiles for: the engines' dialect (qmark parameters)
+
+
+class Prepared:
+    """A Core statement compiled once for SQLite, for `OneTripConnection.write`'s work: its SQL, and
+    its positional parameters from a dict of values converted as SQLAlchemy converts them (the
+    columns' bind processors: enums, JSON, datetimes), so what it writes reads back through the ORM
+    like any other row. `column_keys`: the columns an insert names (all that its values give)."""
+
+    def __init__(self, statement: ClauseElement, column_keys: Sequence[str] | None = None):
+        self._compiled = statement.compile(dialect=DIALECT, column_keys=column_keys)
+        self.sql = self._compiled.string
+        self._names = list(self._compiled.positiontup or ())
+        self._processors = [self._compiled.binds[name].type.dialect_impl(DIALECT).bind_processor(DIALECT)
+                            for name in self._names]
+
+    def parameters(self, values: Mapping[str, Any]) -> list[Any]:
+        given = self._compiled.construct_params(dict(values))
+        return [given[name] if process is None else process(given[name])
+                for name, process in zip(self._names, self._processors, strict=True)]
 
 
 class OneTripCursor:
@@ -89,9 +116,25 @@ class OneTripConnection(aiosqlite.Connection):
             return
         await super().rollback()
 
-    async def run(self, work: Any) -> Any:
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`work(sqlite3_connection)` on the connection's thread."""
         return await self._execute(lambda: work(self._conn))
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(sqlite3_connection)` in a write transaction, all in one trip to the connection's thread:
+        BEGIN IMMEDIATE (the write lock up front, as `bot/store/db.py` begins every writer), then
+        COMMIT, or ROLLBACK when `work` or the commit raises (the error is raised again)."""
+        def transaction(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            return result
+        return await self.run(transaction)
 
 
 def connector(url: URL, **options: Any) -> Callable[[], Awaitable[OneTripConnection]]:

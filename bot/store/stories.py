@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from bot.store.models import (
     TurnMessage,
     utcnow,
 )
+from bot.store.sqlite import Prepared
 
 SCENE_BANK_SIZE = 200  # the newest scene images a new scene is compared with
 PERSONA_TURNS_KNOWN = 100_000  # stories whose newest persona turn position `answer_after` remembers
@@ -71,12 +73,14 @@ class PromptReads:
     summary: Summary | None
 
 
-# add_turn's statements, built once (building them per turn cost more than running them)
-_NEXT_POSITION = (update(Story).where(Story.id == bindparam("story"))
-                  .values(turn_seq=Story.turn_seq + 1, updated_at=bindparam("now")).returning(Story.turn_seq))
-_INSERT_TURN = insert(Turn).returning(Turn.id)
-_INSERT_SWIPES = insert(Swipe)
-_INSERT_MESSAGES = insert(TurnMessage)
+# add_turn's statements on SQLite, compiled once (bot/store/sqlite.py)
+_SQLITE_NEXT_POSITION = Prepared(update(Story).where(Story.id == bindparam("story"))
+                                 .values(turn_seq=Story.turn_seq + 1, updated_at=bindparam("now"))
+                                 .returning(Story.turn_seq))
+_SQLITE_INSERT_TURN = Prepared(insert(Turn).returning(Turn.id),
+                               [column.key for column in Turn.__table__.c if column.key != "id"])
+_SQLITE_INSERT_SWIPES = Prepared(insert(Swipe), ["turn_id", "index", "text", "token_count", "created_at"])
+_SQLITE_INSERT_MESSAGES = Prepared(insert(TurnMessage), ["message_id", "turn_id", "part"])
 
 
 def _add_turn_at_once():
@@ -278,9 +282,9 @@ class StoryRepo(MemoryRepo):
             raise
 
     async def _add_turn(self, story_id: int, new: NewTurn) -> Turn:
-        # Core statements on a Core connection, not the ORM's unit of work nor its execution path: a turn
-        # is written on every message, and either cost more CPU than the statements themselves. The
-        # Turn returned is built here.
+        # Neither the ORM's unit of work nor its execution path: a turn is written on every message, and
+        # either cost more CPU than the statements themselves. SQLite writes it in one trip to its
+        # thread, PostgreSQL in one statement; the Turn returned is built here.
         texts = list(new.swipes) or ([new.text] if new.author_kind == AuthorKind.PERSONA else [])
         now = utcnow()
         row = dict(story_id=story_id, author_kind=new.author_kind, author_id=new.author_id,
@@ -298,18 +302,25 @@ class StoryRepo(MemoryRepo):
 
     async def _insert_turn(self, row: dict[str, Any], swipes: list[dict[str, Any]],
                            messages: list[dict[str, Any]]) -> tuple[int, int]:
-        """A turn, its swipes and its messages in one transaction: (turn id, position)."""
-        async with self.connection() as connection:
-            position = (await connection.execute(_NEXT_POSITION, {"story": row["story_id"],
-                                                                   "now": row["created_at"]})).scalar()
-            if position is None:
+        """SQLite: a turn, its swipes and its messages in one transaction, in one trip to the connection's
+        thread (`write_in_one_trip`): (turn id, position)."""
+        counter = _SQLITE_NEXT_POSITION.parameters({"story": row["story_id"], "now": row["created_at"]})
+
+        def write(db: sqlite3.Connection) -> tuple[int, int]:
+            found = db.execute(_SQLITE_NEXT_POSITION.sql, counter).fetchone()
+            if found is None:
                 raise LookupError(f"story {row['story_id']} does not exist")
-            turn_id = (await connection.execute(_INSERT_TURN, {**row, "position": position})).scalar()
+            position = found[0]
+            turn_id = db.execute(_SQLITE_INSERT_TURN.sql,
+                                 _SQLITE_INSERT_TURN.parameters({**row, "position": position})).fetchone()[0]
             if swipes:
-                await connection.execute(_INSERT_SWIPES, [{**s, "turn_id": turn_id} for s in swipes])
+                db.executemany(_SQLITE_INSERT_SWIPES.sql,
+                               [_SQLITE_INSERT_SWIPES.parameters({**s, "turn_id": turn_id}) for s in swipes])
             if messages:
-                await connection.execute(_INSERT_MESSAGES, [{**m, "turn_id": turn_id} for m in messages])
-        return turn_id, position
+                db.executemany(_SQLITE_INSERT_MESSAGES.sql,
+                               [_SQLITE_INSERT_MESSAGES.parameters({**m, "turn_id": turn_id}) for m in messages])
+            return turn_id, position
+        return await self.write_in_one_trip(write)
 
     async def _insert_turn_at_once(self, row: dict[str, Any], swipes: list[dict[str, Any]],
                                    messages: list[dict[str, Any]]) -> tuple[int, int]:
