@@ -21,7 +21,9 @@ norms, attention and the softmax.
 Decode steps (a handful of rows) have two more forms of a linear layer: :class:`Int4Linear`
 (4-bit groups, torch's packed int4 kernel: half the bytes, but its cost grows with every 4
 rows) and :class:`PackedInt8Linear` (an :class:`Int8Linear`'s own integers prepacked for FBGEMM,
-whose cost barely grows from 1 row to 8). ``engine.lean`` picks one per projection.
+whose cost barely grows from 1 row to 8). ``engine.lean`` picks one per projection, and
+compiles its decode step, these modules' ``rows`` included, with TorchScript: they read no
+module globals (constants are attributes) and call the ops by name.
 """
 
 from __future__ import annotations
@@ -46,16 +48,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("wscale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.levels = INT8_MAX  # an attribute: TorchScript reads no module globals
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantise each row of ``x`` on its own, multiply in integers, scale back."""
-        shape = x.shape
-        return self.rows(x.reshape(-1, shape[-1]).float()).to(x.dtype).reshape(*shape[:-1], self.out_features)
+        shape = list(x.shape)
+        return self.rows(x.reshape(-1, shape[-1]).float()).to(x.dtype).reshape(shape[:-1] + [self.out_features])
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for 2-D float32 ``rows`` (the decode steps' form, without reshapes)."""
         # every op here runs ~200 times per decode step: in-place where it is safe, none spare
-        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(INT8_MAX)
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(self.levels)
         quantised = torch.div(rows, scale).round_().to(torch.int8)
         # the transposed view is faster than a contiguous copy at batch 1 (0.9 vs 2.1 ms for the
         # 49k-row output layer) and about as fast at batch 8
@@ -89,6 +92,7 @@ class PackedInt8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
         self.bias = source.bias
+        self.step = 1 / INT8_MAX  # FBGEMM's activation scale; an attribute: TorchScript reads no globals
         try:
             with warnings.catch_warnings():  # the quantized-tensor API is deprecated; the op still ships
                 warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
@@ -96,7 +100,7 @@ class PackedInt8Linear(nn.Module):
                     source.qweight, source.wscale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0)
                 self.packed = torch.ops.quantized.linear_prepack(weight, None)
-            self._matmul = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default
+            torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32.default  # noqa: B018 - present?
         except (AttributeError, RuntimeError) as exc:
             raise ValueError(f"no FBGEMM int8 linear in torch {torch.__version__}: {exc}") from exc
         self._check_exact(source)
@@ -109,13 +113,14 @@ class PackedInt8Linear(nn.Module):
                                                      generator=torch.Generator().manual_seed(0))])
         codes = torch.round(rows / rows.abs().amax(dim=-1, keepdim=True) * INT8_MAX).to(torch.int8)
         exact = torch._int_mm(codes, source.qweight.t()).float()  # noqa: SLF001
-        got = self._matmul(codes.float(), 1.0, 128, self.packed)
+        got = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes.float(), 1.0, 128,
+                                                                               self.packed)
         if not torch.allclose(got, exact * source.wscale, rtol=1e-5, atol=0):
             raise ValueError("FBGEMM's int8 product is not exact on this CPU")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        return self.rows(x.reshape(-1, shape[-1]).float()).reshape(*shape[:-1], self.out_features)
+        shape = list(x.shape)
+        return self.rows(x.reshape(-1, shape[-1]).float()).reshape(shape[:-1] + [self.out_features])
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for 2-D float32 ``rows``."""
@@ -123,7 +128,8 @@ class PackedInt8Linear(nn.Module):
         peak = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-12)
         # FBGEMM rounds rows/peak * 127 to integers and scales the integer sums by 1/127 and the
         # channel scales; each row's own peak goes back on after
-        out = self._matmul(rows / peak, 1 / INT8_MAX, 128, self.packed).mul_(peak)
+        out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            rows / peak, self.step, 128, self.packed).mul_(peak)
         return out if self.bias is None else out.add_(self.bias)
 
 
@@ -182,15 +188,16 @@ class Int4Linear(nn.Module):
                              .transpose(0, 1).contiguous().to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float())
         self.in_features, self.out_features = in_features, out_features
+        self.group = INT4_GROUP  # an attribute: TorchScript reads no module globals
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        return self.rows(x.reshape(-1, shape[-1])).float().reshape(*shape[:-1], self.out_features)
+        shape = list(x.shape)
+        return self.rows(x.reshape(-1, shape[-1])).float().reshape(shape[:-1] + [self.out_features])
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for 2-D ``rows`` (the decode steps' form), in the kernel's bfloat16 when
         there is no bias: every bfloat16 is a float32, so a float32 operand promotes it exactly,
         and the decode step saves the copy."""
         out = torch._weight_int4pack_mm_for_cpu(  # noqa: SLF001
-            rows.to(torch.bfloat16), self.packed, INT4_GROUP, self.scales_zeros)
+            rows.to(torch.bfloat16), self.packed, self.group, self.scales_zeros)
         return out if self.bias is None else out.float().add_(self.bias)

@@ -179,6 +179,59 @@ def test_the_decode_step_gives_each_row_its_solo_numbers() -> None:
             assert torch.equal(batched[step][row], solo[row][step][0]), (step, row)
 
 
+def test_the_compiled_decode_step_gives_the_python_steps_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode step runs as TorchScript (_decode_program); the same module in Python, as it runs
+    where TorchScript cannot compile it, gives bit for bit the same logits, rows of different
+    lengths together (merged, their cache has no spare room: the first step grows its storage)."""
+    model = tiny_llama()
+    compiled = lean.LeanDecoder(model, 256, decode_int4=True)
+    assert isinstance(compiled._decode_program(), torch.jit.ScriptModule)  # noqa: SLF001
+
+    def cannot(*_: object) -> None:
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "script", cannot)
+    eager = lean.LeanDecoder(model, 256, decode_int4=True)
+    assert type(eager._decode_program()) is lean._DecodeStep  # noqa: SLF001
+    prompts = [torch.randint(0, 256, (length,)).tolist() for length in (3, 30, 11)]
+    runs = []
+    for decoder in (compiled, eager):
+        batch = prefilled(decoder, prompts[0])
+        for prompt in prompts[1:]:
+            batch = _merge(batch, prefilled(decoder, prompt))
+        assert batch.cache.layers[0]._k.shape[2] == 30  # noqa: SLF001 - no spare column
+        runs.append(decode(decoder, batch, 8))
+    for step, (mine, theirs) in enumerate(zip(*runs, strict=True)):
+        assert torch.equal(mine, theirs), step
+
+
+def test_the_decode_program_is_rebuilt_for_new_modules() -> None:
+    """Built at the first step on the decoder's modules of that moment: smoothing (which replaces
+    gate+up after its calibration steps) and a test's swap are seen."""
+    decoder = lean.LeanDecoder(tiny_llama(), 256, decode_int4=True)
+    assert decoder._step is None  # noqa: SLF001 - the calibration's program was dropped
+    program = decoder._decode_program()  # noqa: SLF001
+    assert decoder._decode_program() is program  # noqa: SLF001
+    assert program.layers[0].gate_up.packed is decoder.layers[0].decode.gate_up.packed
+
+
+def test_the_growing_layer_makes_room_for_the_decode_steps_column() -> None:
+    layer = lean.GrowingLayer()
+    first = torch.randn(2, 3, 5, 4)
+    layer.update(first, first.clone())
+    keys, values = layer.room(1)
+    assert keys.shape[2] >= 6 and keys.data_ptr() == layer._k.data_ptr()  # noqa: SLF001
+    keys[:, :, 5] = 1.0
+    values[:, :, 5] = 2.0
+    layer.filled(1)
+    assert layer.get_seq_length() == 6 and torch.equal(layer.keys[:, :, :5], first)
+    assert bool((layer.keys[:, :, 5] == 1).all()) and bool((layer.values[:, :, 5] == 2).all())
+    spare = keys.shape[2] - 6
+    grown, _ = layer.room(spare + 1)  # no room left for that many: a larger copy
+    assert grown.shape[2] >= 6 + spare + 1 and torch.equal(grown[:, :, :5], first)
+    assert layer.get_seq_length() == 6
+
+
 @pytest.mark.parametrize("decode_int4", [True, False])
 def test_chunks_prefilled_together_get_their_solo_numbers(decode_int4: bool) -> None:
     """Several prompts' chunks in one ``prefill_chunks`` call (the batcher's way of running the
