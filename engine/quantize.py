@@ -124,8 +124,9 @@ class PackedInt8Linear(nn.Module):
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for 2-D float32 ``rows``."""
-        # max|x| in one op (abs then amax: two), the same number
-        peak = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-12)
+        # max|x| as abs then amax: linalg.vector_norm(inf), one op, walks each row unvectorised
+        # (8 rows of 576: 14 against 4 us; a prompt's 300 rows of 1536: 1.2 ms against 0.06)
+        peak = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)
         # FBGEMM rounds rows/peak * 127 to integers and scales the integer sums by 1/127 and the
         # channel scales; each row's own peak goes back on after
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
