@@ -52,7 +52,7 @@ def progress(text: str) -> None:
 
 async def run(args: argparse.Namespace, settings: BotSettings) -> int:
     """Open the store and the engine, then run console mode or the Discord bot."""
-    store = Store(settings.database_url)
+    store = Store(settings.database_url, settings.database_pool_size)
     try:
         await store.upgrade()
         try:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bot.store.db import default_database_url
+from bot.store.db import POOL_SIZE, default_database_url
 
 
 class BotSettings(BaseSettings):
@@ -17,6 +17,7 @@ class BotSettings(BaseSettings):
 
     discord_token: SecretStr | None = Field(default=None, validation_alias="DISCORD_TOKEN")
     database_url: str = Field(default_factory=default_database_url, validation_alias="MASQUE_DATABASE_URL")
+    database_pool_size: int = Field(default=POOL_SIZE, ge=1, validation_alias="MASQUE_DATABASE_POOL_SIZE")
     engine_url: str = Field(default="", validation_alias="MASQUE_ENGINE_URL")
     engine_api_key: SecretStr | None = Field(default=None, validation_alias="MASQUE_ENGINE_API_KEY")
     discord_api_base: str | None = Field(default=None, validation_alias="DISCORD_API_BASE")

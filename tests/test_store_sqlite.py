@@ -4,6 +4,7 @@ trip, on statements compiled once."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import sqlite3
 from datetime import UTC, datetime
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import JSON, Column, DateTime, Enum, Integer, MetaData, Table, Text, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from bot.store.db import Database, make_engine
+from bot.store.db import POOL_SIZE, Database, make_engine
 from bot.store.sqlite import OneTripConnection, Prepared
 
 
@@ -182,5 +183,32 @@ async def test_a_write_in_one_trip_is_one_transaction_and_one_trip(tmp_path: Pat
             names = (await conn.execute(text("SELECT name FROM t ORDER BY id"))).scalars().all()
         assert names == ["a", "b", "c"]  # "d" and "half" were rolled back with their transactions
         assert await database.write_in_one_trip(insert_names("e")) == 1  # the connection lives on
+    finally:
+        await database.close()
+
+
+async def test_a_burst_waits_for_the_pools_connections_instead_of_opening_more(tmp_path: Path, monkeypatch):
+    """Two bursts of 60 sessions at once: at most POOL_SIZE connections are ever opened (each one a
+    thread here, a handshake and a server process with PostgreSQL), and the second burst opens none."""
+    opened = []
+    real = OneTripConnection.__init__
+
+    def counted(self, *args, **kwargs):
+        opened.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(OneTripConnection, "__init__", counted)
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
+
+    async def reader(i: int) -> int:
+        async with database.read() as session:
+            await asyncio.sleep(0.01)  # all 60 overlap
+            return (await session.execute(text(f"SELECT {i}"))).scalar()
+
+    try:
+        assert await asyncio.gather(*(reader(i) for i in range(60))) == list(range(60))
+        assert len(opened) == POOL_SIZE
+        assert await asyncio.gather(*(reader(i) for i in range(60))) == list(range(60))
+        assert len(opened) == POOL_SIZE
     finally:
         await database.close()

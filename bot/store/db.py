@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY = "masque_read_only"  # execution option of the engine behind `Database.read()`
 CACHE_TTL_S = 60.0  # a bound on staleness for writers that announce nothing (another SQLite process)
+# The database connections a process keeps open, and uses at most (MASQUE_DATABASE_POOL_SIZE); a
+# session that finds them all busy waits for one. SQLAlchemy's default (5 kept, 10 more opened for a
+# session and closed after it) had 50 busy channels open ~20 PostgreSQL connections a second, each a
+# TCP and SCRAM handshake and a server process, and SQLite ones at a thread each.
+POOL_SIZE = 20
 T = TypeVar("T")
 
 
@@ -57,19 +62,22 @@ def alembic_config(url: str | None = None) -> Config:
     return cfg
 
 
-def make_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets a busy timeout, foreign keys, write-ahead logging and one trip to
-    its connection's thread a statement (bot/store/sqlite.py)."""
+def make_engine(url: str, pool_size: int = POOL_SIZE) -> AsyncEngine:
+    """An async engine keeping `pool_size` connections (no more); SQLite gets a busy timeout, foreign
+    keys, write-ahead logging and one trip to its connection's thread a statement (bot/store/sqlite.py)."""
     parsed = make_url(url)
+    pool = {"pool_size": pool_size, "max_overflow": 0}
     if parsed.get_backend_name() != "sqlite":
         if parsed.get_driver_name() != "asyncpg":
-            return create_async_engine(url, pool_pre_ping=True)
-        engine = create_async_engine(url)
+            return create_async_engine(url, pool_pre_ping=True, **pool)
+        engine = create_async_engine(url, **pool)
         _drop_closed_connections(engine)
         return engine
-    if parsed.database and parsed.database != ":memory:":
+    in_memory = not parsed.database or parsed.database == ":memory:"  # one connection: SQLAlchemy's StaticPool
+    if not in_memory:
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, async_creator=connector(parsed, timeout=SQLITE_BUSY_TIMEOUT_S))
+    engine = create_async_engine(url, async_creator=connector(parsed, timeout=SQLITE_BUSY_TIMEOUT_S),
+                                 **({} if in_memory else pool))
     _configure_sqlite(engine)
     return engine
 
@@ -109,9 +117,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 class Database:
     """Owns the engine and the session factory; the base of `Store`."""
 
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, pool_size: int = POOL_SIZE):
         self.url = url or default_database_url()
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, pool_size)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._sqlite = self.engine.dialect.name == "sqlite"
         # PostgreSQL reads run without BEGIN/COMMIT (two round trips each, on every read): at its

@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import LargeBinary, bindparam, cast, delete, insert, literal_column, select, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.store.db import Database
+from bot.store.db import POOL_SIZE, Database
 from bot.store.models import LorebookRecord, PinnedFact, Story, Summary, Turn, TurnEmbedding
 
 MAX_FACTS = 50
@@ -48,8 +48,8 @@ _TURNS_BY_ID = select(Turn).where(Turn.id.in_(bindparam("ids", expanding=True)))
 
 
 class MemoryRepo(Database):
-    def __init__(self, url: str | None = None):
-        super().__init__(url)
+    def __init__(self, url: str | None = None, pool_size: int = POOL_SIZE):
+        super().__init__(url, pool_size)
         self._recall_banks: dict[tuple[int, int], _Bank | None] = {}  # SQLite: (story, dim) -> vectors
 
     async def story_extras(self, story_id: int, guild_id: int) -> tuple[list[PinnedFact], list[LorebookRecord]]:
