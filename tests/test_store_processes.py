@@ -195,3 +195,22 @@ def test_masque_bot_says_why_it_will_not_start(tmp_path: Path):
                              env={**env, "MASQUE_SHARD_COUNT": "4", "MASQUE_SHARD_IDS": "0-1"},
                              stdin=subprocess.DEVNULL)
     assert sharded.returncode == 2 and "need one PostgreSQL database" in sharded.stderr
+
+
+async def test_a_server_erased_in_one_process_leaves_no_cached_rows_in_the_others(two_processes):
+    """`/masque forget-server` (or the 30-day purge) in one process: the other processes' caches of
+    that server's active stories, channels, settings and personas go at once, not after 60 s."""
+    first, second = two_processes
+    guild, channel = GUILD + 1, 4242
+    persona = await first.get_persona(GLOBAL_GUILD, "Wren Halloway")
+    await first.bind_personas(channel, guild, [persona.id])
+    await first.start_story(channel, guild, persona.id)
+    await first.update_guild_settings(guild, reply_mode="mention")
+    assert await second.active_story(channel) is not None  # cached in `second` now
+    assert await second.channel_persona_ids(channel) == [persona.id]
+    assert (await second.guild_settings(guild))["reply_mode"] == "mention"
+
+    await heard_by(second, first.erase_guild(guild))
+    assert await second.active_story(channel) is None
+    assert await second.channel_persona_ids(channel) == []
+    assert "reply_mode" not in await second.guild_settings(guild)

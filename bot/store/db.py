@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from bot.store.notify import CacheNotices, DatabaseInUse, ProcessLock
+from bot.store.notify import ALL, CacheNotices, DatabaseInUse, ProcessLock
 from bot.store.sqlite import connector
 
 log = logging.getLogger(__name__)
@@ -236,15 +236,17 @@ class Database:
         return value
 
     def forget(self, kind: str, key: int | None = None) -> None:
-        """Drop cached `kind` rows (all of them when `key` is None), here and in every other process
-        listening; call it after the change commits."""
+        """Drop cached `kind` rows (all of them when `key` is None; every kind's when `kind` is
+        `ALL`), here and in every other process listening; call it after the change commits."""
         self._drop(kind, key)
         if self._notices is not None:
             self._notices.publish(kind, key)
 
     def _drop(self, kind: str, key: int | None) -> None:
         self._cache_epoch += 1
-        if key is not None:
+        if kind == ALL:
+            self._cache.clear()
+        elif key is not None:
             self._cache.pop((kind, key), None)
         else:
             for cached in [k for k in self._cache if k[0] == kind]:

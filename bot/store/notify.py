@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "masque_cache"
 RECONNECT_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # waits between tries after the listener's connection is lost
-ALL = "*"  # a notice's key when every row of its kind changed
+ALL = "*"  # a notice's key when every row of its kind changed; its kind when every kind's did
 
 
 class DatabaseInUse(RuntimeError):

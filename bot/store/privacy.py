@@ -39,6 +39,7 @@ from bot.store.models import (
     Summary,
     Turn,
 )
+from bot.store.notify import ALL
 from bot.store.personas import PERSONAS
 
 
@@ -155,7 +156,7 @@ class PrivacyRepo(MemoryRepo):
             await session.execute(delete(GuildDeparture).where(GuildDeparture.guild_id == guild_id))
         for story_id in story_ids:
             self.forget_recall(story_id)
-        self._forget_all()
+        self.forget(ALL)  # its stories, channels, personas, lore and settings, in every process
         return GuildErased(stories=len(story_ids), turns=turns, **counts)
 
     # ------------------------------------------------------------ guilds the bot left
