@@ -10,22 +10,21 @@ RoPE per tensor) and copying the whole KV cache on every step (``torch.cat``: 92
 - with ``decode_int4`` (``quantize=int4``) the int8 weights are prepacked for FBGEMM
   (:class:`engine.quantize.PackedInt8Linear`: the same integers, prompts ~15% faster) and the
   decode steps use a second, 4-bit copy of the projections (:class:`engine.quantize.Int4Linear`,
-  GGUF Q4_1's groups): a decode step reads every weight for a handful of tokens, so half the bytes
-  make batch 1 ~1.4x faster; prompts keep int8, 4x faster than the 4-bit kernel on 128-token
-  chunks. The 4-bit kernel's cost grows with every 4 rows (gate+up: 0.11 ms for 1 row, 0.35 ms
-  for 8), so the widest projection, gate+up (PACKED_AT_DECODE), and the output layer decode on the
-  prepacked int8 instead (0.12 and 0.15 ms), its input's outlier channels smoothed into the weights
-  at load (SmoothQuant, :meth:`LeanDecoder._smooth`), so the int8 activations cost about no
-  accuracy. Which kernel runs depends on the phase and the layer alone, never on the batch, so
-  batching and prefix reuse still never change a reply (the prefix cache holds prompts' keys, all
-  from prefill);
+  GGUF Q4_1's groups): half the bytes; prompts keep int8, 4x faster than the 4-bit kernel on
+  128-token chunks. The 4-bit kernel's cost grows with every 4 rows (gate+up: 0.11 ms for 1 row,
+  0.35 ms for 8), so the projections named in PACKED_AT_DECODE (gate+up, the widest) and the
+  output layer decode on the prepacked int8 instead, their input's outlier channels smoothed into
+  the weights at load (SmoothQuant, :meth:`LeanDecoder._smooth`), so the int8 activations cost
+  about no accuracy (PACKED_AT_DECODE has the figures for the others). Which kernel runs depends
+  on the phase and the layer alone, never on the batch, so batching and prefix reuse still never
+  change a reply (the prefix cache holds prompts' keys, all from prefill);
 - a decode step (:class:`_DecodeStep`) runs on 2-D [batch, width] rows with as few ops as it
   can: a per-row attention of two small matrix products
   (:func:`engine.attention.decode_attention`), RMSNorm in three ops, 1/sqrt(dim) folded into the
-  queries' RoPE factors, the 4-bit kernels' bfloat16 outputs left for float32 operands to
-  promote; TorchScript runs it (no C++ compiler needed), without Python between its ~900 ops and
-  without the GIL (:meth:`LeanDecoder._decode_program`). On this 2-core EPYC with one thread:
-  10 ms a step at batch 1 (13 in Python, 16 before the rewrite) and 26 ms at 8 (31, 42);
+  queries' RoPE factors, 4-bit kernels' bfloat16 outputs left for float32 operands to promote;
+  TorchScript runs it (no C++ compiler needed), without Python between its ~900 ops and without
+  the GIL (:meth:`LeanDecoder._decode_program`). On this 2-core EPYC with one thread: 10 ms a
+  step at batch 1 (13 in Python, 16 before the rewrite) and 25 ms at 8 (31, 42);
 - RMSNorm is ``F.rms_norm`` in prompts; RoPE's cos/sin come from one table, applied to q and k at
   once (``roll`` and a signed sine instead of rotate_half's four ops, the same numbers);
 - the KV cache (:class:`GrowingCache`) has room to grow, so a step writes one column instead of
@@ -62,13 +61,17 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
 GROWTH = 256  # cache columns added beyond need when a layer runs out of room
-# Decode-step projections that run on prepacked int8 (engine.quantize.PackedInt8Linear) rather
-# than 4 bits: the 4-bit kernel's cost grows with every 4 rows, FBGEMM's barely, and gate+up is
-# the widest (see the module docstring for the figures). Their int8 activations cost little once
-# smoothed (see LeanDecoder._smooth); () keeps every projection in 4 bits (12.4 ms a step at
-# batch 1, 34 ms at 8, against 13 and 28), ("gate_up", "down") gives 14 and 26 ms.
+# Decode-step projections that run on prepacked int8 (engine.quantize.PackedInt8Linear), the
+# prompts' own modules, rather than on a 4-bit copy: the 4-bit kernel's cost grows with every 4
+# rows, FBGEMM's barely. Their int8 activations cost little once smoothed (LeanDecoder._smooth).
+# The compiled step, SmolLM2, one thread, A/B in one process (36 interleaved steps, min/median):
+# ("qkv", "o", "gate_up", "down") 9.22/9.61 ms at batch 1 and 18.6/20.2 at 8, against
+# 9.92/10.24 and 25.3/26.9 with gate+up alone (qkv, o and gate+up: 9.35/9.59, 21.6/22.7). Mean
+# KL to float32 (teacher-forced decode steps over three texts, ~190 tokens): all four 0.0229,
+# gate+up alone 0.0248, qkv, o and gate+up 0.0213, all in 4 bits 0.0210. () keeps every
+# projection in 4 bits; the offline model's tests pin gate+up alone (test_prefix_cache).
 PACKED_AT_DECODE = ("gate_up",)
-# SmoothQuant (Xiao et al., 2023) for the MLP projections that decode on int8 (see
+# SmoothQuant (Xiao et al., 2023) for the projections that decode on int8 (see
 # LeanDecoder._smooth): each input channel j is divided by s_j = max|x_j|^a / max|W_j|^(1-a) and
 # the weights' column multiplied by it, both folded into weights (no op at run time); max|x_j|
 # from CALIBRATION_TOKENS tokens the model writes itself at load.
@@ -111,15 +114,20 @@ def _smoothing(peaks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _Projections(nn.Module):
-    """A layer's four projections in one quantised form."""
+    """A layer's four projections in one quantised form, but those given in ``shared`` (by name:
+    another form's modules, not built twice)."""
 
-    def __init__(self, layer: nn.Module, kind: type[nn.Module]) -> None:
+    def __init__(self, layer: nn.Module, kind: type[nn.Module],
+                 shared: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fused(kind, attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o = kind(attn.o_proj)
-        self.gate_up = _fused(kind, mlp.gate_proj, mlp.up_proj)
-        self.down = kind(mlp.down_proj)
+        build = {"qkv": lambda: _fused(kind, attn.q_proj, attn.k_proj, attn.v_proj),
+                 "o": lambda: kind(attn.o_proj),
+                 "gate_up": lambda: _fused(kind, mlp.gate_proj, mlp.up_proj),
+                 "down": lambda: kind(mlp.down_proj)}
+        shared = shared or {}
+        for name, make in build.items():
+            setattr(self, name, shared[name] if name in shared else make())
 
 
 _NAMES = ("qkv", "o", "gate_up", "down")
@@ -132,14 +140,13 @@ class _Layer(nn.Module):
         self.decode = self.prefill
         if decode_int4:
             # prompts too on the int8 weights prepacked, where FBGEMM can serve (the same integers;
-            # ~15% faster on a 45-token prompt, its quantisation costs less); decode steps in 4 bits
-            # but for PACKED_AT_DECODE, which share the prompts' module (see the module docstring)
+            # ~15% faster on a 45-token prompt, its quantisation costs less); decode steps share the
+            # prompts' modules for PACKED_AT_DECODE, 4 bits for the others (module docstring)
             for name in _NAMES:
                 setattr(self.prefill, name, packed_or_plain(getattr(self.prefill, name)))
-            self.decode = _Projections(layer, Int4Linear)
-            for name in PACKED_AT_DECODE:
-                setattr(self.decode, name, getattr(self.prefill, name))
-        self.norm_in = nn.Parameter(layer.input_layernorm.weight.detach().float(), requires_grad=False)
+            self.decode = _Projections(layer, Int4Linear, shared={
+                name: getattr(self.prefill, name) for name in PACKED_AT_DECODE})
+        self.norm_in = nn.Parameter(layer.input_layernorm.weight.detach().float().clone(), requires_grad=False)
         self.norm_post = nn.Parameter(layer.post_attention_layernorm.weight.detach().float().clone(),
                                       requires_grad=False)
 
@@ -281,26 +288,31 @@ class LeanDecoder(nn.Module):
             self._smooth(model)
 
     def _smooth(self, model: Any) -> None:
-        """Fold SmoothQuant factors into the MLP projections that decode on int8 (PACKED_AT_DECODE):
-        gate+up's input channels through the post-attention norm's weight, down's through up's rows
-        (when down decodes on int8 too). Per-token int8 activations lose most where one channel
-        dwarfs the rest (SmolLM2's reach 7-17x their row's RMS, always the same few channels per
-        layer). Fed the same text, SmolLM2's decode steps are then as close to float32 with gate+up
-        in int8 as all in 4 bits: mean KL 0.018 against 0.017, 0.026 unsmoothed (gate+up and down:
-        0.026, 0.034 unsmoothed; int8 everywhere 0.040). Smoothing the output layer's input did not
-        help (0.0185). Weights and norms change; the function does not."""
-        if "gate_up" not in PACKED_AT_DECODE:
+        """Fold SmoothQuant factors into the projections that decode on int8 (PACKED_AT_DECODE):
+        gate+up's input channels through the post-attention norm's weight, down's through up's rows,
+        q/k/v's and o's as :meth:`_smooth_attention` says. Per-token int8 activations lose most
+        where one channel dwarfs the rest (SmolLM2's reach 7-17x their row's RMS, always the same
+        few channels per layer). Fed the same text, SmolLM2's decode steps are then as close to
+        float32 with all four on int8 as all in 4 bits (the figures at PACKED_AT_DECODE; unsmoothed,
+        q/k/v alone on int8 took gate+up's 0.0248 to 0.0317; an earlier measure on other text:
+        int8 everywhere unsmoothed 0.040). Smoothing the output layer's input did not help.
+        Weights and norms change; the function does not."""
+        names = [name for name in ("qkv", "o", "gate_up", "down") if name in PACKED_AT_DECODE]
+        if not names:
             return
         smooth_down = "down" in PACKED_AT_DECODE
         watched: dict[Any, nn.Module] = {}
         for index, layer in enumerate(self.layers):
-            watched[index, "gate_up"] = layer.prefill.gate_up
-            if smooth_down:
-                watched[index, "down"] = layer.prefill.down
+            for name in names:
+                watched[index, name] = getattr(layer.prefill, name)
         peaks = self._calibration_peaks(watched)
         root = self.config.hidden_size ** 0.5
         with torch.no_grad():
             for index, (layer, source) in enumerate(zip(self.layers, model.model.layers, strict=True)):
+                if "qkv" in names or "o" in names:
+                    self._smooth_attention(layer, source.self_attn, peaks, index, names)
+                if "gate_up" not in names:
+                    continue
                 gate_up = _float_linear(source.mlp.gate_proj, source.mlp.up_proj)
                 factors = _smoothing(peaks[index, "gate_up"], gate_up.weight)
                 layer.norm_post /= factors
@@ -317,6 +329,40 @@ class LeanDecoder(nn.Module):
                     layer.prefill.down = layer.decode.down = packed_or_plain(Int8Linear(down))
                 layer.prefill.gate_up = layer.decode.gate_up = packed_or_plain(Int8Linear(gate_up))
         self._step = None  # the calibration's steps built it on the projections replaced here
+
+    def _smooth_attention(self, layer: _Layer, attn: nn.Module, peaks: dict[Any, torch.Tensor],
+                          index: int, names: list[str]) -> None:
+        """:meth:`_smooth` for the attention's projections: q/k/v's input channels through the input
+        norm's weight (as gate+up's through the post-attention norm's), o's through v's rows (o's
+        input channel (head h, d) is softmax-weighted values of v's channel (h's key head, d), so
+        dividing that v row divides it; the query heads of a key head share its factor)."""
+        qkv = _float_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+        if "qkv" in names:
+            factors = _smoothing(peaks[index, "qkv"], qkv.weight)
+            layer.norm_in /= factors
+            layer.norm_in_scaled.copy_(layer.norm_in * self.config.hidden_size ** 0.5)
+            qkv.weight.mul_(factors)
+        if "o" in names:
+            out = _float_linear(attn.o_proj)
+            group = self.heads // self.kv_heads
+            grouped = self.kv_heads, group, self.head_dim  # o's input channels by key head
+            seen = peaks[index, "o"].view(grouped).amax(dim=1)
+            columns = out.weight.abs().amax(dim=0).view(grouped).amax(dim=1)
+            floor = columns.median().item() / 100 + 1e-6
+            factors = (seen.clamp(min=seen.median().item() / 100 + 1e-6) ** SMOOTHING_ALPHA
+                       / columns.clamp(min=floor) ** (1 - SMOOTHING_ALPHA))  # [kv heads, dim]
+            v_rows = slice(qkv.weight.shape[0] - self.kv_heads * self.head_dim, None)
+            qkv.weight[v_rows] /= factors.reshape(-1, 1)
+            if qkv.bias is not None:
+                qkv.bias[v_rows] /= factors.reshape(-1)
+            out.weight.mul_(factors[:, None, :].expand(grouped).reshape(1, -1))
+            layer.prefill.o = layer.decode.o = packed_or_plain(Int8Linear(out))
+        if "qkv" in names:
+            layer.prefill.qkv = layer.decode.qkv = packed_or_plain(Int8Linear(qkv))
+        else:  # o's smoothing changed v's rows: both copies of q/k/v take them
+            layer.prefill.qkv = packed_or_plain(Int8Linear(qkv))
+            if layer.decode is not layer.prefill:
+                layer.decode.qkv = Int4Linear(qkv)
 
     def _calibration_peaks(self, watched: dict[Any, nn.Module]) -> dict[Any, torch.Tensor]:
         """Each watched projection's largest |input| per channel over CALIBRATION_TOKENS tokens
@@ -443,16 +489,18 @@ class LeanDecoder(nn.Module):
     def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: GrowingCache,
                      row_starts: list[int] | None) -> torch.Tensor:
         """One token for each row ([batch, 1] ids) by :class:`_DecodeStep`, which writes each
-        layer's new keys and values into the cache's storage. Logits [batch, 1, vocab]."""
-        batch = input_ids.shape[0]
+        layer's new keys and values into the cache's storage. Logits [batch, 1, vocab].
+
+        No torch call here but the program's: each lets the server's other threads take the GIL,
+        and the worker waits to get it back."""
         room = [layer.room(1) for layer in cache.layers]
         logits = self._decode_program()(
-            input_ids.view(batch), position_ids.view(batch), [keys for keys, _ in room],
-            [values for _, values in room], cache.layers[0].get_seq_length(),
-            row_starts if row_starts is not None else [0] * batch)
+            input_ids, position_ids, [keys for keys, _ in room], [values for _, values in room],
+            cache.layers[0].get_seq_length(),
+            row_starts if row_starts is not None else [0] * input_ids.shape[0])
         for layer in cache.layers:
             layer.filled(1)
-        return logits.unsqueeze(1)
+        return logits
 
     def _decode_program(self) -> Any:
         """The decode step (:class:`_DecodeStep` on this decoder's current decode modules) compiled
@@ -539,9 +587,11 @@ class _DecodeStep(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor], length: int, starts: list[int]) -> torch.Tensor:
-        hidden = F.embedding(ids, self.embed)
+        """Logits [batch, 1, vocab] for ``ids`` at ``positions`` (both [batch, 1])."""
+        hidden = F.embedding(ids.view(-1), self.embed)
+        positions = positions.view(-1)
         cos = self.cos[positions].unsqueeze(1) * self.head_scale  # [batch, q + kv heads, dim]
         sin = self.sin_signed[positions].unsqueeze(1) * self.head_scale
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, cos, sin, keys[index], values[index], length, starts)
-        return self.lm_head.rows(_rms(hidden, self.norm_scaled, self.norm_floor))
+        return self.lm_head.rows(_rms(hidden, self.norm_scaled, self.norm_floor)).unsqueeze(1)

@@ -307,11 +307,16 @@ def test_smoothing_folds_into_the_weights_and_leaves_the_source_model_alone(
         monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_llama()
     norms = [layer.post_attention_layernorm.weight.detach().clone() for layer in model.model.layers]
+    inputs = [layer.input_layernorm.weight.detach().clone() for layer in model.model.layers]
+    weights = [param.detach().clone() for param in model.parameters()]
     final = model.model.norm.weight.detach().clone()
     smoothed = lean.LeanDecoder(model, 256, decode_int4=True)
     assert all(torch.equal(layer.post_attention_layernorm.weight, norm)
                for layer, norm in zip(model.model.layers, norms, strict=True))
     assert torch.equal(model.model.norm.weight, final)
+    assert all(torch.equal(layer.input_layernorm.weight, norm)
+               for layer, norm in zip(model.model.layers, inputs, strict=True))
+    assert all(torch.equal(param, weight) for param, weight in zip(model.parameters(), weights, strict=True))
     assert not torch.equal(smoothed.layers[0].norm_post, norms[0])  # the factors went into the norm
     assert torch.equal(smoothed.layers[0].norm_post_scaled, smoothed.layers[0].norm_post * 64 ** 0.5)
     assert smoothed.layers[0].decode.gate_up is smoothed.layers[0].prefill.gate_up
@@ -324,6 +329,46 @@ def test_smoothing_folds_into_the_weights_and_leaves_the_source_model_alone(
                           row_starts=[0]).logits[0] for decoder in (smoothed, plain)]
     for got in logits:  # the same function, within int8's error
         assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("packed", [("o",), ("qkv",), ("qkv", "o")])
+def test_attention_smoothing_keeps_the_function(monkeypatch: pytest.MonkeyPatch, packed: tuple) -> None:
+    """q/k/v smoothed through the input norm, o through v's rows (with q/k/v on int8 or in 4 bits,
+    whose copy then takes the divided rows): prompts and decode steps still compute the model."""
+    monkeypatch.setattr(lean, "PACKED_AT_DECODE", packed)
+    model = tiny_llama()
+    decoder = lean.LeanDecoder(model, 256, decode_int4=True)
+    assert isinstance(decoder.layers[0].decode.qkv, PackedInt8Linear if "qkv" in packed else Int4Linear)
+    assert (decoder.layers[0].decode.o is decoder.layers[0].prefill.o) == ("o" in packed)
+    prompt = torch.randint(0, 256, (20,)).tolist()
+    with torch.inference_mode():
+        exact = model(torch.tensor([prompt])).logits[0]
+        got = decoder(input_ids=torch.tensor([prompt]), position_ids=torch.arange(20)[None],
+                      cache=decoder.make_cache(), row_starts=[0]).logits[0]
+    assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+    batch = prefilled(decoder, prompt[:12])
+    fed = prompt[:12] + [int(batch.last)]  # what the decode step takes in
+    stepped = decode(decoder, batch, 1)[0][0]
+    with torch.inference_mode():
+        expected = model(torch.tensor([fed])).logits[0, -1]
+    assert (stepped - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_all_projections_on_int8_build_no_4_bit_copy_and_keep_rows_apart(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PACKED_AT_DECODE naming all four: the decode steps share the prompts' modules (no 4-bit
+    copy is built) and rows decoded together still get their solo logits bit for bit."""
+    monkeypatch.setattr(lean, "PACKED_AT_DECODE", ("qkv", "o", "gate_up", "down"))
+    decoder = lean.LeanDecoder(tiny_llama(), 256, decode_int4=True)
+    assert not any(isinstance(module, Int4Linear) for module in decoder.modules())
+    assert all(getattr(decoder.layers[0].decode, name) is getattr(decoder.layers[0].prefill, name)
+               for name in ("qkv", "o", "gate_up", "down"))
+    prompts = [torch.randint(0, 256, (length,)).tolist() for length in (6, 19)]
+    solo = [decode(decoder, prefilled(decoder, prompt), 4) for prompt in prompts]
+    batched = decode(decoder, _merge(prefilled(decoder, prompts[0]), prefilled(decoder, prompts[1])), 4)
+    for step in range(4):
+        for row in range(2):
+            assert torch.equal(batched[step][row], solo[row][step][0]), (step, row)
 
 
 def test_down_smoothing_goes_through_ups_rows(monkeypatch: pytest.MonkeyPatch) -> None:
