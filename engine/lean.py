@@ -521,10 +521,6 @@ class LeanDecoder(nn.Module):
                 self._step = step
         return self._step
 
-    def _rms(self, rows: torch.Tensor, weight_scaled: torch.Tensor) -> torch.Tensor:
-        """The decode steps' RMSNorm (:func:`_rms`) with this model's epsilon."""
-        return _rms(rows, weight_scaled, self.norm_floor)
-
 
 def _rms(rows: torch.Tensor, weight_scaled: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     """RMSNorm of 2-D ``rows`` in three ops where F.rms_norm takes seven (twice as long at a few

@@ -273,9 +273,9 @@ def test_the_decode_rmsnorm_is_rmsnorm() -> None:
     rows[1] *= 1e-3  # where eps matters
     weight = decoder.layers[0].norm_in
     expected = F.rms_norm(rows, (64,), weight, decoder.eps)
-    assert torch.allclose(decoder._rms(rows, decoder.layers[0].norm_in_scaled), expected,  # noqa: SLF001
+    assert torch.allclose(lean._rms(rows, decoder.layers[0].norm_in_scaled, decoder.norm_floor), expected,  # noqa: SLF001
                           rtol=1e-5, atol=1e-6)
-    assert torch.equal(decoder._rms(torch.zeros(1, 64), decoder.layers[0].norm_in_scaled),  # noqa: SLF001
+    assert torch.equal(lean._rms(torch.zeros(1, 64), decoder.layers[0].norm_in_scaled, decoder.norm_floor),  # noqa: SLF001
                        torch.zeros(1, 64))
 
 
